@@ -1,0 +1,293 @@
+"""The store: everything Allspark keeps beyond one process's memory.
+
+One small interface, :class:`Store`, with one contract test suite
+(``tests/store/test_contract.py``) that every backend passes:
+
+- ``memory``: a dict-backed store for unit tests and throwaway runs;
+- ``sqlite``: the embedded default (WAL, one writer thread, group commit);
+- ``mongodb``: txmongo, an optional extra, imported only when asked for.
+
+Every method returns a :class:`~twisted.internet.defer.Deferred`.  Operations
+submitted by one process are applied in the order they were submitted, so an
+``ack`` followed by a ``fetch_inbox`` never sees the acked rows again.
+
+Message bodies are opaque ``bytes``: a JSON object as the router serialized it,
+*without* its ``seq`` (the router splices the recipient's ``seq`` in on
+delivery).  Times are Unix milliseconds and are always passed in by the caller,
+so tests can drive them with a fake clock.
+
+Two storage shapes, chosen for their cost:
+
+- **inbox**: one row per recipient node, keyed ``(node_id, seq)`` with a
+  per-node ``seq`` that only grows.  Used for direct messages (``dest_id``),
+  user-wide messages (``dest_client_id``: one row per device) and private
+  messages inside a session.
+- **session stream**: one row per session message, keyed ``(session_id, seq)``,
+  plus a cursor per member (``acked_seq``).  A broadcast to a 10,000-member
+  session is one row, not 10,000; each member reads the stream after its own
+  cursor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+from twisted.internet.defer import Deferred
+
+
+class StoreError(Exception):
+    """A store operation failed for a reason the caller should report."""
+
+
+class DuplicateSession(StoreError):
+    """``create_session`` was given an id that exists already."""
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """What :meth:`Store.append_inbox` / :meth:`Store.append_session` did.
+
+    ``duplicate`` is true when ``(sender_id, dedup_id)`` was seen within the
+    de-duplication window: nothing was stored and ``seqs``/``answer`` are those
+    of the first attempt.  ``seqs`` maps each recipient node_id (or, for a
+    session stream, the session_id) to the seq its copy got.  ``answer`` is the
+    opaque bytes the caller asked to remember with the first attempt (the
+    ``accepted`` frame), returned unchanged on a retry.
+    """
+
+    duplicate: bool
+    seqs: dict[str, int]
+    answer: bytes
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One stored message: its ``seq``, body bytes and the time it was stored."""
+
+    seq: int
+    body: bytes
+    stored_at: int
+
+
+@dataclass(frozen=True)
+class InboxPage:
+    """A page of a node's inbox (or a member's view of a session stream).
+
+    ``messages`` are in ``seq`` order, all with ``seq > after``.
+    ``last_seq`` is the highest seq ever assigned in this inbox/stream (0 when
+    none).  ``purged_upto`` is the highest seq removed by retention rather than
+    by an ack (0 when none): a reader whose cursor is below it has a gap that
+    cannot be filled.  ``scanned_upto`` is the highest seq this page looked at
+    (``after`` when it looked at nothing); a reader continues from it.  It may
+    be above the last returned message when rows were skipped (a session
+    member's own messages are skipped).
+    """
+
+    messages: list[StoredMessage]
+    last_seq: int
+    purged_upto: int
+    scanned_upto: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A session: its id, owner node, creation time and options.
+
+    ``options`` holds at least ``anonymous`` (bool: members join anonymously
+    by default), ``anyone_can_join`` (bool), ``session_type`` (str: ``"group"``
+    or ``"game"``) and ``master_id`` (str or None: the game master's node_id).
+    """
+
+    session_id: str
+    owner_id: str
+    created_at: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A session member.
+
+    ``alias`` is the name other members see when ``anonymous`` is true.
+    ``joined_seq`` is the stream's ``last_seq`` when the member joined: it
+    never sees stream rows at or below it.  ``acked_seq`` is its cursor.
+    """
+
+    session_id: str
+    node_id: str
+    client_id: str | None
+    anonymous: bool
+    alias: str
+    joined_at: int
+    joined_seq: int
+    acked_seq: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The persistence interface.  See the module docstring for the shapes."""
+
+    # -- life cycle -------------------------------------------------------
+    def start(self) -> Deferred[None]:
+        """Open connections, create or migrate the schema, build indexes."""
+
+    def close(self) -> Deferred[None]:
+        """Finish what was submitted, then release every resource."""
+
+    # -- nodes ------------------------------------------------------------
+    def remember_node(
+        self, node_id: str, client_id: str | None, now_ms: int
+    ) -> Deferred[None]:
+        """Record that ``node_id`` exists (and belongs to ``client_id``).
+
+        Called on each authenticated connection.  A node seen with another
+        client_id later is moved to it.
+        """
+
+    def get_node(self, node_id: str) -> Deferred[tuple[str, str | None] | None]:
+        """``(node_id, client_id)`` for a node ever remembered, else None."""
+
+    def nodes_of_client(self, client_id: str) -> Deferred[list[str]]:
+        """Every node_id remembered for ``client_id``, sorted."""
+
+    # -- inbox ------------------------------------------------------------
+    def append_inbox(
+        self,
+        sender_id: str,
+        dedup_id: str | None,
+        recipients: Sequence[str],
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> Deferred[AppendResult]:
+        """Store ``body`` once per recipient, each with its next seq.
+
+        Atomic: either every copy is stored or none.  When ``dedup_id`` is
+        given and ``(sender_id, dedup_id)`` was appended less than
+        ``dedup_window_ms`` before ``now_ms`` (to an inbox or a session
+        stream), nothing is stored and the first attempt's seqs and answer
+        are returned with ``duplicate=True``.
+        """
+
+    def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
+        """Up to ``limit`` inbox messages of ``node_id`` with ``seq > after``."""
+
+    def ack_inbox(self, node_id: str, upto: int) -> Deferred[int]:
+        """Delete ``node_id``'s inbox messages with ``seq <= upto``; the count."""
+
+    def inbox_state(self, node_id: str) -> Deferred[tuple[int, int]]:
+        """``(last_seq, purged_upto)`` of ``node_id``'s inbox; ``(0, 0)`` if new."""
+
+    # -- retention --------------------------------------------------------
+    def purge(self, stored_before_ms: int, dedup_before_ms: int) -> Deferred[int]:
+        """Remove inbox and session-stream rows stored before
+        ``stored_before_ms`` (advancing ``purged_upto``) and de-duplication
+        entries older than ``dedup_before_ms``.  Returns how many message rows
+        went.  Session-stream rows that every member has acked may go too.
+        """
+
+    # -- sessions ---------------------------------------------------------
+    def create_session(
+        self, session_id: str, owner_id: str, options: dict[str, Any], now_ms: int
+    ) -> Deferred[SessionRecord]:
+        """Create a session; :class:`DuplicateSession` if the id is taken."""
+
+    def get_session(self, session_id: str) -> Deferred[SessionRecord | None]:
+        """The session, or None."""
+
+    def update_session(
+        self, session_id: str, options: dict[str, Any]
+    ) -> Deferred[SessionRecord | None]:
+        """Replace the session's options; the new record, or None if gone."""
+
+    def delete_session(self, session_id: str) -> Deferred[None]:
+        """Remove the session, its members and its stream."""
+
+    def add_member(
+        self,
+        session_id: str,
+        node_id: str,
+        client_id: str | None,
+        anonymous: bool,
+        alias: str,
+        now_ms: int,
+    ) -> Deferred[MemberRecord]:
+        """Add (or, when already a member, return unchanged) a member.
+
+        A new member's ``joined_seq`` and ``acked_seq`` are the stream's
+        current ``last_seq``.
+        """
+
+    def update_member(
+        self, session_id: str, node_id: str, anonymous: bool, alias: str
+    ) -> Deferred[MemberRecord | None]:
+        """Change a member's anonymity/alias; the new record or None."""
+
+    def remove_member(self, session_id: str, node_id: str) -> Deferred[bool]:
+        """Remove a member; whether it was one."""
+
+    def get_members(self, session_id: str) -> Deferred[list[MemberRecord]]:
+        """Every member of the session, ordered by join time then node_id."""
+
+    def sessions_of_node(self, node_id: str) -> Deferred[list[MemberRecord]]:
+        """Every membership of ``node_id``."""
+
+    def append_session(
+        self,
+        session_id: str,
+        sender_id: str,
+        dedup_id: str | None,
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> Deferred[AppendResult]:
+        """Append one row to the session stream; ``seqs == {session_id: seq}``.
+
+        De-duplication as in :meth:`append_inbox`.
+        """
+
+    def fetch_session(
+        self, session_id: str, reader_id: str, after: int, limit: int
+    ) -> Deferred[InboxPage]:
+        """Up to ``limit`` stream rows with ``seq > after``, skipping rows sent
+        by ``reader_id`` itself.  ``purged_upto`` as for an inbox.
+        """
+
+    def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
+        """Move the member's ``acked_seq`` up to ``upto`` (never down, never
+        past ``last_seq``); returns the new ``acked_seq``.
+        """
+
+
+def open_store(url: str, reactor: Any) -> Store:
+    """Build (without starting) the store named by ``url``.
+
+    ``reactor`` is the one the store schedules on (threads, timers).
+
+    ``memory:`` (or ``memory://``), ``sqlite:///absolute/path.db`` or
+    ``sqlite:relative.db``, ``mongodb://...``.  Raises ``ValueError`` for
+    anything else.
+    """
+    if url in ("memory:", "memory://", "memory"):
+        from allspark.store.memory import MemoryStore
+
+        return MemoryStore()
+    if url.startswith("sqlite:"):
+        from allspark.store.sqlite import SQLiteStore
+
+        path = url[len("sqlite:"):]
+        if path.startswith("///"):
+            path = path[2:]
+        elif path.startswith("//"):
+            raise ValueError(f"sqlite URL needs three slashes: {url!r}")
+        if not path:
+            raise ValueError(f"sqlite URL names no file: {url!r}")
+        return SQLiteStore(path, reactor)
+    if url.startswith(("mongodb://", "mongodb+srv://")):
+        from allspark.store.mongo import MongoStore
+
+        return MongoStore(url, reactor)
+    raise ValueError(f"unknown store URL {url!r}: use sqlite:///path, memory: or mongodb://")
