@@ -90,7 +90,8 @@ class AuthError(Exception):
     ``missing_key``, ``malformed_key``, ``bad_signature``, ``expired_key``,
     ``bad_claims`` (auth keys) and ``missing_token``, ``bad_token``,
     ``expired_token``, ``replayed_token``, ``foreign_token`` (validation tokens).
-    ``message`` is a human-readable explanation, safe to show to the client.
+    ``message`` is a human-readable explanation, safe to show to the client;
+    ``str(error)`` is the message alone.
     """
 
     CODES = frozenset(
@@ -114,9 +115,6 @@ class AuthError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-    def __str__(self) -> str:
-        return f"{self.code}: {self.message}"
 
 
 # --------------------------------------------------------------------------- auth keys

@@ -357,7 +357,7 @@ def test_auth_error_shape() -> None:
     error = AuthError("expired_key", "auth key has expired")
     assert error.code == "expired_key"
     assert error.message == "auth key has expired"
-    assert "expired" in str(error)
+    assert str(error) == "auth key has expired"
     with pytest.raises(ValueError):
         AuthError("whatever", "x")
 
