@@ -1,0 +1,311 @@
+"""A small Python client for Allspark, on Twisted and Autobahn.
+
+Tests, examples and the benchmarks use it; apps can too::
+
+    client = await connect("http://127.0.0.1:8080", auth_key)
+    await client.send(dest_id="bob-phone", payload={"text": "hi"})
+    message = await client.next_message()
+
+What it does for you:
+
+- pre-connection (``GET /?get_pre_connection_info=true``), then the WebSocket
+  to the ``ws_url`` it is given;
+- an ``id`` on every frame it sends, so each answer (``accepted``, ``acked``,
+  ``synced``, ``error``...) fires the Deferred of the request it answers;
+- sync on connect: everything the node has not acked is fetched, page by page;
+- de-duplication: a message whose ``seq`` was already handed to the app (live
+  and again by a sync) is dropped;
+- automatic acks of what was handed to the app, batched (``ack_delay``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import treq
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.error import ConnectionDone
+
+from allspark.logs import logger
+
+log = logger(__name__)
+
+#: Answers the server sends to a request, matched by the request's id.
+ANSWER_OPS = frozenset({"accepted", "acked", "synced", "error", "pong", "session", "member",
+                        "left", "revealed", "master", "sessions"})
+
+
+class AllsparkError(Exception):
+    """The server answered a request with an error frame."""
+
+    def __init__(self, frame: dict[str, Any]) -> None:
+        super().__init__(f"{frame.get('code')}: {frame.get('message')}")
+        self.code = frame.get("code")
+        self.frame = frame
+
+
+class PreConnectionError(Exception):
+    """Pre-connection was refused (a bad key: HTTP 401)."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+@dataclass
+class _Stream:
+    """De-duplication and ack state of one seq stream (the inbox or a session)."""
+
+    watermark: int = 0
+    seen: set[int] = field(default_factory=set)
+    acked: int = 0
+
+    def accept(self, seq: int) -> bool:
+        """Whether ``seq`` is new; records it."""
+        if seq <= self.watermark or seq in self.seen:
+            return False
+        self.seen.add(seq)
+        self._advance()
+        return True
+
+    def skip_to(self, upto: int) -> None:
+        """Everything up to ``upto`` was delivered or is gone."""
+        if upto > self.watermark:
+            self.watermark = upto
+            self.seen = {s for s in self.seen if s > upto}
+            self._advance()
+
+    def _advance(self) -> None:
+        while self.watermark + 1 in self.seen:
+            self.watermark += 1
+            self.seen.discard(self.watermark)
+
+
+class ClientProtocol(WebSocketClientProtocol):
+    """The socket side of :class:`Client`."""
+
+    client: "Client"
+
+    def onOpen(self) -> None:
+        self.client._opened(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.client._frame(orjson.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.client._closed(code, reason)
+
+
+class Client:
+    """One connected node.  Build it with :func:`connect`."""
+
+    def __init__(self, reactor: Any, auto_ack: bool = True, ack_delay: float = 0.05) -> None:
+        self.reactor = reactor
+        self.auto_ack = auto_ack
+        self.ack_delay = ack_delay
+        self.protocol: ClientProtocol | None = None
+        self.hello: dict[str, Any] | None = None
+        self.messages: DeferredQueue[dict[str, Any]] = DeferredQueue()
+        self.events: DeferredQueue[dict[str, Any]] = DeferredQueue()
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+        self._hello: Deferred[dict[str, Any]] = Deferred()
+        self._pending: dict[str, Deferred[dict[str, Any]]] = {}
+        self._counter = 0
+        self.received = 0
+        self._streams: dict[str | None, _Stream] = {}
+        self._ack_call: Any = None
+
+    # -- sending ----------------------------------------------------------
+    def _next_id(self) -> str:
+        self._counter += 1
+        return f"c-{self._counter}"
+
+    def send_raw(self, data: bytes | str) -> None:
+        """Write raw bytes as one text frame (for tests of bad input)."""
+        assert self.protocol is not None
+        self.protocol.sendMessage(data.encode() if isinstance(data, str) else data)
+
+    def request(self, frame: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """Send ``frame`` with an id; fires with the answer, or fails with
+        :class:`AllsparkError` when the answer is an error frame."""
+        frame = dict(frame)
+        frame_id = frame.setdefault("id", self._next_id())
+        d: Deferred[dict[str, Any]] = Deferred()
+        self._pending[frame_id] = d
+        self.send_raw(orjson.dumps(frame))
+        return d
+
+    def send(self, **fields: Any) -> Deferred[dict[str, Any]]:
+        """Send a message (``dest_id=``, ``dest_client_id=``,
+        ``dest_session_id=``, ``payload=``, ``ephemeral=``, ``type=``,
+        ``id=``); fires with the ``accepted`` frame."""
+        return self.request(fields)
+
+    def ping(self) -> Deferred[dict[str, Any]]:
+        return self.request({"op": "ping"})
+
+    def ack(self, upto: int, session_id: str | None = None) -> Deferred[dict[str, Any]]:
+        """Ack the inbox (or a session stream) up to ``upto``."""
+        frame: dict[str, Any] = {"op": "ack", "upto": upto}
+        if session_id is not None:
+            frame["session_id"] = session_id
+        stream = self._stream(session_id)
+        stream.acked = max(stream.acked, upto)
+        return self.request(frame)
+
+    async def sync(self, session_id: str | None = None, limit: int = 500) -> int:
+        """Fetch everything not yet handed over, page by page, into
+        :attr:`messages`; how many new messages arrived."""
+        stream = self._stream(session_id)
+        received = self.received
+        after: int | None = stream.watermark if session_id is None else None
+        while True:
+            frame: dict[str, Any] = {"op": "sync", "limit": limit}
+            if after is not None:
+                frame["after"] = after
+            if session_id is not None:
+                frame["session_id"] = session_id
+            synced = await self.request(frame)
+            stream.skip_to(synced["upto"])
+            if not synced["more"]:
+                return self.received - received
+            after = synced["upto"]
+
+    # -- receiving --------------------------------------------------------
+    def next_message(self, timeout: float = 10.0) -> Deferred[dict[str, Any]]:
+        """The next message handed to the app (fails after ``timeout`` s)."""
+        return self.messages.get().addTimeout(timeout, self.reactor)
+
+    def next_event(self, timeout: float = 10.0) -> Deferred[dict[str, Any]]:
+        """The next server event (member_joined, an error without id...)."""
+        return self.events.get().addTimeout(timeout, self.reactor)
+
+    def _stream(self, session_id: str | None) -> _Stream:
+        stream = self._streams.get(session_id)
+        if stream is None:
+            stream = self._streams[session_id] = _Stream()
+        return stream
+
+    def _frame(self, frame: dict[str, Any]) -> None:
+        op = frame.get("op")
+        if op is None:
+            self._message(frame)
+            return
+        if op == "hello":
+            self.hello = frame
+            self._hello.callback(frame)
+            return
+        frame_id = frame.get("id")
+        if op in ANSWER_OPS and frame_id in self._pending:
+            d = self._pending.pop(frame_id)
+            if op == "error":
+                d.errback(AllsparkError(frame))
+            else:
+                d.callback(frame)
+            return
+        self.events.put(frame)
+
+    def _message(self, frame: dict[str, Any]) -> None:
+        if "session_seq" in frame:
+            seq, stream = frame["session_seq"], self._stream(frame.get("dest_session_id"))
+        else:
+            seq, stream = frame.get("seq"), self._stream(None)
+        if seq is not None:
+            if not stream.accept(seq):
+                return
+            if self.auto_ack and self._ack_call is None:
+                self._ack_call = self.reactor.callLater(self.ack_delay, self._auto_ack)
+        self.received += 1
+        self.messages.put(frame)
+
+    def _auto_ack(self) -> None:
+        self._ack_call = None
+        if self.protocol is None:
+            return
+        for session_id, stream in list(self._streams.items()):
+            if stream.watermark > stream.acked:
+                self.ack(stream.watermark, session_id).addErrback(lambda f: None)
+
+    # -- life cycle -------------------------------------------------------
+    def _opened(self, protocol: ClientProtocol) -> None:
+        self.protocol = protocol
+
+    def _closed(self, code: int | None, reason: str | None) -> None:
+        self.protocol = None
+        self.close_code = code
+        self.close_reason = reason
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
+        for d in self._pending.values():
+            d.errback(ConnectionDone(f"connection closed ({code}: {reason})"))
+        self._pending.clear()
+        if not self._hello.called:
+            self._hello.errback(ConnectionDone(f"connection closed before hello ({code}: {reason})"))
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+    def close(self) -> Deferred[tuple[int | None, str | None]]:
+        """Close the socket; fires with (code, reason) once closed."""
+        if self.protocol is not None:
+            self.protocol.sendClose(1000)
+        return self.closed
+
+    def drop(self) -> None:
+        """Cut the TCP connection without a close handshake (a dead network)."""
+        if self.protocol is not None:
+            self.protocol.transport.abortConnection()
+
+
+async def pre_connection(base_url: str, auth_key: str, need_proxy: bool = False) -> dict[str, Any]:
+    """Ask ``base_url`` where to connect; the pre-connection answer."""
+    query = {"get_pre_connection_info": "true", "auth_key": auth_key}
+    if need_proxy:
+        query["need_proxy"] = "true"
+    response = await treq.get(f"{base_url.rstrip('/')}/?{urlencode(query)}", persistent=False)
+    body = await response.json()
+    if response.code != 200:
+        raise PreConnectionError(response.code, body)
+    return body
+
+
+async def open_socket(reactor: Any, ws_url: str, **options: Any) -> Client:
+    """Open the WebSocket at ``ws_url`` and wait for the hello frame."""
+    client = Client(reactor, **options)
+    factory = WebSocketClientFactory(ws_url, reactor=reactor)
+    factory.setProtocolOptions(autoPingInterval=0, maxMessagePayloadSize=0, maxFramePayloadSize=0)
+
+    def build(addr: Any) -> ClientProtocol:
+        protocol = ClientProtocol()
+        protocol.factory = factory
+        protocol.client = client
+        return protocol
+
+    factory.buildProtocol = build  # type: ignore[method-assign]
+    connectWS(factory, timeout=10)
+    await client._hello.addTimeout(15, reactor)
+    return client
+
+
+async def connect(
+    base_url: str, auth_key: str, reactor: Any = None, sync: bool = True, **options: Any
+) -> Client:
+    """Pre-connect at ``base_url``, open the socket, and (unless ``sync`` is
+    false) sync what the node missed."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    info = await pre_connection(base_url, auth_key)
+    client = await open_socket(reactor, info["node"]["ws_url"], **options)
+    if sync:
+        await client.sync()
+    return client
+

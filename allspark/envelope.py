@@ -1,0 +1,286 @@
+"""Frames on the wire: parse and validate what clients send, build what they get.
+
+A client frame is a JSON object.  One that names ``dest_id``,
+``dest_client_id`` or ``dest_session_id`` is a :class:`Message`; any other is a
+:class:`Control` frame named by ``"op"``.  Everything the contract does not
+name is dropped from messages (and reported back to the sender in
+``accepted.ignored``), so nobody can smuggle ``src_id``, an alias or a
+``timestamp`` into what a recipient gets.  Control frames with fields their op
+does not take are refused with ``bad_frame``.
+
+Problems raise :class:`FrameError`, which carries the error ``code`` of the
+contract and the frame's ``id`` when it was readable, so the socket can answer
+with an error frame and keep the connection open.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import orjson
+
+from allspark.ids import is_valid_id
+
+#: Fields of a message that are carried to recipients as the sender wrote them.
+CONTENT_FIELDS = ("payload", "payload1", "payload2", "type")
+#: Destination fields; at least one makes a frame a message.
+DEST_FIELDS = ("dest_id", "dest_client_id", "dest_session_id")
+MESSAGE_FIELDS = frozenset(("id", "ephemeral") + DEST_FIELDS + CONTENT_FIELDS)
+MAX_FRAME_ID_LENGTH = 64
+MAX_SYNC_LIMIT = 1000
+DEFAULT_SYNC_LIMIT = 100
+
+
+class FrameError(Exception):
+    """A frame the server refuses; answered with an error frame."""
+
+    def __init__(self, code: str, message: str, frame_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+    def to_frame(self) -> bytes:
+        """The ``{"op": "error", ...}`` frame that reports this problem."""
+        return error_frame(self.code, self.message, self.frame_id)
+
+
+@dataclass(slots=True)
+class Message:
+    """A message frame, validated.  ``content`` holds only the fields of
+    :data:`CONTENT_FIELDS` that the sender gave; ``ignored`` the names that
+    were dropped."""
+
+    id: str | None
+    dest_id: str | None
+    dest_client_id: str | None
+    dest_session_id: str | None
+    ephemeral: bool
+    content: dict[str, Any]
+    ignored: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Control:
+    """A control frame: its ``op``, its optional ``id`` and its validated arguments."""
+
+    op: str
+    id: str | None
+    args: dict[str, Any]
+
+
+def _non_negative_int(name: str) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if type(value) is not int or value < 0 or value >= 2**63:
+            raise ValueError(f"{name} must be a non-negative integer")
+        return value
+
+    return check
+
+
+def _limit(value: Any) -> int:
+    if type(value) is not int or not 1 <= value <= MAX_SYNC_LIMIT:
+        raise ValueError(f"limit must be an integer from 1 to {MAX_SYNC_LIMIT}")
+    return value
+
+
+def _an_id(name: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not is_valid_id(value):
+            raise ValueError(f"{name} must be 1-128 characters of [A-Za-z0-9_.:@-]")
+        return value
+
+    return check
+
+
+def _flag(name: str) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        if type(value) is not bool:
+            raise ValueError(f"{name} must be true or false")
+        return value
+
+    return check
+
+
+def _session_type(value: Any) -> str:
+    if value not in ("group", "game"):
+        raise ValueError('session_type must be "group" or "game"')
+    return value
+
+
+def _push_token(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= 4096:
+        raise ValueError("token must be a string of 1-4096 characters")
+    return value
+
+
+#: op -> {argument: (validator, required)}.  ``id`` is allowed on every op.
+CONTROL_OPS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
+    "ping": {},
+    "ack": {
+        "upto": (_non_negative_int("upto"), True),
+        "session_id": (_an_id("session_id"), False),
+    },
+    "sync": {
+        "after": (_non_negative_int("after"), False),
+        "limit": (_limit, False),
+        "session_id": (_an_id("session_id"), False),
+    },
+    "create_session": {
+        "session_id": (_an_id("session_id"), False),
+        "anonymous": (_flag("anonymous"), False),
+        "anyone_can_join": (_flag("anyone_can_join"), False),
+        "session_type": (_session_type, False),
+    },
+    "join_session": {
+        "session_id": (_an_id("session_id"), True),
+        "anonymous": (_flag("anonymous"), False),
+        "node_id": (_an_id("node_id"), False),
+    },
+    "unjoin_session": {
+        "session_id": (_an_id("session_id"), True),
+        "node_id": (_an_id("node_id"), False),
+    },
+    "get_session_info": {"session_id": (_an_id("session_id"), True)},
+    "reveal_anonymity": {"session_id": (_an_id("session_id"), True)},
+    "set_master": {
+        "session_id": (_an_id("session_id"), True),
+        "node_id": (_an_id("node_id"), True),
+    },
+}
+
+
+def _frame_id(frame: dict[str, Any]) -> str | None:
+    value = frame.get("id")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_FRAME_ID_LENGTH:
+        raise FrameError("bad_frame", f"id must be a string of 1-{MAX_FRAME_ID_LENGTH} characters")
+    return value
+
+
+def parse_frame(data: bytes, is_binary: bool = False) -> Message | Control:
+    """Parse one client frame.  Raises :class:`FrameError` for anything the
+    contract does not allow."""
+    if is_binary:
+        raise FrameError("bad_frame", "binary frames are not accepted: send JSON text")
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise FrameError("bad_frame", "the frame is not valid JSON") from None
+    if not isinstance(frame, dict):
+        raise FrameError("bad_frame", "a frame must be a JSON object")
+    frame_id = _frame_id(frame)
+    if any(name in frame for name in DEST_FIELDS):
+        return _parse_message(frame, frame_id)
+    return _parse_control(frame, frame_id)
+
+
+def _parse_message(frame: dict[str, Any], frame_id: str | None) -> Message:
+    dests: dict[str, str | None] = {}
+    for name in DEST_FIELDS:
+        value = frame.get(name)
+        if value is not None and not is_valid_id(value):
+            raise FrameError(
+                "bad_frame", f"{name} must be 1-128 characters of [A-Za-z0-9_.:@-]", frame_id
+            )
+        dests[name] = value
+    given = [name for name in DEST_FIELDS if dests[name] is not None]
+    if not given:
+        raise FrameError("bad_frame", "a message needs dest_id, dest_client_id or dest_session_id", frame_id)
+    if dests["dest_client_id"] is not None and len(given) > 1:
+        raise FrameError("bad_frame", "dest_client_id cannot be combined with another destination", frame_id)
+    ephemeral = frame.get("ephemeral", False)
+    if type(ephemeral) is not bool:
+        raise FrameError("bad_frame", "ephemeral must be true or false", frame_id)
+    msg_type = frame.get("type")
+    if msg_type is not None and (type(msg_type) is not int or not -(2**53) < msg_type < 2**53):
+        raise FrameError("bad_frame", "type must be an integer", frame_id)
+    content = {name: frame[name] for name in CONTENT_FIELDS if name in frame}
+    ignored = sorted(name for name in frame if name not in MESSAGE_FIELDS)
+    return Message(
+        id=frame_id,
+        dest_id=dests["dest_id"],
+        dest_client_id=dests["dest_client_id"],
+        dest_session_id=dests["dest_session_id"],
+        ephemeral=ephemeral,
+        content=content,
+        ignored=ignored,
+    )
+
+
+def _parse_control(frame: dict[str, Any], frame_id: str | None) -> Control:
+    op = frame.get("op")
+    if op is None:
+        raise FrameError(
+            "bad_frame", 'a frame needs "op", or a destination (dest_id, dest_client_id, dest_session_id)', frame_id
+        )
+    if not isinstance(op, str) or op not in CONTROL_OPS:
+        raise FrameError("unknown_op", f"unknown op {str(op)[:64]!r}", frame_id)
+    spec = CONTROL_OPS[op]
+    args: dict[str, Any] = {}
+    for name, value in frame.items():
+        if name in ("op", "id"):
+            continue
+        if name not in spec:
+            raise FrameError("bad_frame", f"op {op!r} takes no field {name[:64]!r}", frame_id)
+        try:
+            args[name] = spec[name][0](value)
+        except ValueError as e:
+            raise FrameError("bad_frame", str(e), frame_id) from None
+    for name, (_, required) in spec.items():
+        if required and name not in args:
+            raise FrameError("bad_frame", f"op {op!r} needs {name!r}", frame_id)
+    return Control(op=op, id=frame_id, args=args)
+
+
+def encode(frame: dict[str, Any]) -> bytes:
+    """Serialize a frame the server sends."""
+    return orjson.dumps(frame)
+
+
+def error_frame(code: str, message: str, frame_id: str | None = None) -> bytes:
+    """An ``{"op": "error"}`` frame."""
+    frame: dict[str, Any] = {"op": "error", "code": code, "message": message}
+    if frame_id is not None:
+        frame["id"] = frame_id
+    return orjson.dumps(frame)
+
+
+def delivery_body(
+    msg: Message,
+    src_id: str,
+    src_client_id: str | None,
+    timestamp: int,
+    dest_id: str | None = None,
+) -> bytes:
+    """The frame a recipient gets, without its ``seq``.
+
+    ``src_id``/``src_client_id``/``timestamp`` come from the authenticated
+    connection and the server clock, never from the frame.  ``dest_id``
+    overrides the message's own (a user-wide message names each device).
+    """
+    out: dict[str, Any] = {"src_id": src_id}
+    if src_client_id is not None:
+        out["src_client_id"] = src_client_id
+    dest = dest_id if dest_id is not None else msg.dest_id
+    if dest is not None:
+        out["dest_id"] = dest
+    if msg.dest_client_id is not None:
+        out["dest_client_id"] = msg.dest_client_id
+    if msg.dest_session_id is not None:
+        out["dest_session_id"] = msg.dest_session_id
+    out.update(msg.content)
+    if msg.id is not None:
+        out["id"] = msg.id
+    if msg.ephemeral:
+        out["ephemeral"] = True
+    out["timestamp"] = timestamp
+    return orjson.dumps(out)
+
+
+def with_seq(body: bytes, seq: int) -> bytes:
+    """``body`` (a serialized JSON object) with ``"seq": seq`` added, without
+    parsing it again."""
+    return b'{"seq":%d,%s' % (seq, body[1:])

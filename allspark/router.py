@@ -1,0 +1,155 @@
+"""The router: where a message goes.  It knows no sockets.
+
+``Router.route`` takes a validated :class:`~allspark.envelope.Message` from an
+authenticated sender and resolves its destination:
+
+- ``dest_id``: one node;
+- ``dest_client_id``: every node of that client, plus the sender's own other
+  nodes (so that a user's devices all show the same conversation);
+- ``dest_session_id``: handed to :class:`~allspark.sessions.Sessions`.
+
+Durable messages go through :class:`~allspark.inbox.Inbox` (stored, then
+delivered); ephemeral ones are written to live connections and never stored.
+The answer is the ``accepted`` frame for the sender.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorTime
+
+from allspark.envelope import FrameError, Message, delivery_body, encode
+from allspark.inbox import Inbox, now_ms
+from allspark.registry import Registry
+from allspark.store import Store
+
+if TYPE_CHECKING:
+    from allspark.sessions import Sessions
+
+
+@dataclass(frozen=True)
+class Sender:
+    """The authenticated node a frame came from."""
+
+    node_id: str
+    client_id: str | None
+
+
+def accepted_frame(
+    msg: Message, status: str, recipients: int, live: int, **extra: Any
+) -> bytes:
+    """The ``accepted`` answer.
+
+    ``status`` is ``delivered`` (every recipient had a live connection when
+    the message was routed), ``stored`` (at least one had not: it is kept in
+    its inbox for sync) or ``dropped`` (ephemeral and nobody was online).
+    """
+    frame: dict[str, Any] = {"op": "accepted"}
+    if msg.id is not None:
+        frame["id"] = msg.id
+    frame["status"] = status
+    frame["recipients"] = recipients
+    frame["live"] = live
+    frame.update(extra)
+    if msg.ignored:
+        frame["ignored"] = msg.ignored
+    return encode(frame)
+
+
+class Router:
+    """Resolves destinations and hands copies to the inbox or live sockets."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Store,
+        inbox: Inbox,
+        clock: IReactorTime,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.inbox = inbox
+        self.clock = clock
+        self.sessions: Sessions | None = None
+        # node_ids known to exist; nodes are never forgotten, so this only grows
+        # up to the number of nodes that received something from this server.
+        self._known_nodes: set[str] = set()
+
+    async def route(self, sender: Sender, msg: Message) -> bytes:
+        """Route ``msg``; the ``accepted`` frame.  Raises
+        :class:`~allspark.envelope.FrameError` for destinations that cannot
+        be served."""
+        if msg.dest_session_id is not None:
+            if self.sessions is None:
+                raise FrameError("unknown_destination", "sessions are not served here", msg.id)
+            return await self.sessions.route(sender, msg)
+        if msg.dest_client_id is not None:
+            recipients = await self._client_recipients(sender, msg.dest_client_id, msg.id)
+            dest_id = None
+        else:
+            assert msg.dest_id is not None
+            await self._check_known(msg.dest_id, msg.id)
+            recipients = [msg.dest_id]
+            dest_id = msg.dest_id
+        return await self.send_to_nodes(sender, msg, recipients, dest_id)
+
+    async def send_to_nodes(
+        self, sender: Sender, msg: Message, recipients: list[str], dest_id: str | None,
+        src_id: str | None = None, src_client_id: str | None = None, omit_client: bool = False,
+    ) -> bytes:
+        """Deliver ``msg`` to ``recipients`` (node ids); the ``accepted`` frame.
+
+        ``src_id``/``src_client_id`` override the sender's (an anonymous
+        session member is named by its alias and has no client id when
+        ``omit_client``)."""
+        body_src = src_id if src_id is not None else sender.node_id
+        body_client = None if omit_client else (src_client_id if src_client_id is not None else sender.client_id)
+        online = self.registry.is_online
+        live = sum(1 for r in recipients if online(r))
+        if msg.ephemeral:
+            body = delivery_body(msg, body_src, body_client, now_ms(self.clock), dest_id)
+            for node_id in recipients:
+                self.registry.send(node_id, body)
+            status = "dropped" if live == 0 else "delivered"
+            return accepted_frame(msg, status, len(recipients), live)
+        status = "delivered" if live == len(recipients) else "stored"
+        body = delivery_body(msg, body_src, body_client, now_ms(self.clock), dest_id)
+        answer = accepted_frame(msg, status, len(recipients), live)
+        result = await self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
+        return result.answer
+
+    async def _check_known(self, node_id: str, frame_id: str | None) -> None:
+        if node_id in self._known_nodes or self.registry.is_online(node_id):
+            return
+        if await self.store.get_node(node_id) is None:
+            raise FrameError(
+                "unknown_destination",
+                f"no node {node_id!r} has ever connected to this cluster",
+                frame_id,
+            )
+        self._known_nodes.add(node_id)
+
+    async def _client_recipients(
+        self, sender: Sender, client_id: str, frame_id: str | None
+    ) -> list[str]:
+        nodes = await self.store.nodes_of_client(client_id)
+        if not nodes:
+            raise FrameError(
+                "unknown_destination", f"client {client_id!r} has no known nodes", frame_id
+            )
+        recipients = list(nodes)
+        if sender.client_id is not None and sender.client_id != client_id:
+            recipients.extend(await self.store.nodes_of_client(sender.client_id))
+        seen: set[str] = {sender.node_id}
+        unique = []
+        for node_id in recipients:
+            if node_id not in seen:
+                seen.add(node_id)
+                unique.append(node_id)
+        if not unique:
+            raise FrameError(
+                "unknown_destination", f"client {client_id!r} has no other node than the sender", frame_id
+            )
+        return unique

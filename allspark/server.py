@@ -1,0 +1,254 @@
+"""One running Allspark server: its parts, its control ops and its life cycle.
+
+:class:`Server` holds the registry, inbox, router and sessions of this process
+and answers control frames.  :class:`ServerService` is the Twisted service
+that starts the store, claims the server's identity, listens, and on stop
+drains: it stops accepting, closes every client socket with 1001 and closes
+the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from allspark.logs import logger
+
+from allspark.auth import AuthKeyVerifier, ValidationTokens
+from allspark.envelope import DEFAULT_SYNC_LIMIT, Control, FrameError
+from allspark.inbox import DeliveryConfig, Inbox, now_ms
+from allspark.registry import Registry
+from allspark.router import Router
+from allspark.store import Store
+from allspark.ws import SocketLimits
+
+if TYPE_CHECKING:
+    from allspark.ws import ClientProtocol
+
+log = logger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server is told at start (see ``allspark.tap.Options``)."""
+
+    server_id: str
+    host: str
+    port: int
+    listen: tuple[str, ...]
+    proxy_address: str | None = None
+    scheme: str = "ws"
+    ws_path: str = "ws"
+    data_dir: str = "data"
+    force: bool = False
+    max_connections: int = 10_000
+    limits: SocketLimits = field(default_factory=SocketLimits)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    drain_timeout: float = 5.0
+
+
+class Server:
+    """The parts of one server process, wired together."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        verifier: AuthKeyVerifier,
+        tokens: ValidationTokens,
+        clock: IReactorTime,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.verifier = verifier
+        self.tokens = tokens
+        self.clock = clock
+        self.registry = Registry()
+        self.inbox = Inbox(store, self.registry, clock, config.delivery)
+        self.router = Router(self.registry, store, self.inbox, clock)
+        self.sessions: Any = None
+        self.draining = False
+        self.started_at = now_ms(clock)
+
+    # -- connections ------------------------------------------------------
+    def on_connected(self, conn: "ClientProtocol") -> None:
+        """A client finished its handshake: remember its node."""
+        d = self.store.remember_node(conn.node_id, conn.client_id, now_ms(self.clock))
+        d.addErrback(lambda f: log.failure("could not remember node {node_id}", f, node_id=conn.node_id))
+
+    def on_disconnected(self, conn: "ClientProtocol") -> None:
+        """A client connection closed."""
+
+    # -- control frames ---------------------------------------------------
+    async def control(self, conn: "ClientProtocol", frame: Control) -> dict[str, Any] | None:
+        """Answer one control frame; the reply frame, or None when the op
+        wrote its own frames."""
+        args = frame.args
+        op = frame.op
+        if op == "ping":
+            return {"op": "pong", "timestamp": now_ms(self.clock)}
+        if op == "sync":
+            limit = args.get("limit", DEFAULT_SYNC_LIMIT)
+            after = args.get("after", 0)
+            max_queued = self.config.limits.max_queue_bytes // 2
+            if "session_id" in args:
+                return await self._sessions().sync(conn, args["session_id"], args.get("after"), limit, max_queued)
+            return await self.inbox.sync(conn, after, limit, max_queued)
+        if op == "ack":
+            if "session_id" in args:
+                return await self._sessions().ack(conn.sender, args["session_id"], args["upto"])
+            return await self.inbox.ack(conn.node_id, args["upto"])
+        return await self._sessions().control(conn.sender, frame)
+
+    def _sessions(self) -> Any:
+        if self.sessions is None:
+            raise FrameError("unknown_op", "sessions are not served here")
+        return self.sessions
+
+    # -- status -----------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` answers."""
+        return {
+            "status": "ok",
+            "node_id": self.config.server_id,
+            "state": "draining" if self.draining else "live",
+            "load": {
+                "connections": len(self.registry),
+                "nodes": self.registry.node_count(),
+                "max_connections": self.config.max_connections,
+            },
+            "started_at": self.started_at,
+        }
+
+
+class IdentityClaim:
+    """The server's claim on its identity (host_address, port) in its data dir.
+
+    A file ``server-<host>-<port>.json`` records the process holding it.  A
+    live process holding it refuses a second start; a file left by a process
+    that died without stopping (a crash) refuses the start unless ``--force``
+    takes the identity back.  A clean stop removes the file.
+    """
+
+    def __init__(self, data_dir: str, host: str, port: int, server_id: str) -> None:
+        self.path = os.path.join(data_dir, f"server-{host}-{port}.json")
+        self.server_id = server_id
+
+    def claim(self, force: bool) -> None:
+        """Take the identity, or raise ``RuntimeError`` saying why not."""
+        try:
+            with open(self.path) as f:
+                held = json.load(f)
+        except FileNotFoundError:
+            held = None
+        except (OSError, ValueError):
+            held = {"pid": None}
+        if held is not None:
+            pid = held.get("pid")
+            alive = isinstance(pid, int) and pid != os.getpid() and _pid_alive(pid)
+            if alive:
+                raise RuntimeError(
+                    f"server identity {self.server_id} is held by running process {pid}; stop it first"
+                )
+            if not force:
+                raise RuntimeError(
+                    f"server identity {self.server_id} was not released (the last run did not stop "
+                    f"cleanly); start with --force to take it back"
+                )
+            log.warn("taking back server identity {server_id} (--force)", server_id=self.server_id)
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "server_id": self.server_id}, f)
+        os.replace(tmp, self.path)
+
+    def release(self) -> None:
+        """Give the identity up (clean stop)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ServerService(service.Service):
+    """Starts and stops one :class:`Server` inside twistd."""
+
+    def __init__(self, server: Server, site_factory: Any, reactor: Any) -> None:
+        self.server = server
+        self.site_factory = site_factory
+        self.reactor = reactor
+        self.ports: list[IListeningPort] = []
+        self.claim = IdentityClaim(
+            server.config.data_dir, server.config.host, server.config.port, server.config.server_id
+        )
+        self._retention: LoopingCall | None = None
+        self._ready: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._ready = defer.ensureDeferred(self._start())
+        self._ready.addErrback(self._failed_start)
+
+    async def _start(self) -> None:
+        config = self.server.config
+        self.claim.claim(config.force)
+        await self.server.store.start()
+        for description in config.listen:
+            endpoint = serverFromString(self.reactor, description)
+            port = await endpoint.listen(self.site_factory)
+            self.ports.append(port)
+            log.info("listening on {description}", description=description)
+        self._retention = self.server.inbox.retention_loop()
+        self._retention.start(config.delivery.purge_interval_s, now=True)
+        log.info("server {server_id} is live", server_id=config.server_id)
+
+    def _failed_start(self, failure: Any) -> None:
+        log.failure("could not start the server", failure)
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        server = self.server
+        server.draining = True
+        if self._ready is not None and not self._ready.called:
+            self._ready.cancel()
+        for port in self.ports:
+            await port.stopListening()
+        self.ports = []
+        conns = list(server.registry)
+        log.info("draining: closing {count} client connections", count=len(conns))
+        for conn in conns:
+            conn.going_away("server shutting down")
+        deadline = self.server.config.drain_timeout
+        waited = 0.0
+        while len(server.registry) and waited < deadline:
+            await deferLater(self.reactor, 0.05)
+            waited += 0.05
+        for conn in list(server.registry):
+            conn.dropConnection(abort=True)
+        if self._retention is not None and self._retention.running:
+            self._retention.stop()
+        await server.store.close()
+        self.claim.release()
+        log.info("server {server_id} stopped", server_id=server.config.server_id)

@@ -1,0 +1,161 @@
+"""``twistd allspark``: the options (the seed's flags and ours) and
+:func:`makeService`, the one composition root.
+
+makeService builds objects and does no network or store I/O: twistd calls it
+before it binds ports and drops privileges.  It reads the secret files named
+by the options, nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.python import usage
+
+DEFAULT_PORT = 8080
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+class Options(usage.Options):
+    """Command-line options of ``twistd allspark``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run one Allspark server node. HTTP (pre-connection, health, sessions) and the "
+        "client WebSocket share one port. Secrets come from ALLSPARK_AUTH_SECRET or "
+        "--auth-secret-file, never from the command line itself."
+    )
+    optFlags = [
+        ["force", None, "take back this server's identity (host_address, port) after an unclean stop"],
+    ]
+    optParameters = [
+        ["host_address", None, "127.0.0.1", "address clients and peers reach this server at"],
+        ["port", "p", DEFAULT_PORT, "port to listen on (HTTP and WebSocket)", int],
+        ["proxy_80_port", None, None, "proxy address (host[:port]) in front of this node, e.g. nginx"],
+        ["log_level", None, "info", "debug, info, warn or error"],
+        ["store", None, None, "sqlite:///path/allspark.db (default: allspark.db in --data-dir), "
+                              "memory:, or mongodb://host/db"],
+        ["data-dir", None, "data", "directory for the default SQLite store and the identity claim"],
+        ["server-id", None, None, "this server's node_id (default: host_address:port)"],
+        ["auth-secret-file", None, None, "file of auth secrets, one per line, first one current "
+                                         "(default: $ALLSPARK_AUTH_SECRET)"],
+        ["cluster-secret-file", None, None, "file holding the cluster secret "
+                                            "(default: $ALLSPARK_CLUSTER_SECRET, else derived from the auth secret)"],
+        ["max-connections", None, 10_000, "most client connections this server accepts", _positive_int],
+        ["max-message-size", None, 64 * 1024, "largest frame in bytes; bigger closes with 1009", _positive_int],
+        ["max-queue-bytes", None, 8 * 1024 * 1024, "send queue bound per connection in bytes", _positive_int],
+        ["heartbeat", None, 30.0, "seconds between WebSocket pings", _positive_float],
+        ["retention-days", None, 30.0, "days an unacked message is kept", _positive_float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["auth-public-key-file"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """endpoint to listen on, e.g. tcp:8080:interface=0.0.0.0 or
+        ssl:8443:privateKey=key.pem:certKey=cert.pem (repeatable; default
+        tcp:PORT:interface=HOST_ADDRESS)"""
+        self["listen"].append(description)
+
+    def opt_auth_public_key_file(self, path: str) -> None:
+        """PEM public key (RS256/ES256) that also verifies auth keys (repeatable)"""
+        self["auth-public-key-file"].append(path)
+
+    def postOptions(self) -> None:
+        from allspark.auth import load_secrets
+        from allspark.ids import is_valid_id
+        from allspark.logs import LEVELS
+
+        if self["log_level"] not in LEVELS:
+            raise usage.UsageError(f"--log_level must be one of {', '.join(sorted(LEVELS))}")
+        if not 0 < self["port"] < 65536:
+            raise usage.UsageError("--port must be 1-65535")
+        if self["server-id"] is None:
+            self["server-id"] = f"{self['host_address']}:{self['port']}"
+        if not is_valid_id(self["server-id"]):
+            raise usage.UsageError("--server-id must be 1-128 characters of [A-Za-z0-9_.:@-]")
+        if self["store"] is None:
+            self["store"] = "sqlite://" + os.path.abspath(os.path.join(self["data-dir"], "allspark.db"))
+        try:
+            self["auth-secrets"] = load_secrets(os.environ, self["auth-secret-file"])
+            self["public-keys"] = [_read(path) for path in self["auth-public-key-file"]]
+            self["cluster-secret"] = _cluster_secret(self["cluster-secret-file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _cluster_secret(path: str | None) -> bytes | None:
+    if path is not None:
+        secret = _read(path).strip()
+    else:
+        secret = os.environ.get("ALLSPARK_CLUSTER_SECRET", "").strip().encode()
+    if not secret:
+        return None
+    if len(secret) < 16:
+        raise ValueError("the cluster secret is too short to be safe (16 bytes at least)")
+    return secret
+
+
+def makeService(options: Options) -> Any:
+    """Compose one server from ``options``."""
+    from twisted.internet import reactor
+
+    from allspark.auth import AuthKeyVerifier, ValidationTokens, derive_token_key
+    from allspark.inbox import DAY_MS, DeliveryConfig
+    from allspark.logs import set_level
+    from allspark.server import Server, ServerConfig, ServerService
+    from allspark.store import open_store
+    from allspark.web import build_site
+    from allspark.ws import ClientFactory, SocketLimits
+
+    set_level(options["log_level"])
+    host = options["host_address"]
+    listen = tuple(options["listen"]) or (f"tcp:{options['port']}:interface={host}",)
+    limits = SocketLimits(
+        max_message_size=options["max-message-size"],
+        max_queue_bytes=options["max-queue-bytes"],
+        heartbeat=options["heartbeat"],
+        heartbeat_timeout=max(5.0, options["heartbeat"] * 2 / 3),
+    )
+    config = ServerConfig(
+        server_id=options["server-id"],
+        host=host,
+        port=options["port"],
+        listen=listen,
+        proxy_address=options["proxy_80_port"],
+        scheme="wss" if any(d.startswith("ssl:") for d in listen) else "ws",
+        data_dir=options["data-dir"],
+        force=bool(options["force"]),
+        max_connections=options["max-connections"],
+        limits=limits,
+        delivery=DeliveryConfig(retention_ms=int(options["retention-days"] * DAY_MS)),
+    )
+    secrets = options["auth-secrets"]
+    verifier = AuthKeyVerifier(secrets, options["public-keys"])
+    token_key = derive_token_key(options["cluster-secret"] or secrets[0])
+    tokens = ValidationTokens(token_key, config.server_id, reactor)
+    store = open_store(options["store"], reactor)
+    server = Server(config, store, verifier, tokens, reactor)
+    site = build_site(server, ClientFactory(server, limits))
+    return ServerService(server, site, reactor)

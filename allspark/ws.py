@@ -1,0 +1,222 @@
+"""The client WebSocket: authenticate the handshake, parse frames, call the
+router, write answers through a bounded send queue.
+
+Limits, all enforced by Autobahn before a frame is buffered:
+``max_message_size`` (over it the connection closes with 1009), the open
+handshake timeout, and heartbeats (a WebSocket ping every ``heartbeat``
+seconds; a peer that does not answer within the timeout is dropped).
+
+Back-pressure: the connection registers itself as a streaming producer on its
+TCP transport.  While the kernel buffer is full, frames wait in a queue
+bounded by ``max_queue_bytes``; a reader that lets it overflow is closed with
+code 4008 ("send queue overflow").  One slow reader never delays another.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import ensureDeferred
+from allspark.logs import logger
+from twisted.python.failure import Failure
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from allspark.auth import AuthError, Identity
+from allspark.envelope import Control, FrameError, Message, encode, error_frame, parse_frame
+from allspark.router import Sender
+
+if TYPE_CHECKING:
+    from allspark.server import Server
+
+log = logger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_QUEUE_OVERFLOW = 4008
+CLOSE_TOO_MANY = 4029
+
+
+@dataclass(frozen=True)
+class SocketLimits:
+    """Per-connection limits."""
+
+    max_message_size: int = 64 * 1024
+    max_queue_bytes: int = 8 * 1024 * 1024
+    heartbeat: float = 30.0
+    heartbeat_timeout: float = 20.0
+    handshake_timeout: float = 10.0
+
+
+@implementer(IPushProducer)
+class ClientProtocol(WebSocketServerProtocol):
+    """One authenticated client connection."""
+
+    factory: "ClientFactory"
+    node_id: str
+    client_id: str | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identity: Identity | None = None
+        self.sender: Sender | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._paused = False
+        self._registered = False
+
+    # -- handshake ----------------------------------------------------------
+    def onConnect(self, request: ConnectionRequest) -> None:
+        server = self.factory.server
+        if server.draining:
+            raise ConnectionDeny(503, "server is shutting down")
+        if len(server.registry) >= server.config.max_connections:
+            raise ConnectionDeny(503, "server is at its connection limit")
+        params = request.params
+        key = params.get("auth_key", [None])[0]
+        token = params.get("validation_token", [None])[0]
+        try:
+            identity = server.verifier.verify(key, server.clock.seconds())
+            server.tokens.redeem(token, identity.node_id)
+        except AuthError as e:
+            log.info("refused handshake from {peer}: {code}", peer=request.peer, code=e.code)
+            raise ConnectionDeny(401, f"{e.code}: {e}") from None
+        self.identity = identity
+        self.node_id = identity.node_id
+        self.client_id = identity.client_id
+        self.sender = Sender(identity.node_id, identity.client_id)
+
+    def onOpen(self) -> None:
+        server = self.factory.server
+        assert self.identity is not None
+        # twisted.web's channel was the transport's producer until Autobahn
+        # took the transport over; this connection is its producer now.
+        self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        server.registry.add(self)
+        self._registered = True
+        hello: dict[str, Any] = {
+            "op": "hello",
+            "node_id": self.node_id,
+            "server_id": server.config.server_id,
+            "heartbeat": self.factory.limits.heartbeat,
+            "max_message_size": self.factory.limits.max_message_size,
+        }
+        if self.client_id is not None:
+            hello["client_id"] = self.client_id
+        self.send(encode(hello))
+        server.on_connected(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._registered:
+            self._registered = False
+            self.factory.server.registry.remove(self)
+            self.factory.server.on_disconnected(self)
+        self._queue.clear()
+        self._queued = 0
+
+    # -- frames from the client --------------------------------------------
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            frame = parse_frame(payload, isBinary)
+        except FrameError as e:
+            self.send(e.to_frame())
+            return
+        d = ensureDeferred(self._handle(frame))
+        d.addErrback(self._unexpected, frame.id)
+
+    async def _handle(self, frame: Message | Control) -> None:
+        server = self.factory.server
+        assert self.sender is not None
+        try:
+            if isinstance(frame, Message):
+                answer = await server.router.route(self.sender, frame)
+                self.send(answer)
+            else:
+                reply = await server.control(self, frame)
+                if reply is not None:
+                    if frame.id is not None:
+                        reply.setdefault("id", frame.id)
+                    self.send(encode(reply))
+        except FrameError as e:
+            if e.frame_id is None:
+                e.frame_id = frame.id
+            self.send(e.to_frame())
+
+    def _unexpected(self, failure: Failure, frame_id: str | None) -> None:
+        log.failure("internal error handling a frame from {node_id}", failure, node_id=self.node_id)
+        self.send(error_frame("internal_error", "the server could not handle this frame", frame_id))
+
+    # -- frames to the client ----------------------------------------------
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def send(self, frame: bytes) -> None:
+        """Write ``frame`` now, or queue it while the transport is full."""
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        if not self._paused and not self._queue:
+            self.sendMessage(frame)
+            return
+        self._queue.append(frame)
+        self._queued += len(frame)
+        if self._queued > self.factory.limits.max_queue_bytes:
+            self.overflow()
+
+    def overflow(self) -> None:
+        """Close a reader that let its send queue overflow."""
+        log.warn(
+            "closing {node_id}: send queue overflow ({queued} bytes)",
+            node_id=self.node_id, queued=self._queued,
+        )
+        self._queue.clear()
+        self._queued = 0
+        self.sendClose(CLOSE_QUEUE_OVERFLOW, "send queue overflow: the client reads too slowly")
+        # the close frame may never get through a full buffer: do not wait long
+        self.factory.server.clock.callLater(2.0, self.dropConnection, abort=True)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        queue = self._queue
+        while queue and not self._paused:
+            frame = queue.popleft()
+            self._queued -= len(frame)
+            self.sendMessage(frame)
+
+    def stopProducing(self) -> None:
+        self._queue.clear()
+        self._queued = 0
+
+    def going_away(self, reason: str) -> None:
+        """Close with 1001 (going away), which Autobahn's ``sendClose`` does not allow."""
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=reason.encode()[:120], isReply=False)
+
+
+class ClientFactory(WebSocketServerFactory):
+    """Builds :class:`ClientProtocol` for one server."""
+
+    protocol = ClientProtocol
+
+    def __init__(self, server: "Server", limits: SocketLimits, url: str | None = None) -> None:
+        super().__init__(url=url, reactor=server.clock)
+        self.server = server
+        self.limits = limits
+        self.setProtocolOptions(
+            maxFramePayloadSize=limits.max_message_size,
+            maxMessagePayloadSize=limits.max_message_size,
+            failByDrop=False,
+            autoPingInterval=limits.heartbeat,
+            autoPingTimeout=limits.heartbeat_timeout,
+            openHandshakeTimeout=limits.handshake_timeout,
+            closeHandshakeTimeout=2.0,
+            allowNullOrigin=True,
+        )
+
