@@ -283,7 +283,7 @@ def open_store(url: str, reactor: Any) -> Store:
             path = path[2:]
         elif path.startswith("//"):
             raise ValueError(f"sqlite URL needs three slashes: {url!r}")
-        if not path:
+        if not path or path.endswith("/"):
             raise ValueError(f"sqlite URL names no file: {url!r}")
         return SQLiteStore(path, reactor)
     if url.startswith(("mongodb://", "mongodb+srv://")):

@@ -1,0 +1,355 @@
+"""A dict-backed :class:`~allspark.store.Store` for unit tests and throwaway runs.
+
+Every method does its work at once and returns an already-fired Deferred, so
+submission order is trivially the order of application.  Nothing survives the
+process.  The semantics (seq allocation, de-duplication, paging, purge) are
+the same as the SQLite and MongoDB backends': the contract suite in
+``tests/store/test_contract.py`` runs against all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence, TypeVar
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+from allspark.store import (
+    AppendResult,
+    DuplicateSession,
+    InboxPage,
+    MemberRecord,
+    SessionRecord,
+    StoredMessage,
+    StoreError,
+)
+
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Stream:
+    """Per-inbox or per-session-stream state: counters and rows by seq."""
+
+    last_seq: int = 0
+    purged_upto: int = 0
+    #: seq -> (sender_id, message); dicts keep insertion order, which is seq order.
+    rows: dict[int, tuple[str, StoredMessage]] = field(default_factory=dict)
+
+
+@dataclass
+class _Session:
+    record: SessionRecord
+    stream: _Stream = field(default_factory=_Stream)
+    members: dict[str, MemberRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Dedup:
+    created_at: int
+    seqs: dict[str, int]
+    answer: bytes
+
+
+def _page(stream: _Stream | None, skip_sender: str | None, after: int, limit: int) -> InboxPage:
+    """One page of ``stream`` after ``after``, skipping rows of ``skip_sender``."""
+    if stream is None:
+        return InboxPage([], 0, 0, after)
+    messages: list[StoredMessage] = []
+    scanned = after
+    for seq, (sender, msg) in stream.rows.items():
+        if seq <= after:
+            continue
+        if len(messages) >= limit:
+            break
+        scanned = seq
+        if sender != skip_sender:
+            messages.append(msg)
+    if len(messages) >= limit:
+        scanned = messages[-1].seq if messages else after
+    return InboxPage(messages, stream.last_seq, stream.purged_upto, scanned)
+
+
+class MemoryStore:
+    """The in-memory store.  ``MemoryStore()`` needs no reactor."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, str | None] = {}
+        self._inboxes: dict[str, _Stream] = {}
+        self._dedup: dict[tuple[str, str], _Dedup] = {}
+        self._sessions: dict[str, _Session] = {}
+
+    @staticmethod
+    def _run(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
+        """Call ``fn`` now; its result or exception as a fired Deferred."""
+        try:
+            return succeed(fn(*args))
+        except Exception:
+            return fail(Failure())
+
+    # -- life cycle -------------------------------------------------------
+    def start(self) -> Deferred[None]:
+        """Nothing to open."""
+        return succeed(None)
+
+    def close(self) -> Deferred[None]:
+        """Nothing to release; the data stays readable until garbage-collected."""
+        return succeed(None)
+
+    # -- nodes ------------------------------------------------------------
+    def remember_node(self, node_id: str, client_id: str | None, now_ms: int) -> Deferred[None]:
+        """Record ``node_id`` as belonging to ``client_id``."""
+        self._nodes[node_id] = client_id
+        return succeed(None)
+
+    def get_node(self, node_id: str) -> Deferred[tuple[str, str | None] | None]:
+        """``(node_id, client_id)`` or None."""
+        if node_id not in self._nodes:
+            return succeed(None)
+        return succeed((node_id, self._nodes[node_id]))
+
+    def nodes_of_client(self, client_id: str) -> Deferred[list[str]]:
+        """Every node remembered for ``client_id``, sorted."""
+        return succeed(sorted(n for n, c in self._nodes.items() if c == client_id))
+
+    # -- de-duplication ----------------------------------------------------
+    def _seen(
+        self, sender_id: str, dedup_id: str | None, now_ms: int, window_ms: int
+    ) -> AppendResult | None:
+        if dedup_id is None:
+            return None
+        entry = self._dedup.get((sender_id, dedup_id))
+        if entry is None or now_ms - entry.created_at >= window_ms:
+            return None
+        return AppendResult(True, dict(entry.seqs), entry.answer)
+
+    def _remember(
+        self, sender_id: str, dedup_id: str | None, seqs: dict[str, int], answer: bytes, now_ms: int
+    ) -> None:
+        if dedup_id is not None:
+            self._dedup[(sender_id, dedup_id)] = _Dedup(now_ms, dict(seqs), answer)
+
+    # -- inbox ------------------------------------------------------------
+    def append_inbox(
+        self,
+        sender_id: str,
+        dedup_id: str | None,
+        recipients: Sequence[str],
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> Deferred[AppendResult]:
+        """Store one copy per (distinct) recipient; see :meth:`Store.append_inbox`."""
+        seen = self._seen(sender_id, dedup_id, now_ms, dedup_window_ms)
+        if seen is not None:
+            return succeed(seen)
+        body = bytes(body)
+        seqs: dict[str, int] = {}
+        for node_id in dict.fromkeys(recipients):
+            inbox = self._inboxes.get(node_id)
+            if inbox is None:
+                inbox = self._inboxes[node_id] = _Stream()
+            inbox.last_seq += 1
+            seq = inbox.last_seq
+            inbox.rows[seq] = (sender_id, StoredMessage(seq, body, now_ms))
+            seqs[node_id] = seq
+        self._remember(sender_id, dedup_id, seqs, answer, now_ms)
+        return succeed(AppendResult(False, seqs, answer))
+
+    def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
+        """A page of ``node_id``'s inbox."""
+        return succeed(_page(self._inboxes.get(node_id), None, after, limit))
+
+    def ack_inbox(self, node_id: str, upto: int) -> Deferred[int]:
+        """Delete rows with ``seq <= upto``; how many went."""
+        inbox = self._inboxes.get(node_id)
+        if inbox is None:
+            return succeed(0)
+        gone = [seq for seq in inbox.rows if seq <= upto]
+        for seq in gone:
+            del inbox.rows[seq]
+        return succeed(len(gone))
+
+    def inbox_state(self, node_id: str) -> Deferred[tuple[int, int]]:
+        """``(last_seq, purged_upto)``."""
+        inbox = self._inboxes.get(node_id)
+        if inbox is None:
+            return succeed((0, 0))
+        return succeed((inbox.last_seq, inbox.purged_upto))
+
+    # -- retention --------------------------------------------------------
+    def purge(self, stored_before_ms: int, dedup_before_ms: int) -> Deferred[int]:
+        """Drop old rows (advancing ``purged_upto``) and old de-dup entries."""
+        count = 0
+        streams = list(self._inboxes.values()) + [s.stream for s in self._sessions.values()]
+        for stream in streams:
+            old = [seq for seq, (_, msg) in stream.rows.items() if msg.stored_at < stored_before_ms]
+            for seq in old:
+                del stream.rows[seq]
+            if old:
+                stream.purged_upto = max(stream.purged_upto, max(old))
+            count += len(old)
+        for key in [k for k, v in self._dedup.items() if v.created_at < dedup_before_ms]:
+            del self._dedup[key]
+        return succeed(count)
+
+    # -- sessions ---------------------------------------------------------
+    def _session(self, session_id: str) -> _Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise StoreError(f"no such session: {session_id!r}")
+        return session
+
+    def create_session(
+        self, session_id: str, owner_id: str, options: dict[str, Any], now_ms: int
+    ) -> Deferred[SessionRecord]:
+        """Create a session or fail with :class:`DuplicateSession`."""
+        if session_id in self._sessions:
+            return fail(DuplicateSession(session_id))
+        record = SessionRecord(session_id, owner_id, now_ms, dict(options))
+        self._sessions[session_id] = _Session(record)
+        return succeed(record)
+
+    def get_session(self, session_id: str) -> Deferred[SessionRecord | None]:
+        """The session or None."""
+        session = self._sessions.get(session_id)
+        return succeed(None if session is None else session.record)
+
+    def update_session(
+        self, session_id: str, options: dict[str, Any]
+    ) -> Deferred[SessionRecord | None]:
+        """Replace the options."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return succeed(None)
+        session.record = replace(session.record, options=dict(options))
+        return succeed(session.record)
+
+    def delete_session(self, session_id: str) -> Deferred[None]:
+        """Remove the session, its members and its stream."""
+        self._sessions.pop(session_id, None)
+        return succeed(None)
+
+    def add_member(
+        self,
+        session_id: str,
+        node_id: str,
+        client_id: str | None,
+        anonymous: bool,
+        alias: str,
+        now_ms: int,
+    ) -> Deferred[MemberRecord]:
+        """Add a member (idempotent); :class:`StoreError` for an unknown session."""
+        return self._run(self._add_member, session_id, node_id, client_id, anonymous, alias, now_ms)
+
+    def _add_member(
+        self,
+        session_id: str,
+        node_id: str,
+        client_id: str | None,
+        anonymous: bool,
+        alias: str,
+        now_ms: int,
+    ) -> MemberRecord:
+        session = self._session(session_id)
+        member = session.members.get(node_id)
+        if member is None:
+            last = session.stream.last_seq
+            member = MemberRecord(
+                session_id, node_id, client_id, bool(anonymous), alias, now_ms, last, last
+            )
+            session.members[node_id] = member
+        return member
+
+    def update_member(
+        self, session_id: str, node_id: str, anonymous: bool, alias: str
+    ) -> Deferred[MemberRecord | None]:
+        """Change anonymity and alias."""
+        session = self._sessions.get(session_id)
+        member = None if session is None else session.members.get(node_id)
+        if session is None or member is None:
+            return succeed(None)
+        member = replace(member, anonymous=bool(anonymous), alias=alias)
+        session.members[node_id] = member
+        return succeed(member)
+
+    def remove_member(self, session_id: str, node_id: str) -> Deferred[bool]:
+        """Remove a member; whether it was one."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return succeed(False)
+        return succeed(session.members.pop(node_id, None) is not None)
+
+    def get_members(self, session_id: str) -> Deferred[list[MemberRecord]]:
+        """Members by join time, then node_id."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return succeed([])
+        return succeed(sorted(session.members.values(), key=lambda m: (m.joined_at, m.node_id)))
+
+    def sessions_of_node(self, node_id: str) -> Deferred[list[MemberRecord]]:
+        """Memberships of ``node_id`` by join time, then session_id."""
+        found = [s.members[node_id] for s in self._sessions.values() if node_id in s.members]
+        return succeed(sorted(found, key=lambda m: (m.joined_at, m.session_id)))
+
+    def append_session(
+        self,
+        session_id: str,
+        sender_id: str,
+        dedup_id: str | None,
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> Deferred[AppendResult]:
+        """Append a stream row; :class:`StoreError` for an unknown session."""
+        return self._run(
+            self._append_session,
+            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms,
+        )
+
+    def _append_session(
+        self,
+        session_id: str,
+        sender_id: str,
+        dedup_id: str | None,
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> AppendResult:
+        seen = self._seen(sender_id, dedup_id, now_ms, dedup_window_ms)
+        if seen is not None:
+            return seen
+        stream = self._session(session_id).stream
+        stream.last_seq += 1
+        seq = stream.last_seq
+        stream.rows[seq] = (sender_id, StoredMessage(seq, bytes(body), now_ms))
+        seqs = {session_id: seq}
+        self._remember(sender_id, dedup_id, seqs, answer, now_ms)
+        return AppendResult(False, seqs, answer)
+
+    def fetch_session(
+        self, session_id: str, reader_id: str, after: int, limit: int
+    ) -> Deferred[InboxPage]:
+        """A member's page of the stream (never at or below its ``joined_seq``)."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return succeed(InboxPage([], 0, 0, after))
+        member = session.members.get(reader_id)
+        if member is not None:
+            after = max(after, member.joined_seq)
+        return succeed(_page(session.stream, reader_id, after, limit))
+
+    def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
+        """Move the member's cursor up (clamped to ``last_seq``); 0 for a non-member."""
+        session = self._sessions.get(session_id)
+        member = None if session is None else session.members.get(node_id)
+        if session is None or member is None:
+            return succeed(0)
+        acked = max(member.acked_seq, min(upto, session.stream.last_seq))
+        if acked != member.acked_seq:
+            session.members[node_id] = replace(member, acked_seq=acked)
+        return succeed(acked)

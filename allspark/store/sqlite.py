@@ -1,0 +1,826 @@
+"""The embedded default store: one SQLite file, one writer thread, group commit.
+
+How it works
+------------
+Every :class:`SQLiteStore` owns **one** :class:`threading.Thread` that owns
+**one** ``sqlite3`` connection.  Calls on the reactor thread only append an
+operation ``(function, args, Deferred)`` to a pending list; at the end of the
+reactor turn (``callLater(0)``) the pending list becomes a *batch* and goes to
+the thread, which runs it in **one** transaction:
+
+- ``BEGIN IMMEDIATE`` takes SQLite's write lock up front, so several processes
+  sharing one file serialize cleanly (each waits up to ``busy_timeout``) instead
+  of failing with "database is locked" on a read-to-write upgrade;
+- the operations run in submission order, reads included, so a process always
+  reads its own writes in order (an ``ack_inbox`` followed by a ``fetch_inbox``
+  in the same turn never sees the acked rows);
+- an operation that writes more than one statement runs inside a ``SAVEPOINT``;
+  if it raises, its partial writes are rolled back and only its Deferred fails,
+  the rest of the batch commits;
+- ``COMMIT``; if the commit itself fails, every Deferred of the batch fails.
+
+Results go back to the reactor with a single ``callFromThread`` per batch and
+fire in submission order.  While a batch runs, new operations wait for the next
+batch, so batches grow by themselves under load: one commit (and one WAL append)
+per batch, not per message.
+
+Durability
+----------
+The database runs in WAL mode with ``synchronous=NORMAL``: a commit is written
+to the WAL before its Deferred fires, but the WAL is fsynced only at
+checkpoints.  A committed transaction therefore survives the *process* dying
+(including ``kill -9``, the tested case) because the data is in the OS page
+cache; after a power loss or kernel crash the most recent transactions may be
+lost, although the file is never corrupted.  Use ``synchronous=FULL`` (see
+:attr:`SQLiteStore.synchronous`) for power-loss durability at the price of one
+fsync per batch.
+
+Several processes on one host may share a file (WAL needs shared memory, so
+not over a network file system).  Sequence numbers are allocated inside the
+transaction from ``inbox_state.last_seq`` and ``sessions.last_seq``, so two processes appending to one node never collide.
+
+Schema versions
+---------------
+``PRAGMA user_version`` holds the schema version; :data:`MIGRATIONS` lists the
+steps, applied in order, each in the startup transaction.  Append a step to
+change the schema; never edit an existing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sqlite3
+import threading
+from typing import Any, Callable, Sequence
+
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from allspark.store import (
+    AppendResult,
+    DuplicateSession,
+    InboxPage,
+    MemberRecord,
+    SessionRecord,
+    StoredMessage,
+    StoreError,
+)
+
+log = Logger()
+
+#: Schema steps: ``MIGRATIONS[i]`` brings a file from version ``i`` to ``i + 1``.
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: initial schema
+    (
+        """CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            client_id TEXT,
+            seen_at INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX nodes_by_client ON nodes (client_id, node_id)",
+        """CREATE TABLE inbox_state (
+            node_id TEXT PRIMARY KEY,
+            last_seq INTEGER NOT NULL,
+            purged_upto INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        # A rowid table: new rows go to the end of the table b-tree; only the
+        # small (node_id, seq) index takes random inserts.  (A WITHOUT ROWID
+        # table keyed by (node_id, seq) was 3x slower to append to.)
+        """CREATE TABLE inbox (
+            node_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            stored_at INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            UNIQUE (node_id, seq)
+        )""",
+        "CREATE INDEX inbox_by_stored_at ON inbox (stored_at)",
+        # The seq of a new row is computed by the INSERT itself from
+        # inbox_state (see _APPEND_INBOX); this trigger moves last_seq up in
+        # the same statement, so one append is one atomic statement.
+        """CREATE TRIGGER inbox_last_seq AFTER INSERT ON inbox BEGIN
+            INSERT INTO inbox_state (node_id, last_seq) VALUES (NEW.node_id, NEW.seq)
+            ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq;
+        END""",
+        """CREATE TABLE dedup (
+            sender_id TEXT NOT NULL,
+            dedup_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            seqs TEXT NOT NULL,
+            answer BLOB NOT NULL,
+            PRIMARY KEY (sender_id, dedup_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX dedup_by_created_at ON dedup (created_at)",
+        """CREATE TABLE sessions (
+            session_id TEXT PRIMARY KEY,
+            owner_id TEXT NOT NULL,
+            created_at INTEGER NOT NULL,
+            options TEXT NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            purged_upto INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        """CREATE TABLE members (
+            session_id TEXT NOT NULL,
+            node_id TEXT NOT NULL,
+            client_id TEXT,
+            anonymous INTEGER NOT NULL,
+            alias TEXT NOT NULL,
+            joined_at INTEGER NOT NULL,
+            joined_seq INTEGER NOT NULL,
+            acked_seq INTEGER NOT NULL,
+            PRIMARY KEY (session_id, node_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX members_by_node ON members (node_id, session_id)",
+        """CREATE TABLE stream (
+            session_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            sender_id TEXT NOT NULL,
+            stored_at INTEGER NOT NULL,
+            body BLOB NOT NULL,
+            UNIQUE (session_id, seq)
+        )""",
+        "CREATE INDEX stream_by_stored_at ON stream (stored_at)",
+        """CREATE TRIGGER stream_last_seq AFTER INSERT ON stream BEGIN
+            UPDATE sessions SET last_seq = NEW.seq WHERE session_id = NEW.session_id;
+        END""",
+    ),
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_Op = tuple[Callable[..., Any], tuple[Any, ...], Deferred]
+
+
+def _multi(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an operation that writes with more than one statement: it runs in a SAVEPOINT."""
+    fn._savepoint = True  # type: ignore[attr-defined]
+    return fn
+
+
+# -- operations, run on the writer thread with its cursor ----------------------
+# Each takes the cursor first; the SQL strings are constants so that sqlite3's
+# statement cache keeps them prepared.
+
+# One statement per copy: the seq is inbox_state.last_seq + 1 (read inside the
+# write transaction), and the inbox_last_seq trigger stores it back.
+_APPEND_INBOX = (
+    "INSERT INTO inbox (node_id, seq, stored_at, body) VALUES (?1, "
+    "COALESCE((SELECT last_seq FROM inbox_state WHERE node_id = ?1), 0) + 1, ?2, ?3) "
+    "RETURNING seq"
+)
+_DEDUP_GET = "SELECT created_at, seqs, answer FROM dedup WHERE sender_id = ? AND dedup_id = ?"
+_DEDUP_PUT = (
+    "INSERT OR REPLACE INTO dedup (sender_id, dedup_id, created_at, seqs, answer) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+_MEMBER_COLS = (
+    "session_id, node_id, client_id, anonymous, alias, joined_at, joined_seq, acked_seq"
+)
+
+
+def _member(row: tuple[Any, ...]) -> MemberRecord:
+    return MemberRecord(row[0], row[1], row[2], bool(row[3]), row[4], row[5], row[6], row[7])
+
+
+def _session(row: tuple[Any, ...]) -> SessionRecord:
+    return SessionRecord(row[0], row[1], row[2], json.loads(row[3]))
+
+
+def _seen(
+    cur: sqlite3.Cursor, sender_id: str, dedup_id: str, now_ms: int, window_ms: int
+) -> AppendResult | None:
+    row = cur.execute(_DEDUP_GET, (sender_id, dedup_id)).fetchone()
+    if row is None or now_ms - row[0] >= window_ms:
+        return None
+    return AppendResult(True, json.loads(row[1]), bytes(row[2]))
+
+
+def _op_remember_node(cur: sqlite3.Cursor, node_id: str, client_id: str | None, now: int) -> None:
+    cur.execute(
+        "INSERT INTO nodes (node_id, client_id, seen_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (node_id) DO UPDATE SET client_id = excluded.client_id, "
+        "seen_at = excluded.seen_at",
+        (node_id, client_id, now),
+    )
+
+
+def _op_get_node(cur: sqlite3.Cursor, node_id: str) -> tuple[str, str | None] | None:
+    row = cur.execute("SELECT node_id, client_id FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def _op_nodes_of_client(cur: sqlite3.Cursor, client_id: str) -> list[str]:
+    rows = cur.execute(
+        "SELECT node_id FROM nodes WHERE client_id = ? ORDER BY node_id", (client_id,)
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _op_append_one(cur: sqlite3.Cursor, node_id: str, body: bytes, answer: bytes, now_ms: int) -> AppendResult:
+    """The hot path: one recipient, no de-duplication, one atomic statement."""
+    seq = cur.execute(_APPEND_INBOX, (node_id, now_ms, body)).fetchone()[0]
+    return AppendResult(False, {node_id: seq}, answer)
+
+
+@_multi
+def _op_append_inbox(
+    cur: sqlite3.Cursor,
+    sender_id: str,
+    dedup_id: str | None,
+    recipients: Sequence[str],
+    body: bytes,
+    answer: bytes,
+    now_ms: int,
+    window_ms: int,
+) -> AppendResult:
+    if dedup_id is not None:
+        seen = _seen(cur, sender_id, dedup_id, now_ms, window_ms)
+        if seen is not None:
+            return seen
+    seqs: dict[str, int] = {}
+    for node_id in dict.fromkeys(recipients):
+        seqs[node_id] = cur.execute(_APPEND_INBOX, (node_id, now_ms, body)).fetchone()[0]
+    if dedup_id is not None:
+        cur.execute(_DEDUP_PUT, (sender_id, dedup_id, now_ms, json.dumps(seqs), answer))
+    return AppendResult(False, seqs, answer)
+
+
+def _op_fetch_inbox(cur: sqlite3.Cursor, node_id: str, after: int, limit: int) -> InboxPage:
+    state = cur.execute(
+        "SELECT last_seq, purged_upto FROM inbox_state WHERE node_id = ?", (node_id,)
+    ).fetchone()
+    if state is None:
+        return InboxPage([], 0, 0, after)
+    rows = cur.execute(
+        "SELECT seq, body, stored_at FROM inbox WHERE node_id = ? AND seq > ? "
+        "ORDER BY seq LIMIT ?",
+        (node_id, after, limit),
+    ).fetchall()
+    messages = [StoredMessage(r[0], r[1], r[2]) for r in rows]
+    return InboxPage(messages, state[0], state[1], messages[-1].seq if messages else after)
+
+
+def _op_ack_inbox(cur: sqlite3.Cursor, node_id: str, upto: int) -> int:
+    return cur.execute("DELETE FROM inbox WHERE node_id = ? AND seq <= ?", (node_id, upto)).rowcount
+
+
+def _op_inbox_state(cur: sqlite3.Cursor, node_id: str) -> tuple[int, int]:
+    row = cur.execute(
+        "SELECT last_seq, purged_upto FROM inbox_state WHERE node_id = ?", (node_id,)
+    ).fetchone()
+    return (0, 0) if row is None else (row[0], row[1])
+
+
+@_multi
+def _op_purge(cur: sqlite3.Cursor, stored_before: int, dedup_before: int) -> int:
+    cur.execute(
+        "UPDATE inbox_state SET purged_upto = gone.top FROM "
+        "(SELECT node_id, MAX(seq) AS top FROM inbox WHERE stored_at < ? GROUP BY node_id) AS gone "
+        "WHERE inbox_state.node_id = gone.node_id AND gone.top > inbox_state.purged_upto",
+        (stored_before,),
+    )
+    count = cur.execute("DELETE FROM inbox WHERE stored_at < ?", (stored_before,)).rowcount
+    cur.execute(
+        "UPDATE sessions SET purged_upto = gone.top FROM "
+        "(SELECT session_id, MAX(seq) AS top FROM stream WHERE stored_at < ? "
+        "GROUP BY session_id) AS gone "
+        "WHERE sessions.session_id = gone.session_id AND gone.top > sessions.purged_upto",
+        (stored_before,),
+    )
+    count += cur.execute("DELETE FROM stream WHERE stored_at < ?", (stored_before,)).rowcount
+    cur.execute("DELETE FROM dedup WHERE created_at < ?", (dedup_before,))
+    return count
+
+
+def _op_create_session(
+    cur: sqlite3.Cursor, session_id: str, owner_id: str, options: str, now_ms: int
+) -> SessionRecord:
+    row = cur.execute(
+        "INSERT INTO sessions (session_id, owner_id, created_at, options) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (session_id) DO NOTHING "
+        "RETURNING session_id, owner_id, created_at, options",
+        (session_id, owner_id, now_ms, options),
+    ).fetchone()
+    if row is None:
+        raise DuplicateSession(session_id)
+    return _session(row)
+
+
+def _op_get_session(cur: sqlite3.Cursor, session_id: str) -> SessionRecord | None:
+    row = cur.execute(
+        "SELECT session_id, owner_id, created_at, options FROM sessions WHERE session_id = ?",
+        (session_id,),
+    ).fetchone()
+    return None if row is None else _session(row)
+
+
+def _op_update_session(cur: sqlite3.Cursor, session_id: str, options: str) -> SessionRecord | None:
+    row = cur.execute(
+        "UPDATE sessions SET options = ? WHERE session_id = ? "
+        "RETURNING session_id, owner_id, created_at, options",
+        (options, session_id),
+    ).fetchone()
+    return None if row is None else _session(row)
+
+
+@_multi
+def _op_delete_session(cur: sqlite3.Cursor, session_id: str) -> None:
+    cur.execute("DELETE FROM stream WHERE session_id = ?", (session_id,))
+    cur.execute("DELETE FROM members WHERE session_id = ?", (session_id,))
+    cur.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
+
+
+@_multi
+def _op_add_member(
+    cur: sqlite3.Cursor,
+    session_id: str,
+    node_id: str,
+    client_id: str | None,
+    anonymous: bool,
+    alias: str,
+    now_ms: int,
+) -> MemberRecord:
+    cur.execute(
+        f"INSERT INTO members ({_MEMBER_COLS}) "
+        "SELECT session_id, ?, ?, ?, ?, ?, last_seq, last_seq FROM sessions WHERE session_id = ? "
+        "ON CONFLICT (session_id, node_id) DO NOTHING",
+        (node_id, client_id, int(bool(anonymous)), alias, now_ms, session_id),
+    )
+    row = cur.execute(
+        f"SELECT {_MEMBER_COLS} FROM members WHERE session_id = ? AND node_id = ?",
+        (session_id, node_id),
+    ).fetchone()
+    if row is None:
+        raise StoreError(f"no such session: {session_id!r}")
+    return _member(row)
+
+
+def _op_update_member(
+    cur: sqlite3.Cursor, session_id: str, node_id: str, anonymous: bool, alias: str
+) -> MemberRecord | None:
+    row = cur.execute(
+        "UPDATE members SET anonymous = ?, alias = ? WHERE session_id = ? AND node_id = ? "
+        f"RETURNING {_MEMBER_COLS}",
+        (int(bool(anonymous)), alias, session_id, node_id),
+    ).fetchone()
+    return None if row is None else _member(row)
+
+
+def _op_remove_member(cur: sqlite3.Cursor, session_id: str, node_id: str) -> bool:
+    return (
+        cur.execute(
+            "DELETE FROM members WHERE session_id = ? AND node_id = ?", (session_id, node_id)
+        ).rowcount
+        > 0
+    )
+
+
+def _op_get_members(cur: sqlite3.Cursor, session_id: str) -> list[MemberRecord]:
+    rows = cur.execute(
+        f"SELECT {_MEMBER_COLS} FROM members WHERE session_id = ? ORDER BY joined_at, node_id",
+        (session_id,),
+    ).fetchall()
+    return [_member(r) for r in rows]
+
+
+def _op_sessions_of_node(cur: sqlite3.Cursor, node_id: str) -> list[MemberRecord]:
+    rows = cur.execute(
+        f"SELECT {_MEMBER_COLS} FROM members WHERE node_id = ? ORDER BY joined_at, session_id",
+        (node_id,),
+    ).fetchall()
+    return [_member(r) for r in rows]
+
+
+@_multi
+def _op_append_session(
+    cur: sqlite3.Cursor,
+    session_id: str,
+    sender_id: str,
+    dedup_id: str | None,
+    body: bytes,
+    answer: bytes,
+    now_ms: int,
+    window_ms: int,
+) -> AppendResult:
+    if dedup_id is not None:
+        seen = _seen(cur, sender_id, dedup_id, now_ms, window_ms)
+        if seen is not None:
+            return seen
+    # The stream_last_seq trigger moves sessions.last_seq up in the same statement.
+    row = cur.execute(
+        "INSERT INTO stream (session_id, seq, sender_id, stored_at, body) "
+        "SELECT session_id, last_seq + 1, ?, ?, ? FROM sessions WHERE session_id = ? "
+        "RETURNING seq",
+        (sender_id, now_ms, body, session_id),
+    ).fetchone()
+    if row is None:
+        raise StoreError(f"no such session: {session_id!r}")
+    seq = row[0]
+    seqs = {session_id: seq}
+    if dedup_id is not None:
+        cur.execute(_DEDUP_PUT, (sender_id, dedup_id, now_ms, json.dumps(seqs), answer))
+    return AppendResult(False, seqs, answer)
+
+
+def _op_fetch_session(
+    cur: sqlite3.Cursor, session_id: str, reader_id: str, after: int, limit: int
+) -> InboxPage:
+    state = cur.execute(
+        "SELECT s.last_seq, s.purged_upto, m.joined_seq FROM sessions AS s "
+        "LEFT JOIN members AS m ON m.session_id = s.session_id AND m.node_id = ? "
+        "WHERE s.session_id = ?",
+        (reader_id, session_id),
+    ).fetchone()
+    if state is None:
+        return InboxPage([], 0, 0, after)
+    if state[2] is not None and state[2] > after:
+        after = state[2]
+    rows = cur.execute(
+        "SELECT seq, body, stored_at FROM stream WHERE session_id = ? AND seq > ? "
+        "AND sender_id != ? ORDER BY seq LIMIT ?",
+        (session_id, after, reader_id, limit),
+    ).fetchall()
+    messages = [StoredMessage(r[0], r[1], r[2]) for r in rows]
+    if len(messages) >= limit:
+        scanned = messages[-1].seq if messages else after
+    else:
+        top = cur.execute(
+            "SELECT MAX(seq) FROM stream WHERE session_id = ? AND seq > ?", (session_id, after)
+        ).fetchone()[0]
+        scanned = after if top is None else top
+    return InboxPage(messages, state[0], state[1], scanned)
+
+
+def _op_ack_session(cur: sqlite3.Cursor, session_id: str, node_id: str, upto: int) -> int:
+    row = cur.execute(
+        "UPDATE members SET acked_seq = MAX(acked_seq, MIN(?, "
+        "(SELECT last_seq FROM sessions WHERE session_id = ?))) "
+        "WHERE session_id = ? AND node_id = ? RETURNING acked_seq",
+        (upto, session_id, session_id, node_id),
+    ).fetchone()
+    return 0 if row is None else row[0]
+
+
+# -- the store -----------------------------------------------------------------
+
+
+class SQLiteStore:
+    """The SQLite :class:`~allspark.store.Store`.
+
+    ``path`` is the database file (its directory is created on :meth:`start`);
+    ``reactor`` provides ``callLater`` and ``callFromThread``.  After
+    :meth:`start`, :attr:`migrations_applied` lists the schema versions this
+    open created (empty when the file was already current).
+    """
+
+    #: ``PRAGMA busy_timeout`` in ms: how long a batch waits for another process's lock.
+    busy_timeout_ms = 30_000
+    #: ``PRAGMA synchronous``; ``"NORMAL"`` survives a process kill, see the module docstring.
+    synchronous = "NORMAL"
+
+    def __init__(self, path: str, reactor: Any) -> None:
+        self.path = path
+        self._reactor = reactor
+        self._pending: list[_Op] = []
+        self._flush_scheduled = False
+        self._running = False
+        self._closing = False
+        self._closed: Deferred[None] | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self.migrations_applied: list[int] = []
+
+    # -- plumbing (reactor thread) ------------------------------------------
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Queue ``fn(cursor, *args)`` for the next batch; its result as a Deferred."""
+        if self._closing or self._thread is None:
+            return fail(StoreError("store is not open"))
+        d: Deferred[Any] = Deferred()
+        self._pending.append((fn, args, d))
+        if not self._flush_scheduled and not self._running:
+            self._flush_scheduled = True
+            self._reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._send()
+
+    def _send(self) -> None:
+        """Hand the pending operations to the thread, unless a batch is running."""
+        if self._running:
+            return
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._running = True
+            self._queue.put(batch)
+        elif self._closing and self._thread is not None:
+            self._queue.put(None)
+
+    def _batch_done(self, batch: list[_Op], results: list[tuple[bool, Any]]) -> None:
+        """Back on the reactor: fire the batch's Deferreds in order, send the next batch."""
+        self._running = False
+        for (_, _, d), (ok, value) in zip(batch, results):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+        if not self._flush_scheduled:
+            self._send()
+
+    # -- the writer thread -------------------------------------------------
+    def _thread_main(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if callable(item):
+                item()
+                continue
+            results = self._run_batch(item)
+            self._reactor.callFromThread(self._batch_done, item, results)
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._reactor.callFromThread(self._thread_finished)
+
+    def _run_batch(self, batch: list[_Op]) -> list[tuple[bool, Any]]:
+        """Run ``batch`` in one transaction; one ``(ok, result or Failure)`` per op."""
+        conn = self._conn
+        if conn is None:
+            failure = Failure(StoreError("store is not open"))
+            return [(False, failure)] * len(batch)
+        cur = conn.cursor()
+        try:
+            cur.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            failure = Failure()
+            log.failure("store batch could not begin", failure, size=len(batch))
+            return [(False, failure)] * len(batch)
+        results: list[tuple[bool, Any]] = []
+        for fn, args, _ in batch:
+            if getattr(fn, "_savepoint", False):
+                cur.execute("SAVEPOINT op")
+                try:
+                    result = fn(cur, *args)
+                except Exception:
+                    results.append((False, Failure()))
+                    try:
+                        cur.execute("ROLLBACK TO op")
+                        cur.execute("RELEASE op")
+                    except sqlite3.Error:
+                        return self._abort(conn, batch)
+                else:
+                    cur.execute("RELEASE op")
+                    results.append((True, result))
+            else:
+                try:
+                    results.append((True, fn(cur, *args)))
+                except Exception:
+                    results.append((False, Failure()))
+            if not conn.in_transaction:
+                # SQLite rolled the whole transaction back (e.g. disk full):
+                # earlier operations of the batch are lost too.
+                return self._abort(
+                    conn, batch, Failure(StoreError("SQLite rolled the transaction back"))
+                )
+        try:
+            cur.execute("COMMIT")
+        except sqlite3.Error:
+            return self._abort(conn, batch)
+        return results
+
+    @staticmethod
+    def _abort(
+        conn: sqlite3.Connection, batch: list[_Op], failure: Failure | None = None
+    ) -> list[tuple[bool, Any]]:
+        """Roll back and fail every operation of the batch (with the current exception)."""
+        if failure is None:
+            failure = Failure()
+        log.failure("store batch rolled back", failure, size=len(batch))
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.failure("store rollback failed")
+        return [(False, failure)] * len(batch)
+
+    def _open(self) -> list[int]:
+        """Open the connection, set pragmas, create or migrate the schema."""
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=256
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"could not switch {self.path!r} to WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute("PRAGMA cache_size = -65536")
+            conn.execute("PRAGMA temp_store = MEMORY")
+            applied: list[int] = []
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.path!r} has schema version {version}, newer than this "
+                        f"code's {SCHEMA_VERSION}"
+                    )
+                for number in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[number]:
+                        conn.execute(statement)
+                    applied.append(number + 1)
+                if applied:
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return applied
+
+    # -- life cycle -------------------------------------------------------
+    def start(self) -> Deferred[None]:
+        """Start the writer thread; open and migrate the file there."""
+        if self._thread is not None:
+            return fail(StoreError("store already started"))
+        started: Deferred[None] = Deferred()
+
+        def open_in_thread() -> None:
+            try:
+                applied = self._open()
+            except Exception:
+                failure = Failure()
+                self._reactor.callFromThread(started.errback, failure)
+                self._queue.put(None)
+            else:
+                self._reactor.callFromThread(self._opened, started, applied)
+
+        self._thread = threading.Thread(
+            target=self._thread_main, name=f"allspark-sqlite:{self.path}", daemon=True
+        )
+        self._thread.start()
+        self._queue.put(open_in_thread)
+        return started
+
+    def _opened(self, started: Deferred[None], applied: list[int]) -> None:
+        self.migrations_applied = applied
+        if applied:
+            log.info(
+                "store {path} migrated to schema version {version}",
+                path=self.path, version=SCHEMA_VERSION, applied=applied,
+            )
+        started.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Run what was submitted, then close the connection and join the thread."""
+        if self._closed is not None:
+            return self._closed
+        self._closed = Deferred()
+        self._closing = True
+        if self._thread is None:
+            self._closed.callback(None)
+        elif not self._flush_scheduled:
+            self._send()
+        return self._closed
+
+    def _thread_finished(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        if self._closed is not None and not self._closed.called:
+            self._closed.callback(None)
+
+    # -- nodes ------------------------------------------------------------
+    def remember_node(self, node_id: str, client_id: str | None, now_ms: int) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.remember_node`."""
+        return self._submit(_op_remember_node, node_id, client_id, now_ms)
+
+    def get_node(self, node_id: str) -> Deferred[tuple[str, str | None] | None]:
+        """See :meth:`allspark.store.Store.get_node`."""
+        return self._submit(_op_get_node, node_id)
+
+    def nodes_of_client(self, client_id: str) -> Deferred[list[str]]:
+        """See :meth:`allspark.store.Store.nodes_of_client`."""
+        return self._submit(_op_nodes_of_client, client_id)
+
+    # -- inbox ------------------------------------------------------------
+    def append_inbox(
+        self,
+        sender_id: str,
+        dedup_id: str | None,
+        recipients: Sequence[str],
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> Deferred[AppendResult]:
+        """See :meth:`allspark.store.Store.append_inbox`."""
+        if dedup_id is None and len(recipients) == 1:
+            return self._submit(_op_append_one, recipients[0], body, answer, now_ms)
+        return self._submit(
+            _op_append_inbox,
+            sender_id, dedup_id, recipients, body, answer, now_ms, dedup_window_ms,
+        )
+
+    def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
+        """See :meth:`allspark.store.Store.fetch_inbox`."""
+        return self._submit(_op_fetch_inbox, node_id, after, limit)
+
+    def ack_inbox(self, node_id: str, upto: int) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.ack_inbox`."""
+        return self._submit(_op_ack_inbox, node_id, upto)
+
+    def inbox_state(self, node_id: str) -> Deferred[tuple[int, int]]:
+        """See :meth:`allspark.store.Store.inbox_state`."""
+        return self._submit(_op_inbox_state, node_id)
+
+    def purge(self, stored_before_ms: int, dedup_before_ms: int) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.purge`."""
+        return self._submit(_op_purge, stored_before_ms, dedup_before_ms)
+
+    # -- sessions ---------------------------------------------------------
+    def create_session(
+        self, session_id: str, owner_id: str, options: dict[str, Any], now_ms: int
+    ) -> Deferred[SessionRecord]:
+        """See :meth:`allspark.store.Store.create_session`."""
+        return self._submit(_op_create_session, session_id, owner_id, json.dumps(options), now_ms)
+
+    def get_session(self, session_id: str) -> Deferred[SessionRecord | None]:
+        """See :meth:`allspark.store.Store.get_session`."""
+        return self._submit(_op_get_session, session_id)
+
+    def update_session(
+        self, session_id: str, options: dict[str, Any]
+    ) -> Deferred[SessionRecord | None]:
+        """See :meth:`allspark.store.Store.update_session`."""
+        return self._submit(_op_update_session, session_id, json.dumps(options))
+
+    def delete_session(self, session_id: str) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.delete_session`."""
+        return self._submit(_op_delete_session, session_id)
+
+    def add_member(
+        self,
+        session_id: str,
+        node_id: str,
+        client_id: str | None,
+        anonymous: bool,
+        alias: str,
+        now_ms: int,
+    ) -> Deferred[MemberRecord]:
+        """See :meth:`allspark.store.Store.add_member`."""
+        return self._submit(_op_add_member, session_id, node_id, client_id, anonymous, alias, now_ms)
+
+    def update_member(
+        self, session_id: str, node_id: str, anonymous: bool, alias: str
+    ) -> Deferred[MemberRecord | None]:
+        """See :meth:`allspark.store.Store.update_member`."""
+        return self._submit(_op_update_member, session_id, node_id, anonymous, alias)
+
+    def remove_member(self, session_id: str, node_id: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_member`."""
+        return self._submit(_op_remove_member, session_id, node_id)
+
+    def get_members(self, session_id: str) -> Deferred[list[MemberRecord]]:
+        """See :meth:`allspark.store.Store.get_members`."""
+        return self._submit(_op_get_members, session_id)
+
+    def sessions_of_node(self, node_id: str) -> Deferred[list[MemberRecord]]:
+        """See :meth:`allspark.store.Store.sessions_of_node`."""
+        return self._submit(_op_sessions_of_node, node_id)
+
+    def append_session(
+        self,
+        session_id: str,
+        sender_id: str,
+        dedup_id: str | None,
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        dedup_window_ms: int,
+    ) -> Deferred[AppendResult]:
+        """See :meth:`allspark.store.Store.append_session`."""
+        return self._submit(
+            _op_append_session,
+            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms,
+        )
+
+    def fetch_session(
+        self, session_id: str, reader_id: str, after: int, limit: int
+    ) -> Deferred[InboxPage]:
+        """See :meth:`allspark.store.Store.fetch_session`."""
+        return self._submit(_op_fetch_session, session_id, reader_id, after, limit)
+
+    def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.ack_session`."""
+        return self._submit(_op_ack_session, session_id, node_id, upto)
