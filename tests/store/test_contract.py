@@ -1,0 +1,711 @@
+"""The store contract, written once and run against every backend.
+
+:class:`StoreContract` holds the behaviour every :class:`~allspark.store.Store`
+must have (the docstrings of ``allspark/store/__init__.py`` are the spec); the
+``*ContractTests`` classes at the bottom bind it to the memory, SQLite and
+MongoDB backends.  MongoDB runs only when ``ALLSPARK_TEST_MONGODB_URI`` names a
+server.  SQLite-only behaviour (durability, several processes on one file,
+group commit, schema versions) and ``open_store`` URL parsing follow.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import uuid
+from typing import Any, Awaitable, Callable, Coroutine
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SkipTest, TestCase
+
+from allspark.store import (
+    AppendResult,
+    DuplicateSession,
+    InboxPage,
+    MemberRecord,
+    SessionRecord,
+    Store,
+    StoreError,
+    open_store,
+)
+from allspark.store.memory import MemoryStore
+
+WINDOW = 600_000  # the de-duplication window the router uses: 10 minutes
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MONGO_SKIP = "MongoDB tests skipped: set ALLSPARK_TEST_MONGODB_URI=mongodb://host:port to run them"
+
+
+def inline(
+    fn: Callable[[Any], Coroutine[Any, Any, None]],
+) -> Callable[[Any], defer.Deferred[None]]:
+    """Run an ``async def`` test method as a Deferred-returning trial test."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any) -> defer.Deferred[None]:
+        return defer.ensureDeferred(fn(self))
+
+    return wrapper
+
+
+def temp_dir(case: TestCase) -> str:
+    """A new directory outside the working tree, removed when ``case`` ends."""
+    path = tempfile.mkdtemp(prefix="allspark-store-test-")
+    case.addCleanup(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def seqs_of(page: InboxPage) -> list[int]:
+    """The seqs of a page's messages."""
+    return [m.seq for m in page.messages]
+
+
+class StoreContract:
+    """The tests every backend passes.  Mixed into a trial ``TestCase``."""
+
+    store: Store
+
+    # -- to be provided by each backend's class -------------------------------
+    async def make_store(self) -> Store:
+        """A new, unstarted, empty store."""
+        raise NotImplementedError
+
+    # -- fixture ------------------------------------------------------------------
+    def setUp(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._set_up())
+
+    async def _set_up(self) -> None:
+        self.store = await self.make_store()
+        await self.store.start()
+        self.addCleanup(self.store.close)  # type: ignore[attr-defined]
+
+    async def append(
+        self,
+        recipients: list[str],
+        body: bytes = b'{"x":1}',
+        now: int = 1000,
+        sender: str = "sender",
+        dedup_id: str | None = None,
+        answer: bytes = b"",
+        window: int = WINDOW,
+    ) -> AppendResult:
+        """``append_inbox`` with defaults."""
+        return await self.store.append_inbox(sender, dedup_id, recipients, body, answer, now, window)
+
+    async def session_with(self, session_id: str = "s1", owner: str = "owner") -> SessionRecord:
+        """Create a session with the usual options."""
+        options = {
+            "anonymous": False,
+            "anyone_can_join": True,
+            "session_type": "group",
+            "master_id": None,
+        }
+        return await self.store.create_session(session_id, owner, options, 500)
+
+    async def say(self, sender: str, body: bytes, session_id: str = "s1", now: int = 1000) -> int:
+        """Append one session-stream row; its seq."""
+        result = await self.store.append_session(session_id, sender, None, body, b"", now, WINDOW)
+        return result.seqs[session_id]
+
+    # -- life cycle ---------------------------------------------------------------
+    def test_is_a_store(self) -> None:
+        """Every backend satisfies the runtime-checkable protocol."""
+        self.assertIsInstance(self.store, Store)  # type: ignore[attr-defined]
+
+    # -- nodes --------------------------------------------------------------------
+    @inline
+    async def test_nodes(self) -> None:
+        """remember_node records a node's client; a later client moves it."""
+        self.assertIsNone(await self.store.get_node("n1"))
+        await self.store.remember_node("n2", "c1", 1)
+        await self.store.remember_node("n1", "c1", 1)
+        await self.store.remember_node("n3", None, 1)
+        self.assertEqual(await self.store.get_node("n1"), ("n1", "c1"))
+        self.assertEqual(await self.store.get_node("n3"), ("n3", None))
+        self.assertEqual(await self.store.nodes_of_client("c1"), ["n1", "n2"])
+        await self.store.remember_node("n2", "c2", 2)
+        self.assertEqual(await self.store.nodes_of_client("c1"), ["n1"])
+        self.assertEqual(await self.store.nodes_of_client("c2"), ["n2"])
+        self.assertEqual(await self.store.nodes_of_client("nobody"), [])
+
+    # -- inbox --------------------------------------------------------------------
+    @inline
+    async def test_seq_is_per_recipient_and_only_grows(self) -> None:
+        """Each inbox counts on its own; acking everything never lets a seq be reused."""
+        self.assertEqual((await self.append(["a"])).seqs, {"a": 1})
+        self.assertEqual((await self.append(["a"])).seqs, {"a": 2})
+        self.assertEqual((await self.append(["b"])).seqs, {"b": 1})
+        await self.store.ack_inbox("a", 2)
+        self.assertEqual((await self.append(["a"])).seqs, {"a": 3})
+        self.assertEqual(await self.store.inbox_state("a"), (3, 0))
+
+    @inline
+    async def test_multi_recipient_append(self) -> None:
+        """One append stores one copy per distinct recipient, each with its own seq."""
+        await self.append(["b"])
+        result = await self.append(["a", "b", "c", "a"], body=b"hello", answer=b"ok")
+        self.assertEqual(result, AppendResult(False, {"a": 1, "b": 2, "c": 1}, b"ok"))
+        for node, seq in result.seqs.items():
+            page = await self.store.fetch_inbox(node, seq - 1, 10)
+            self.assertEqual([(m.seq, m.body, m.stored_at) for m in page.messages], [(seq, b"hello", 1000)])
+        self.assertEqual(await self.store.inbox_state("a"), (1, 0))
+
+    @inline
+    async def test_ack_deletes_up_to_and_only_up_to(self) -> None:
+        """ack_inbox deletes seq <= upto of that node only and returns the count."""
+        for _ in range(5):
+            await self.append(["a", "b"])
+        self.assertEqual(await self.store.ack_inbox("a", 3), 3)
+        self.assertEqual(seqs_of(await self.store.fetch_inbox("a", 0, 10)), [4, 5])
+        self.assertEqual(seqs_of(await self.store.fetch_inbox("b", 0, 10)), [1, 2, 3, 4, 5])
+        self.assertEqual(await self.store.ack_inbox("a", 3), 0)
+        self.assertEqual(await self.store.ack_inbox("a", 99), 2)
+        self.assertEqual(await self.store.ack_inbox("nobody", 5), 0)
+        page = await self.store.fetch_inbox("a", 0, 10)
+        self.assertEqual((page.messages, page.last_seq, page.purged_upto), ([], 5, 0))
+
+    @inline
+    async def test_fetch_pages_through_a_backlog(self) -> None:
+        """A backlog larger than one page comes in seq order, page by page."""
+        for i in range(25):
+            await self.append(["a"], body=b"m%d" % i, now=1000 + i)
+        after, seen, pages = 0, [], 0
+        while True:
+            page = await self.store.fetch_inbox("a", after, 10)
+            self.assertEqual(page.last_seq, 25)
+            if not page.messages:
+                self.assertEqual(page.scanned_upto, after)
+                break
+            pages += 1
+            self.assertTrue(all(m.seq > after for m in page.messages))
+            self.assertEqual(page.scanned_upto, page.messages[-1].seq)
+            seen.extend(page.messages)
+            after = page.scanned_upto
+        self.assertEqual(pages, 3)
+        self.assertEqual([m.seq for m in seen], list(range(1, 26)))
+        self.assertEqual([m.body for m in seen], [b"m%d" % i for i in range(25)])
+        self.assertEqual([m.stored_at for m in seen], [1000 + i for i in range(25)])
+        page = await self.store.fetch_inbox("a", 22, 10)
+        self.assertEqual(seqs_of(page), [23, 24, 25])
+
+    @inline
+    async def test_fetch_unknown_inbox(self) -> None:
+        """A node that never got anything has an empty inbox at (0, 0)."""
+        page = await self.store.fetch_inbox("nobody", 0, 10)
+        self.assertEqual(page, InboxPage([], 0, 0, 0))
+        self.assertEqual(await self.store.inbox_state("nobody"), (0, 0))
+
+    # -- retention ----------------------------------------------------------------
+    @inline
+    async def test_purge_advances_purged_upto(self) -> None:
+        """Retention removes old rows and records the highest removed seq."""
+        for now in (1000, 1000, 1000, 2000, 2000):
+            await self.append(["a"], now=now)
+        await self.append(["b"], now=1000)
+        await self.append(["c"], now=1000)
+        await self.store.ack_inbox("c", 1)  # acked, not purged
+        await self.session_with()
+        await self.say("x", b"old", now=1000)
+        await self.say("x", b"new", now=3000)
+        self.assertEqual(await self.store.purge(1500, 0), 5)
+        self.assertEqual(await self.store.inbox_state("a"), (5, 3))
+        self.assertEqual(await self.store.inbox_state("b"), (1, 1))
+        self.assertEqual(await self.store.inbox_state("c"), (1, 0))
+        page = await self.store.fetch_inbox("a", 0, 10)
+        self.assertEqual((seqs_of(page), page.purged_upto), ([4, 5], 3))
+        spage = await self.store.fetch_session("s1", "reader", 0, 10)
+        self.assertEqual((seqs_of(spage), spage.last_seq, spage.purged_upto), ([2], 2, 1))
+        # Nothing old is left: purged_upto stays where it is.
+        self.assertEqual(await self.store.purge(1500, 0), 0)
+        self.assertEqual(await self.store.inbox_state("a"), (5, 3))
+
+    @inline
+    async def test_purge_expires_dedup_entries(self) -> None:
+        """A de-dup entry older than dedup_before_ms goes; the retry is stored again."""
+        first = await self.append(["a"], dedup_id="m1", now=1000)
+        self.assertEqual(await self.store.purge(0, 1000), 0)  # not older than 1000: kept
+        again = await self.append(["a"], dedup_id="m1", now=1500)
+        self.assertTrue(again.duplicate)
+        await self.store.purge(0, 1001)
+        third = await self.append(["a"], dedup_id="m1", now=1600)
+        self.assertFalse(third.duplicate)
+        self.assertEqual((first.seqs, third.seqs), ({"a": 1}, {"a": 2}))
+
+    # -- de-duplication -----------------------------------------------------------
+    @inline
+    async def test_dedup_within_window(self) -> None:
+        """A retry within the window stores nothing and returns the first answer."""
+        first = await self.append(["a", "b"], dedup_id="m1", body=b"one", answer=b"ans1", now=1000)
+        self.assertEqual(first, AppendResult(False, {"a": 1, "b": 1}, b"ans1"))
+        retry = await self.append(
+            ["a", "b"], dedup_id="m1", body=b"two", answer=b"ans2", now=1000 + WINDOW - 1
+        )
+        self.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans1"))
+        self.assertEqual(await self.store.inbox_state("a"), (1, 0))
+        page = await self.store.fetch_inbox("a", 0, 10)
+        self.assertEqual([m.body for m in page.messages], [b"one"])
+        # Another sender, or no dedup_id, is never a duplicate.
+        other = await self.append(["a"], dedup_id="m1", sender="other", now=1001)
+        self.assertEqual((other.duplicate, other.seqs), (False, {"a": 2}))
+        plain = await self.append(["a"], now=1002)
+        self.assertEqual((plain.duplicate, plain.seqs), (False, {"a": 3}))
+
+    @inline
+    async def test_dedup_after_window_stores_again(self) -> None:
+        """Once the window has passed, the same key is a new message."""
+        await self.append(["a"], dedup_id="m1", answer=b"ans1", now=1000)
+        later = await self.append(["a"], dedup_id="m1", answer=b"ans2", now=1000 + WINDOW)
+        self.assertEqual(later, AppendResult(False, {"a": 2}, b"ans2"))
+        retry = await self.append(["a"], dedup_id="m1", answer=b"ans3", now=1000 + WINDOW + 5)
+        self.assertEqual(retry, AppendResult(True, {"a": 2}, b"ans2"))
+        self.assertEqual(seqs_of(await self.store.fetch_inbox("a", 0, 10)), [1, 2])
+
+    @inline
+    async def test_dedup_in_the_same_turn(self) -> None:
+        """Two appends with one key submitted together: the second is the duplicate."""
+        d1 = self.store.append_inbox("s", "m1", ["a"], b"one", b"ans1", 1000, WINDOW)
+        d2 = self.store.append_inbox("s", "m1", ["a"], b"two", b"ans2", 1000, WINDOW)
+        first, second = await d1, await d2
+        self.assertEqual(first, AppendResult(False, {"a": 1}, b"ans1"))
+        self.assertEqual(second, AppendResult(True, {"a": 1}, b"ans1"))
+        self.assertEqual(await self.store.inbox_state("a"), (1, 0))
+
+    @inline
+    async def test_dedup_spans_inbox_and_session(self) -> None:
+        """The key (sender_id, dedup_id) is shared by inbox and session appends."""
+        await self.session_with()
+        first = await self.store.append_session("s1", "x", "m1", b"b", b"ans", 1000, WINDOW)
+        self.assertEqual(first, AppendResult(False, {"s1": 1}, b"ans"))
+        retry = await self.store.append_session("s1", "x", "m1", b"b", b"no", 1001, WINDOW)
+        self.assertEqual(retry, AppendResult(True, {"s1": 1}, b"ans"))
+        cross = await self.append(["a"], sender="x", dedup_id="m1", now=1002)
+        self.assertEqual(cross, AppendResult(True, {"s1": 1}, b"ans"))
+        self.assertEqual(await self.store.inbox_state("a"), (0, 0))
+        page = await self.store.fetch_session("s1", "reader", 0, 10)
+        self.assertEqual((seqs_of(page), page.last_seq), ([1], 1))
+
+    # -- ordering -----------------------------------------------------------------
+    @inline
+    async def test_operations_apply_in_submission_order(self) -> None:
+        """An ack then a fetch submitted together, without waiting, sees the ack."""
+        for _ in range(3):
+            await self.append(["a"])
+        appended = self.store.append_inbox("s", None, ["a"], b"4", b"", 1000, WINDOW)
+        acked = self.store.ack_inbox("a", 2)
+        fetched = self.store.fetch_inbox("a", 0, 10)
+        state = self.store.inbox_state("a")
+        self.assertEqual((await appended).seqs, {"a": 4})
+        self.assertEqual(await acked, 2)
+        self.assertEqual(seqs_of(await fetched), [3, 4])
+        self.assertEqual(await state, (4, 0))
+
+    # -- sessions -----------------------------------------------------------------
+    @inline
+    async def test_session_life_cycle(self) -> None:
+        """create, duplicate, get, update, delete."""
+        record = await self.session_with()
+        self.assertEqual(record.session_id, "s1")
+        self.assertEqual(record.owner_id, "owner")
+        self.assertEqual(record.created_at, 500)
+        self.assertEqual(record.options["session_type"], "group")
+        self.assertIsNone(record.options["master_id"])
+        self.assertEqual(await self.store.get_session("s1"), record)
+        with self.assertRaises(DuplicateSession):  # type: ignore[attr-defined]
+            await self.store.create_session("s1", "other", {}, 600)
+        self.assertEqual((await self.store.get_session("s1")).owner_id, "owner")
+        new = {"anonymous": True, "anyone_can_join": False, "session_type": "game", "master_id": "m"}
+        updated = await self.store.update_session("s1", new)
+        self.assertEqual(updated, SessionRecord("s1", "owner", 500, new))
+        self.assertEqual(await self.store.get_session("s1"), updated)
+        self.assertIsNone(await self.store.update_session("nope", new))
+        self.assertIsNone(await self.store.get_session("nope"))
+        await self.store.add_member("s1", "n1", "c1", False, "a1", 600)
+        await self.say("n1", b"hi")
+        await self.store.delete_session("s1")
+        self.assertIsNone(await self.store.get_session("s1"))
+        self.assertEqual(await self.store.get_members("s1"), [])
+        self.assertEqual(await self.store.sessions_of_node("n1"), [])
+        self.assertEqual(await self.store.fetch_session("s1", "n2", 0, 10), InboxPage([], 0, 0, 0))
+        await self.store.delete_session("s1")  # deleting twice is harmless
+        # The id is free again, and the new stream starts from scratch.
+        await self.session_with()
+        self.assertEqual(await self.say("n1", b"again"), 1)
+
+    @inline
+    async def test_members(self) -> None:
+        """add (idempotent), update, remove, get_members order, sessions_of_node."""
+        await self.session_with("s1")
+        await self.session_with("s2")
+        m2 = await self.store.add_member("s1", "n2", "c2", True, "alias2", 700)
+        m1 = await self.store.add_member("s1", "n1", None, False, "alias1", 700)
+        m0 = await self.store.add_member("s1", "n9", "c9", False, "alias9", 600)
+        self.assertEqual(m1, MemberRecord("s1", "n1", None, False, "alias1", 700, 0, 0))
+        self.assertEqual(m2, MemberRecord("s1", "n2", "c2", True, "alias2", 700, 0, 0))
+        again = await self.store.add_member("s1", "n2", "other", False, "changed", 900)
+        self.assertEqual(again, m2)
+        self.assertEqual(await self.store.get_members("s1"), [m0, m1, m2])
+        self.assertEqual(await self.store.get_members("s2"), [])
+        other = await self.store.add_member("s2", "n1", None, True, "x", 650)
+        self.assertEqual(await self.store.sessions_of_node("n1"), [other, m1])
+        self.assertEqual(await self.store.sessions_of_node("n5"), [])
+        changed = await self.store.update_member("s1", "n2", False, "alias2b")
+        self.assertEqual(changed, MemberRecord("s1", "n2", "c2", False, "alias2b", 700, 0, 0))
+        self.assertIsNone(await self.store.update_member("s1", "nope", False, "x"))
+        self.assertIsNone(await self.store.update_member("nope", "n2", False, "x"))
+        self.assertTrue(await self.store.remove_member("s1", "n2"))
+        self.assertFalse(await self.store.remove_member("s1", "n2"))
+        self.assertFalse(await self.store.remove_member("nope", "n2"))
+        self.assertEqual(await self.store.get_members("s1"), [m0, m1])
+        # A removed member that joins again is new: it joins at the current last_seq.
+        await self.say("n1", b"x")
+        back = await self.store.add_member("s1", "n2", "c2", False, "b", 800)
+        self.assertEqual((back.joined_seq, back.acked_seq, back.alias), (1, 1, "b"))
+
+    @inline
+    async def test_unknown_session_is_an_error_for_writes(self) -> None:
+        """add_member and append_session need an existing session."""
+        with self.assertRaises(StoreError):  # type: ignore[attr-defined]
+            await self.store.add_member("nope", "n1", None, False, "a", 1)
+        with self.assertRaises(StoreError):  # type: ignore[attr-defined]
+            await self.store.append_session("nope", "n1", None, b"x", b"", 1, WINDOW)
+        self.assertEqual(await self.store.ack_session("nope", "n1", 5), 0)
+
+    @inline
+    async def test_joined_seq(self) -> None:
+        """A member joins at the stream's last_seq and never sees rows at or below it."""
+        await self.session_with()
+        await self.store.add_member("s1", "early", None, False, "e", 600)
+        for i in range(3):
+            await self.say("early", b"%d" % i)
+        late = await self.store.add_member("s1", "late", None, False, "l", 700)
+        self.assertEqual((late.joined_seq, late.acked_seq), (3, 3))
+        await self.say("early", b"3")
+        page = await self.store.fetch_session("s1", "late", 0, 10)
+        self.assertEqual((seqs_of(page), page.last_seq, page.scanned_upto), ([4], 4, 4))
+        empty = await self.store.fetch_session("s1", "late", 4, 10)
+        self.assertEqual((empty.messages, empty.scanned_upto), ([], 4))
+
+    @inline
+    async def test_fetch_session_skips_own_rows(self) -> None:
+        """A reader's own rows are skipped; scanned_upto lets it continue past them."""
+        await self.session_with()
+        for node in ("a", "b"):
+            await self.store.add_member("s1", node, None, False, node, 600)
+        senders = ["a", "b", "a", "b", "b", "a", "b", "b"]  # seqs 1..8
+        for i, sender in enumerate(senders):
+            await self.say(sender, b"%d" % (i + 1))
+        page = await self.store.fetch_session("s1", "a", 0, 100)
+        self.assertEqual(seqs_of(page), [2, 4, 5, 7, 8])
+        self.assertEqual([m.body for m in page.messages], [b"2", b"4", b"5", b"7", b"8"])
+        self.assertEqual((page.last_seq, page.purged_upto, page.scanned_upto), (8, 0, 8))
+        # Paging with limit 1 as "b": every page skips b's own rows.
+        after, got = 0, []
+        while True:
+            page = await self.store.fetch_session("s1", "b", after, 1)
+            got.extend(seqs_of(page))
+            self.assertGreaterEqual(page.scanned_upto, after)
+            if page.scanned_upto == after:
+                break
+            after = page.scanned_upto
+        self.assertEqual(got, [1, 3, 6])
+        self.assertEqual(after, 8)
+        # A page that finds only own rows still moves past them.
+        tail = await self.store.fetch_session("s1", "b", 6, 10)
+        self.assertEqual((tail.messages, tail.scanned_upto), ([], 8))
+
+    @inline
+    async def test_ack_session(self) -> None:
+        """The cursor moves up, never down, never past last_seq."""
+        await self.session_with()
+        await self.store.add_member("s1", "a", None, False, "a", 600)
+        for i in range(5):
+            await self.say("x", b"%d" % i)
+        self.assertEqual(await self.store.ack_session("s1", "a", 3), 3)
+        self.assertEqual(await self.store.ack_session("s1", "a", 2), 3)
+        self.assertEqual(await self.store.ack_session("s1", "a", 99), 5)
+        self.assertEqual((await self.store.get_members("s1"))[0].acked_seq, 5)
+        self.assertEqual(await self.store.ack_session("s1", "nobody", 3), 0)
+        # Acking a session does not delete stream rows others still need.
+        page = await self.store.fetch_session("s1", "other", 0, 10)
+        self.assertEqual(seqs_of(page), [1, 2, 3, 4, 5])
+
+    @inline
+    async def test_session_ordering(self) -> None:
+        """append_session then fetch_session submitted together: the fetch sees it."""
+        await self.session_with()
+        appended = self.store.append_session("s1", "x", None, b"1", b"", 1000, WINDOW)
+        fetched = self.store.fetch_session("s1", "y", 0, 10)
+        acked = self.store.ack_session("s1", "y", 1)
+        self.assertEqual((await appended).seqs, {"s1": 1})
+        self.assertEqual(seqs_of(await fetched), [1])
+        self.assertEqual(await acked, 0)  # "y" is not a member
+
+
+# -- backends -----------------------------------------------------------------------
+
+
+class MemoryContractTests(StoreContract, TestCase):
+    """The contract against :class:`~allspark.store.memory.MemoryStore`."""
+
+    async def make_store(self) -> Store:
+        return MemoryStore()
+
+
+class SQLiteContractTests(StoreContract, TestCase):
+    """The contract against :class:`~allspark.store.sqlite.SQLiteStore`, a new file per test."""
+
+    async def make_store(self) -> Store:
+        self.path = os.path.join(temp_dir(self), "data", "allspark.db")
+        return open_store(f"sqlite:///{os.path.abspath(self.path)}", reactor)
+
+
+class MongoContractTests(StoreContract, TestCase):
+    """The contract against :class:`~allspark.store.mongo.MongoStore` (needs a server)."""
+
+    def setUp(self) -> defer.Deferred[None]:
+        if not os.environ.get("ALLSPARK_TEST_MONGODB_URI"):
+            raise SkipTest(MONGO_SKIP)
+        return super().setUp()
+
+    async def make_store(self) -> Store:
+        from allspark.store.mongo import MongoStore
+
+        base = os.environ["ALLSPARK_TEST_MONGODB_URI"].rstrip("/")
+        if base.count("/") > 2:  # a database given: replace it, keep the options
+            base = base[: base.rindex("/")]
+        self.db_name = f"allspark_test_{uuid.uuid4().hex[:12]}"
+        store = MongoStore(f"{base}/{self.db_name}", reactor)
+        self.addCleanup(lambda: store.drop_database())
+        return store
+
+
+# -- SQLite only ----------------------------------------------------------------------
+
+
+class SQLiteStoreTests(TestCase):
+    """What only the SQLite backend promises: files, processes, batches, schema."""
+
+    def new_path(self) -> str:
+        return os.path.join(temp_dir(self), "sub", "allspark.db")
+
+    async def opened(self, path: str) -> Any:
+        from allspark.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(path, reactor)
+        await store.start()
+        self.addCleanup(store.close)
+        return store
+
+    @inline
+    async def test_start_creates_directory_and_records_schema_version(self) -> None:
+        """start() makes the directory, creates the schema, records its version."""
+        from allspark.store.sqlite import SCHEMA_VERSION
+
+        path = self.new_path()
+        store = await self.opened(path)
+        self.assertTrue(os.path.isfile(path))
+        self.assertEqual(store.migrations_applied, list(range(1, SCHEMA_VERSION + 1)))
+        await store.close()
+        with sqlite3.connect(path) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], SCHEMA_VERSION)
+            self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+        again = await self.opened(path)
+        self.assertEqual(again.migrations_applied, [])
+
+    @inline
+    async def test_newer_schema_is_refused(self) -> None:
+        """A file from a newer version is not touched."""
+        path = self.new_path()
+        os.makedirs(os.path.dirname(path))
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA user_version = 999")
+        from allspark.store.sqlite import SQLiteStore
+
+        store = SQLiteStore(path, reactor)
+        with self.assertRaises(StoreError):
+            await store.start()
+        await store.close()
+
+    @inline
+    async def test_data_survives_close_and_reopen(self) -> None:
+        """Everything committed is there after a close and a reopen."""
+        path = self.new_path()
+        store = await self.opened(path)
+        await store.append_inbox("s", "m1", ["a", "b"], b"body", b"ans", 1000, WINDOW)
+        await store.append_inbox("s", None, ["a"], b"body2", b"", 1001, WINDOW)
+        await store.remember_node("a", "c", 1)
+        await store.create_session("s1", "a", {"anonymous": True}, 1)
+        await store.add_member("s1", "a", "c", True, "al", 2)
+        await store.append_session("s1", "b", None, b"sb", b"", 3, WINDOW)
+        await store.ack_session("s1", "a", 1)
+        await store.close()
+        store = await self.opened(path)
+        self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
+        self.assertEqual(await store.inbox_state("b"), (1, 0))
+        self.assertEqual(await store.get_node("a"), ("a", "c"))
+        self.assertEqual((await store.get_session("s1")).options, {"anonymous": True})
+        self.assertEqual((await store.get_members("s1"))[0].acked_seq, 1)
+        retry = await store.append_inbox("s", "m1", ["a", "b"], b"body", b"x", 2000, WINDOW)
+        self.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans"))
+
+    @inline
+    async def test_closed_store_refuses_work(self) -> None:
+        """After close(), operations fail with StoreError; close() twice is fine."""
+        store = await self.opened(self.new_path())
+        pending = store.append_inbox("s", None, ["a"], b"x", b"", 1, WINDOW)
+        closed = store.close()
+        self.assertEqual((await pending).seqs, {"a": 1})  # drained before closing
+        await closed
+        await store.close()
+        with self.assertRaises(StoreError):
+            await store.inbox_state("a")
+
+    @inline
+    async def test_failure_in_a_batch_fails_only_that_operation(self) -> None:
+        """A DuplicateSession in the middle of a batch leaves the rest committed."""
+        store = await self.opened(self.new_path())
+        await store.create_session("s1", "o", {}, 1)
+        before = store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
+        duplicate = store.create_session("s1", "o", {}, 2)
+        after = store.append_inbox("s", None, ["a"], b"2", b"", 1, WINDOW)
+        self.assertEqual((await before).seqs, {"a": 1})
+        with self.assertRaises(DuplicateSession):
+            await duplicate
+        self.assertEqual((await after).seqs, {"a": 2})
+        self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
+
+    @inline
+    async def test_failing_operation_rolls_back_its_own_writes(self) -> None:
+        """An operation that wrote and then raised leaves nothing behind (its SAVEPOINT)."""
+        from allspark.store import sqlite as sqlite_store
+
+        store = await self.opened(self.new_path())
+
+        @sqlite_store._multi
+        def half_then_fail(cur: sqlite3.Cursor) -> None:
+            cur.execute(sqlite_store._APPEND_INBOX, ("a", 1, b"half"))
+            raise StoreError("boom")
+
+        first = store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
+        broken = store._submit(half_then_fail)
+        last = store.append_inbox("s", None, ["a", "b"], b"2", b"", 1, WINDOW)
+        self.assertEqual((await first).seqs, {"a": 1})
+        with self.assertRaises(StoreError):
+            await broken
+        self.assertEqual((await last).seqs, {"a": 2, "b": 1})
+        page = await store.fetch_inbox("a", 0, 10)
+        self.assertEqual([m.body for m in page.messages], [b"1", b"2"])
+
+    @inline
+    async def test_two_stores_on_one_file(self) -> None:
+        """Two stores (as two processes would) appending to one node get distinct seqs."""
+        path = self.new_path()
+        one, two = await self.opened(path), await self.opened(path)
+        count = 300
+        pending = []
+        for i in range(count):
+            pending.append(one.append_inbox("s", None, ["x"], b"one%d" % i, b"", 1, WINDOW))
+            pending.append(two.append_inbox("s", None, ["x", "y"], b"two%d" % i, b"", 1, WINDOW))
+        results = await defer.gatherResults(pending)
+        seqs = [r.seqs["x"] for r in results]
+        self.assertEqual(sorted(seqs), list(range(1, 2 * count + 1)))
+        # Each store's own appends come back in increasing order.
+        self.assertEqual(seqs[0::2], sorted(seqs[0::2]))
+        self.assertEqual(seqs[1::2], sorted(seqs[1::2]))
+        page = await one.fetch_inbox("x", 0, 10 * count)
+        self.assertEqual(seqs_of(page), list(range(1, 2 * count + 1)))
+        self.assertEqual(page.last_seq, 2 * count)
+        self.assertEqual(await two.inbox_state("y"), (count, 0))
+
+    def test_two_processes_on_one_file(self) -> None:
+        """Two OS processes appending to one node at once: every seq 1..N exactly once."""
+        path = self.new_path()
+        per_process = 2000
+        script = textwrap.dedent(
+            """
+            import json, sys
+            from twisted.internet import defer, task
+            from allspark.store import open_store
+
+            async def main(reactor):
+                store = open_store("sqlite:///" + sys.argv[1], reactor)
+                await store.start()
+                results = []
+                for start in range(0, int(sys.argv[2]), 100):
+                    batch = [
+                        store.append_inbox("p", None, ["x"], sys.argv[3].encode(), b"", 1, 1)
+                        for _ in range(100)
+                    ]
+                    results += await defer.gatherResults(batch)
+                await store.close()
+                print(json.dumps([r.seqs["x"] for r in results]))
+
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+            """
+        )
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, path, str(per_process), name],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+            )
+            for name in ("first", "second")
+        ]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        for proc, (out, err) in zip(procs, outputs):
+            self.assertEqual(proc.returncode, 0, err.decode())
+        reported = [json.loads(out) for out, _ in outputs]
+        for seqs in reported:
+            self.assertEqual(len(seqs), per_process)
+            self.assertEqual(seqs, sorted(seqs))
+        total = 2 * per_process
+        self.assertEqual(sorted(reported[0] + reported[1]), list(range(1, total + 1)))
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT seq, body FROM inbox WHERE node_id = 'x' ORDER BY seq").fetchall()
+            last = conn.execute("SELECT last_seq FROM inbox_state WHERE node_id = 'x'").fetchone()[0]
+        self.assertEqual([r[0] for r in rows], list(range(1, total + 1)))
+        self.assertEqual(last, total)
+        bodies = [r[1] for r in rows]
+        self.assertEqual((bodies.count(b"first"), bodies.count(b"second")), (per_process, per_process))
+
+
+# -- open_store -------------------------------------------------------------------------
+
+
+class OpenStoreTests(TestCase):
+    """``open_store`` picks the backend from the URL and rejects the rest."""
+
+    def test_memory(self) -> None:
+        for url in ("memory:", "memory://", "memory"):
+            self.assertIsInstance(open_store(url, reactor), MemoryStore)
+
+    def test_sqlite_paths(self) -> None:
+        from allspark.store.sqlite import SQLiteStore
+
+        store = open_store("sqlite:///var/lib/allspark/a.db", reactor)
+        self.assertIsInstance(store, SQLiteStore)
+        self.assertEqual(store.path, "/var/lib/allspark/a.db")
+        self.assertEqual(open_store("sqlite:data/a.db", reactor).path, "data/a.db")
+
+    def test_bad_urls(self) -> None:
+        for url in ("sqlite:", "sqlite://host/a.db", "sqlite:///", "postgres://x/y", "", "mem"):
+            with self.assertRaises(ValueError, msg=url):
+                open_store(url, reactor)
+
+    def test_mongodb(self) -> None:
+        """The MongoDB store is built lazily; the database comes from the path."""
+        from allspark.store.mongo import MongoStore
+
+        store = open_store("mongodb://db.example:27017/chat?w=majority", reactor)
+        self.assertIsInstance(store, MongoStore)
+        self.assertEqual(store.database_name, "chat")
+        self.assertEqual(open_store("mongodb://db.example", reactor).database_name, "allspark")
+        self.assertEqual(open_store("mongodb://h:1/?w=1", reactor).database_name, "allspark")
