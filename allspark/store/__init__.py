@@ -164,7 +164,8 @@ class Store(Protocol):
     ) -> Deferred[AppendResult]:
         """Store ``body`` once per recipient, each with its next seq.
 
-        Atomic: either every copy is stored or none.  When ``dedup_id`` is
+        Atomic: either every copy is stored or none.  A node listed twice in
+        ``recipients`` gets one copy.  When ``dedup_id`` is
         given and ``(sender_id, dedup_id)`` was appended less than
         ``dedup_window_ms`` before ``now_ms`` (to an inbox or a session
         stream), nothing is stored and the first attempt's seqs and answer
@@ -172,7 +173,10 @@ class Store(Protocol):
         """
 
     def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
-        """Up to ``limit`` inbox messages of ``node_id`` with ``seq > after``."""
+        """Up to ``limit`` (>= 1) inbox messages of ``node_id`` with ``seq > after``.
+
+        A node that never got anything has ``InboxPage([], 0, 0, after)``.
+        """
 
     def ack_inbox(self, node_id: str, upto: int) -> Deferred[int]:
         """Delete ``node_id``'s inbox messages with ``seq <= upto``; the count."""
@@ -217,7 +221,8 @@ class Store(Protocol):
         """Add (or, when already a member, return unchanged) a member.
 
         A new member's ``joined_seq`` and ``acked_seq`` are the stream's
-        current ``last_seq``.
+        current ``last_seq``.  :class:`StoreError` if the session does not
+        exist.
         """
 
     def update_member(
@@ -246,19 +251,26 @@ class Store(Protocol):
     ) -> Deferred[AppendResult]:
         """Append one row to the session stream; ``seqs == {session_id: seq}``.
 
-        De-duplication as in :meth:`append_inbox`.
+        De-duplication as in :meth:`append_inbox` (the key is shared: a retry
+        is recognised whichever of the two appends it was).
+        :class:`StoreError` if the session does not exist.
         """
 
     def fetch_session(
         self, session_id: str, reader_id: str, after: int, limit: int
     ) -> Deferred[InboxPage]:
-        """Up to ``limit`` stream rows with ``seq > after``, skipping rows sent
-        by ``reader_id`` itself.  ``purged_upto`` as for an inbox.
+        """Up to ``limit`` (>= 1) stream rows with ``seq > after``, skipping
+        rows sent by ``reader_id`` itself.  ``purged_upto`` as for an inbox.
+
+        When ``reader_id`` is a member, ``after`` is first raised to its
+        ``joined_seq`` (so ``scanned_upto`` is at least that).  A session that
+        does not exist reads as ``InboxPage([], 0, 0, after)``.
         """
 
     def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
         """Move the member's ``acked_seq`` up to ``upto`` (never down, never
-        past ``last_seq``); returns the new ``acked_seq``.
+        past ``last_seq``); returns the new ``acked_seq``, or 0 when
+        ``node_id`` is not a member.  Stream rows are not deleted by an ack.
         """
 
 
