@@ -60,6 +60,9 @@ class Options(usage.Options):
         ["max-queue-bytes", None, 8 * 1024 * 1024, "send queue bound per connection in bytes", _positive_int],
         ["heartbeat", None, 30.0, "seconds between WebSocket pings", _positive_float],
         ["retention-days", None, 30.0, "days an unacked message is kept", _positive_float],
+        ["retention-seconds", None, None, "seconds an unacked message is kept (overrides "
+                                          "--retention-days; for tests)", _positive_float],
+        ["purge-interval", None, 3600.0, "seconds between background retention purges", _positive_float],
     ]
 
     def __init__(self) -> None:
@@ -117,12 +120,19 @@ def _cluster_secret(path: str | None) -> bytes | None:
     return secret
 
 
+def _retention_ms(days: float, seconds: float | None) -> int:
+    """How long unacked messages are kept, in ms: ``seconds`` when given, else ``days``."""
+    if seconds is not None:
+        return max(1, int(seconds * 1000))
+    return int(days * 86_400_000)
+
+
 def makeService(options: Options) -> Any:
     """Compose one server from ``options``."""
     from twisted.internet import reactor
 
     from allspark.auth import AuthKeyVerifier, ValidationTokens, derive_token_key
-    from allspark.inbox import DAY_MS, DeliveryConfig
+    from allspark.inbox import DeliveryConfig
     from allspark.logs import set_level
     from allspark.server import Server, ServerConfig, ServerService
     from allspark.store import open_store
@@ -149,7 +159,10 @@ def makeService(options: Options) -> Any:
         force=bool(options["force"]),
         max_connections=options["max-connections"],
         limits=limits,
-        delivery=DeliveryConfig(retention_ms=int(options["retention-days"] * DAY_MS)),
+        delivery=DeliveryConfig(
+            retention_ms=_retention_ms(options["retention-days"], options["retention-seconds"]),
+            purge_interval_s=options["purge-interval"],
+        ),
     )
     secrets = options["auth-secrets"]
     verifier = AuthKeyVerifier(secrets, options["public-keys"])
