@@ -170,6 +170,11 @@ _APPEND_INBOX = (
     "COALESCE((SELECT last_seq FROM inbox_state WHERE node_id = ?1), 0) + 1, ?2, ?3) "
     "RETURNING seq"
 )
+_INSERT_INBOX = "INSERT INTO inbox (node_id, seq, stored_at, body) VALUES (?, ?, ?, ?)"
+_LAST_SEQS = (
+    "SELECT node_id, last_seq FROM inbox_state "
+    "WHERE node_id IN (SELECT value FROM json_each(?))"
+)
 _DEDUP_GET = "SELECT created_at, seqs, answer FROM dedup WHERE sender_id = ? AND dedup_id = ?"
 _DEDUP_PUT = (
     "INSERT OR REPLACE INTO dedup (sender_id, dedup_id, created_at, seqs, answer) "
@@ -540,7 +545,11 @@ class SQLiteStore:
             if callable(item):
                 item()
                 continue
-            results = self._run_batch(item)
+            try:
+                results = self._run_batch(item)
+            except Exception:  # a bug or a failed SAVEPOINT: fail the batch, keep the thread
+                assert self._conn is not None
+                results = self._abort(self._conn, item)
             self._reactor.callFromThread(self._batch_done, item, results)
         if self._conn is not None:
             self._conn.close()
@@ -561,7 +570,23 @@ class SQLiteStore:
             log.failure("store batch could not begin", failure, size=len(batch))
             return [(False, failure)] * len(batch)
         results: list[tuple[bool, Any]] = []
-        for fn, args, _ in batch:
+        i, size, one_by_one_until = 0, len(batch), 0
+        while i < size:
+            fn, args, _ = batch[i]
+            if fn is _op_append_one and i >= one_by_one_until:
+                # A run of plain appends: one executemany instead of one
+                # statement each (see _append_run).
+                j = i + 1
+                while j < size and batch[j][0] is _op_append_one:
+                    j += 1
+                if j - i > 1:
+                    run = self._append_run(cur, batch[i:j])
+                    if run is not None:
+                        results.extend(run)
+                        i = j
+                        continue
+                    one_by_one_until = j
+            i += 1
             if getattr(fn, "_savepoint", False):
                 cur.execute("SAVEPOINT op")
                 try:
@@ -591,6 +616,37 @@ class SQLiteStore:
             cur.execute("COMMIT")
         except sqlite3.Error:
             return self._abort(conn, batch)
+        return results
+
+    @staticmethod
+    def _append_run(cur: sqlite3.Cursor, run: list[_Op]) -> list[tuple[bool, Any]] | None:
+        """Append a run of single-recipient, non-de-duplicated messages at once.
+
+        Reads every node's ``last_seq`` in one query, numbers the copies in
+        Python (the write lock is held, so nobody else can), inserts them with
+        one ``executemany`` (the ``inbox_last_seq`` trigger stores the new
+        ``last_seq``).  Returns None, having rolled the run back, if that
+        fails: the caller then runs the operations one by one, so that only
+        the faulty one fails.
+        """
+        cur.execute("SAVEPOINT run")
+        try:
+            nodes = json.dumps(list(dict.fromkeys(args[0] for _, args, _ in run)))
+            last = dict(cur.execute(_LAST_SEQS, (nodes,)).fetchall())
+            rows = []
+            results: list[tuple[bool, Any]] = []
+            for _, (node_id, body, answer, now_ms), _ in run:
+                seq = last.get(node_id, 0) + 1
+                last[node_id] = seq
+                rows.append((node_id, seq, now_ms, body))
+                results.append((True, AppendResult(False, {node_id: seq}, answer)))
+            cur.executemany(_INSERT_INBOX, rows)
+        except Exception:
+            log.failure("batched append failed; retrying one by one", size=len(run))
+            cur.execute("ROLLBACK TO run")
+            cur.execute("RELEASE run")
+            return None
+        cur.execute("RELEASE run")
         return results
 
     @staticmethod
