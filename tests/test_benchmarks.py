@@ -1,0 +1,109 @@
+"""The benchmark harness runs end to end at a tiny size (so that it cannot
+rot): every scenario produces rows of the expected shape, every tiny run that
+could run lost nothing and saw no errors, and every process it started is
+gone afterwards.  Timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+ROW_KEYS = {"scenario", "system", "label", "status", "throughput", "duration_s", "latency_ms", "errors", "lost",
+            "sent", "received", "server_cpu_us_per_msg", "server_peak_rss_mb", "loadgen", "complete", "cdf"}
+
+
+class QuickBenchmarkTests(unittest.TestCase):
+    result: dict
+    proc: subprocess.CompletedProcess
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.out = tempfile.mkdtemp(prefix="allspark-bench-test-")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        cls.proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", cls.out], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=600)
+        path = os.path.join(cls.out, "latest.json")
+        if cls.proc.returncode != 0 or not os.path.exists(path):
+            raise AssertionError(f"python -m benchmarks --quick failed ({cls.proc.returncode}):\n"
+                                 f"{cls.proc.stdout[-4000:]}\n{cls.proc.stderr[-4000:]}")
+        with open(path) as f:
+            cls.result = json.load(f)
+
+    def ok_rows(self) -> list[dict]:
+        return [r for r in self.result["rows"] if r["status"] == "ok"]
+
+    def test_top_level_structure(self) -> None:
+        for key in ("command", "machine", "settings", "rows", "targets", "not_run"):
+            self.assertIn(key, self.result)
+        for key in ("nproc", "cpu", "memory_gb"):
+            self.assertIn(key, self.result["machine"])
+        self.assertTrue(self.result["settings"]["quick"])
+        self.assertTrue(os.path.exists(os.path.join(self.out, "latest.md")))
+
+    def test_every_scenario_ran_against_allspark(self) -> None:
+        allspark = {(r["scenario"], r["status"]) for r in self.result["rows"] if r["system"] == "allspark"}
+        for scenario in ("direct_ephemeral", "direct_durable", "capacity", "latency"):
+            self.assertIn((scenario, "ok"), allspark, self.result["rows"])
+        # fan-out runs, or says cleanly why not (sessions may not be served)
+        self.assertTrue({("fanout", "ok"), ("fanout", "unavailable")} & allspark)
+
+    def test_the_bare_relay_always_runs(self) -> None:
+        systems = {(r["scenario"], r["system"]) for r in self.ok_rows()}
+        self.assertIn(("direct_ephemeral", "autobahn-relay"), systems)
+
+    def test_rows_have_the_measurements(self) -> None:
+        for row in self.ok_rows():
+            self.assertLessEqual(ROW_KEYS, set(row), row["scenario"])
+            self.assertLessEqual({"p50", "p95", "p99", "max"}, set(row["latency_ms"]))
+        for row in self.result["rows"]:
+            if row["status"] != "ok":
+                self.assertIn(row["status"], ("unavailable", "failed"))
+                self.assertTrue(row.get("reason"))
+
+    def test_tiny_runs_lost_nothing(self) -> None:
+        for row in self.ok_rows():
+            if row["scenario"] == "capacity":
+                self.assertEqual(row["connect_failed"], 0, row)
+                self.assertEqual(row["connected"], self.result["settings"]["connections"])
+                self.assertGreater(row["rss_per_connection_kb"], 0)
+                continue
+            with self.subTest(scenario=row["scenario"], system=row["label"]):
+                self.assertEqual(row["errors"], 0, row["error_samples"])
+                self.assertEqual(row["lost"], 0)
+                self.assertEqual(row["duplicates"], 0)
+                self.assertTrue(row["complete"])
+                self.assertEqual(row["received"], row["expected"])
+
+    def test_durable_messages_were_stored_and_acked(self) -> None:
+        row = next(r for r in self.ok_rows() if r["scenario"] == "direct_durable" and r["system"] == "allspark")
+        self.assertEqual(row["status_counts"], {"delivered": row["sent"]})
+        self.assertGreater(row["acks_sent"], 0)
+        self.assertEqual(row["ack_incomplete"], 0)
+
+    def test_targets_are_reported(self) -> None:
+        names = " ".join(t["target"] for t in self.result["targets"])
+        for word in ("ephemeral", "durable", "p99", "RSS", "zero errors"):
+            self.assertIn(word, names)
+
+    def test_no_process_is_left_running(self) -> None:
+        self.assertEqual(self.result["pids_still_running"], [])
+        self.assertGreater(len(self.result["pids_started"]), 5)
+        for pid in self.result["pids_started"]:
+            self.assertFalse(os.path.exists(f"/proc/{pid}/stat") and _state(pid) not in ("Z", "X"), pid)
+        for row in self.ok_rows():
+            self.assertTrue(row["server_alive"])
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
