@@ -141,13 +141,16 @@ CONTROL_OPS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     "unjoin_session": {
         "session_id": (_an_id("session_id"), True),
         "node_id": (_an_id("node_id"), False),
+        "alias": (_an_id("alias"), False),
     },
     "get_session_info": {"session_id": (_an_id("session_id"), True)},
     "reveal_anonymity": {"session_id": (_an_id("session_id"), True)},
     "set_master": {
         "session_id": (_an_id("session_id"), True),
-        "node_id": (_an_id("node_id"), True),
+        "node_id": (_an_id("node_id"), False),
+        "alias": (_an_id("alias"), False),
     },
+    "my_sessions": {},
 }
 
 

@@ -18,7 +18,7 @@ The rules (``docs/protocol.md`` has the user-facing version):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -101,7 +101,11 @@ class Inbox:
         Returns the ``synced`` frame (not yet sent).
         """
         page: InboxPage = await self.store.fetch_inbox(conn.node_id, after, limit)
-        return send_page(conn, page, after, max_queued, {})
+        if after > page.last_seq:
+            raise FrameError(
+                "bad_cursor", f"after {after} is beyond the last seq of this inbox ({page.last_seq})"
+            )
+        return send_page(conn, page, after, max_queued, {}, limit=limit)
 
     async def ack(self, node_id: str, upto: int) -> dict[str, Any]:
         """Delete ``node_id``'s inbox up to ``upto``; the ``acked`` frame.
@@ -148,19 +152,31 @@ def send_page(
     after: int,
     max_queued: int,
     extra: dict[str, Any],
+    splice: Callable[[bytes, int], bytes] = with_seq,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Write a fetched page to ``conn`` and build its ``synced`` frame.
 
     ``extra`` fields (a ``session_id``) are added to the ``synced`` frame.
+    ``splice`` adds the message's seq to its body (``seq`` for an inbox;
+    sessions pass one that adds ``session_seq``).  ``limit`` is the limit
+    the page was fetched with: a page with fewer messages is the end of
+    what is stored, so ``upto`` moves to ``last_seq`` and ``more`` is false
+    (without it, an inbox whose rows were all acked would answer
+    ``more: true`` forever).
     """
     upto = page.scanned_upto
     last_sent = after
+    complete = True
     for message in page.messages:
         if conn.queued_bytes > max_queued:
             upto = last_sent
+            complete = False
             break
-        conn.send(with_seq(message.body, message.seq))
+        conn.send(splice(message.body, message.seq))
         last_sent = message.seq
+    if complete and limit is not None and len(page.messages) < limit:
+        upto = max(upto, page.last_seq)
     synced: dict[str, Any] = {"op": "synced", **extra, "upto": upto,
                               "more": upto < page.last_seq, "last_seq": page.last_seq}
     if after < page.purged_upto:

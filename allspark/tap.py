@@ -135,6 +135,7 @@ def makeService(options: Options) -> Any:
     from allspark.inbox import DeliveryConfig
     from allspark.logs import set_level
     from allspark.server import Server, ServerConfig, ServerService
+    from allspark.sessions import Sessions, session_resources
     from allspark.store import open_store
     from allspark.web import build_site
     from allspark.ws import ClientFactory, SocketLimits
@@ -170,5 +171,7 @@ def makeService(options: Options) -> Any:
     tokens = ValidationTokens(token_key, config.server_id, reactor)
     store = open_store(options["store"], reactor)
     server = Server(config, store, verifier, tokens, reactor)
-    site = build_site(server, ClientFactory(server, limits))
+    server.sessions = Sessions(server)
+    server.router.sessions = server.sessions
+    site = build_site(server, ClientFactory(server, limits), session_resources(server))
     return ServerService(server, site, reactor)

@@ -1,0 +1,655 @@
+"""Sessions: membership, aliases, owners, game masters, session streams.
+
+A session is a group of nodes.  One implementation serves both faces of every
+operation: the control frames on the WebSocket (``create_session``,
+``join_session``, ``unjoin_session``, ``get_session_info``,
+``reveal_anonymity``, ``set_master``, ``my_sessions``) and the HTTP requests of
+the same names (:func:`session_resources`).  Refusals raise
+:class:`~allspark.envelope.FrameError`; HTTP maps their codes to statuses
+(:data:`HTTP_STATUS`).
+
+Rules
+-----
+- **Who may join**: the owner (the creator) adds anyone (``join_session`` with
+  ``node_id``); anyone may join itself when the session has
+  ``anyone_can_join``; nobody else.  The owner may remove members
+  (``unjoin_session`` with ``node_id`` or ``alias``); every member may leave.
+- **Only members** send to a session, read its info, sync or ack its stream.
+- **Anonymity**: every member has an alias, stable while it stays a member.
+  An anonymous member is named by its alias only: as ``src_id`` of what it
+  sends (with no ``src_client_id``), in events, in ``get_session_info`` and in
+  every HTTP answer.  Its node_id and client_id never leave the server in
+  anything another member receives, until it sends ``reveal_anonymity``.
+  Inside a session a member is addressed (``dest_id``) by its alias, or by its
+  node_id when it is not anonymous; an anonymous member's node_id is answered
+  like an unknown name, so nobody can probe it.
+- **Game sessions** (``session_type: "game"``): a master node (the owner at
+  first; the owner moves it with ``set_master``).  A non-master's messages go
+  to the master's inbox only; the master's go to the stream (everyone).
+- **Private messages**: ``dest_session_id`` + ``dest_id`` go to that one
+  member's inbox (they carry ``seq`` and ``dest_session_id``).
+
+Storage shape (why a stream)
+----------------------------
+A broadcast is ONE row in the session stream (``store.append_session``), not
+one inbox row per member: a 10,000-member session costs one write per
+message, and each member keeps only a cursor (``acked_seq``).  Delivered
+broadcast frames carry ``"session_seq": N`` (never ``seq``, which always means
+the recipient's own inbox seq) plus ``dest_session_id``.  Members ack with
+``{"op": "ack", "session_id": S, "upto": N}`` and catch up with
+``{"op": "sync", "session_id": S[, "after": N][, "limit": L]}`` (``after``
+defaults to the member's acked cursor), answered by ``synced`` with
+``session_id``.  A member never reads rows from before it joined, nor its own
+rows.
+
+Events
+------
+``member_joined``, ``member_left``, ``member_revealed`` and
+``master_changed`` go to the members that are online when the change happens
+(except the one whose request caused it: it gets the answer instead).  They
+are live only, not stored in the stream: they describe state that
+``get_session_info`` always returns whole, so a member that was offline
+refreshes the roster with one request instead of paging through one stored row
+per join (adding 10,000 members would otherwise put 10,000 rows in front of
+every member's messages).
+
+Membership cache
+----------------
+Each session's record and members are cached in memory (LRU,
+``cache_size`` sessions) on first use.  Every change goes through ONE method,
+:meth:`Sessions.membership_changed`; the multinode layer calls the same method
+when a peer reports a change.
+
+Fan-out
+-------
+A broadcast frame is encoded once and written to the online members in slices
+of :data:`FANOUT_SLICE` nodes, one slice per reactor turn, so other clients
+keep being served while a large session's message goes out.  Members that are
+offline (or that connect while it goes out) read it on sync: the row is stored
+before the first slice is written.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.web import resource
+from twisted.web.iweb import IRequest
+
+from allspark.envelope import (
+    CONTROL_OPS,
+    Control,
+    FrameError,
+    Message,
+    delivery_body,
+    encode,
+)
+from allspark.ids import new_id
+from allspark.inbox import now_ms, send_page
+from allspark.logs import logger
+from allspark.registry import Connection
+from allspark.router import Sender, accepted_frame
+from allspark.store import DuplicateSession, MemberRecord, SessionRecord, StoreError
+
+if TYPE_CHECKING:
+    from allspark.server import Server
+
+log = logger(__name__)
+
+#: Online members written to per reactor turn during a fan-out.
+FANOUT_SLICE = 500
+
+#: Error code -> HTTP status for the HTTP face of the session operations.
+HTTP_STATUS: dict[str, int] = {
+    "bad_frame": 400,
+    "bad_request": 400,
+    "not_a_game": 400,
+    "not_a_member": 403,
+    "not_allowed": 403,
+    "no_such_session": 404,
+    "no_such_member": 404,
+    "unknown_destination": 404,
+    "session_exists": 409,
+}
+
+
+def with_session_seq(body: bytes, seq: int) -> bytes:
+    """``body`` (a serialized JSON object) with ``"session_seq": seq`` added,
+    without parsing it again."""
+    return b'{"session_seq":%d,%s' % (seq, body[1:])
+
+
+def _answer_with_session_seq(answer: bytes, seq: int) -> bytes:
+    return b'%s,"session_seq":%d}' % (answer[:-1], seq)
+
+
+@dataclass
+class _Entry:
+    """One cached session: its record, members by node_id, node_id by alias."""
+
+    record: SessionRecord
+    members: dict[str, MemberRecord]
+    by_alias: dict[str, str]
+
+
+def public_id(member: MemberRecord) -> str:
+    """The name other members know ``member`` by: its alias when anonymous,
+    else its node_id."""
+    return member.alias if member.anonymous else member.node_id
+
+
+def public_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
+    """What any member (and any HTTP answer) may see of ``member``.
+
+    An anonymous member shows only its alias: no node_id, no client_id."""
+    view: dict[str, Any] = {"id": public_id(member), "alias": member.alias,
+                            "anonymous": member.anonymous}
+    if not member.anonymous:
+        view["node_id"] = member.node_id
+        if member.client_id is not None:
+            view["client_id"] = member.client_id
+    if member.node_id == record.owner_id:
+        view["owner"] = True
+    if member.node_id == record.options.get("master_id"):
+        view["master"] = True
+    return view
+
+
+def own_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
+    """What a member sees of itself: the public view plus its node_id,
+    client_id and stream cursors."""
+    view = public_view(record, member)
+    view["node_id"] = member.node_id
+    if member.client_id is not None:
+        view["client_id"] = member.client_id
+    view["joined_seq"] = member.joined_seq
+    view["acked_seq"] = member.acked_seq
+    return view
+
+
+class Sessions:
+    """Session operations, routing into sessions, and the membership cache."""
+
+    def __init__(self, server: "Server", cache_size: int = 10_000) -> None:
+        self.server = server
+        self.store = server.store
+        self.registry = server.registry
+        self.router = server.router
+        self.clock = server.clock
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        self._generation = 0
+        self._ops: dict[str, Callable[[Sender, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            "create_session": self.create,
+            "join_session": self.join,
+            "unjoin_session": self.unjoin,
+            "get_session_info": self.info,
+            "reveal_anonymity": self.reveal,
+            "set_master": self.set_master,
+            "my_sessions": self.my_sessions,
+        }
+        #: Fan-outs still writing slices (tests wait for them).
+        self.fanouts: set[Deferred[None]] = set()
+
+    # -- the membership cache --------------------------------------------
+    def membership_changed(
+        self, session_id: str, node_id: str | None = None, member: MemberRecord | None = None
+    ) -> None:
+        """THE one place where cached membership changes.
+
+        - ``node_id`` and ``member``: that member joined or changed (alias,
+          anonymity); the cached session is updated in place.
+        - ``node_id`` alone: that node left.
+        - neither: anything else (options, master, a change reported by a
+          peer without details): the cached session is dropped and is read
+          from the store again on next use.
+
+        Loads of the session that were in flight when this ran are not cached.
+        """
+        self._generation += 1
+        entry = self._cache.get(session_id)
+        if entry is None:
+            return
+        if node_id is None:
+            del self._cache[session_id]
+            return
+        old = entry.members.pop(node_id, None)
+        if old is not None and entry.by_alias.get(old.alias) == node_id:
+            del entry.by_alias[old.alias]
+        if member is not None:
+            entry.members[node_id] = member
+            entry.by_alias[member.alias] = node_id
+
+    async def _entry(self, session_id: str) -> _Entry | None:
+        """The cached session, loaded from the store when needed; None when
+        there is no such session."""
+        entry = self._cache.get(session_id)
+        if entry is not None:
+            self._cache.move_to_end(session_id)
+            return entry
+        generation = self._generation
+        record = await self.store.get_session(session_id)
+        if record is None:
+            return None
+        members = await self.store.get_members(session_id)
+        entry = _Entry(record, {m.node_id: m for m in members}, {m.alias: m.node_id for m in members})
+        if generation == self._generation:
+            self._cache[session_id] = entry
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return entry
+
+    async def _session(self, session_id: str) -> _Entry:
+        entry = await self._entry(session_id)
+        if entry is None:
+            raise FrameError("no_such_session", f"no session {session_id!r}")
+        return entry
+
+    async def _membership(self, sender: Sender, session_id: str) -> tuple[_Entry, MemberRecord]:
+        entry = await self._session(session_id)
+        me = entry.members.get(sender.node_id)
+        if me is None:
+            raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
+        return entry, me
+
+    @staticmethod
+    def _named(entry: _Entry, args: dict[str, Any], by_owner: bool, caller: str) -> MemberRecord | None:
+        """The member ``args`` names by ``alias`` or ``node_id``.  Only the
+        owner (it may add anyone by node_id) and the member itself may name
+        an anonymous member by node_id."""
+        if "alias" in args:
+            node_id = entry.by_alias.get(args["alias"])
+            return None if node_id is None else entry.members.get(node_id)
+        member = entry.members.get(args["node_id"])
+        if member is not None and member.anonymous and not by_owner and member.node_id != caller:
+            return None
+        return member
+
+    @staticmethod
+    def _resolve(entry: _Entry, name: str) -> MemberRecord | None:
+        """A member by alias, or by node_id when it is not anonymous."""
+        node_id = entry.by_alias.get(name)
+        if node_id is not None:
+            return entry.members.get(node_id)
+        member = entry.members.get(name)
+        if member is None or member.anonymous:
+            return None
+        return member
+
+    def _new_alias(self, entry: _Entry) -> str:
+        while True:
+            alias = "anon-" + secrets.token_urlsafe(6)
+            if alias not in entry.by_alias and alias not in entry.members:
+                return alias
+
+    # -- fan-out ----------------------------------------------------------
+    def _online_members(self, entry: _Entry, exclude: str | None) -> list[str]:
+        """Members with a live connection here, except ``exclude``; walks
+        whichever is smaller, the members or the connected nodes."""
+        registry = self.registry
+        members = entry.members
+        if registry.node_count() < len(members):
+            seen: set[str] = set()
+            found = []
+            for conn in registry:
+                node_id = conn.node_id
+                if node_id in members and node_id != exclude and node_id not in seen:
+                    seen.add(node_id)
+                    found.append(node_id)
+            return found
+        return [n for n in members if n != exclude and registry.is_online(n)]
+
+    def fan_out(self, frame: bytes, node_ids: list[str]) -> Deferred[None]:
+        """Write ``frame`` (encoded once) to ``node_ids``, :data:`FANOUT_SLICE`
+        nodes per reactor turn; fires when the last slice is written."""
+        send = self.registry.send
+        if len(node_ids) <= FANOUT_SLICE:
+            for node_id in node_ids:
+                send(node_id, frame)
+            return succeed(None)
+        done: Deferred[None] = Deferred()
+        self.fanouts.add(done)
+
+        def write(start: int) -> None:
+            end = min(start + FANOUT_SLICE, len(node_ids))
+            for i in range(start, end):
+                send(node_ids[i], frame)
+            if end < len(node_ids):
+                self.clock.callLater(0, write, end)
+            else:
+                self.fanouts.discard(done)
+                done.callback(None)
+
+        write(0)
+        return done
+
+    def _event(self, entry: _Entry, frame: dict[str, Any], exclude: str | None) -> None:
+        self.fan_out(encode(frame), self._online_members(entry, exclude))
+
+    # -- operations (control frames and HTTP) ------------------------------
+    async def control(self, sender: Sender, frame: Control) -> dict[str, Any]:
+        """Answer a session control frame."""
+        handler = self._ops.get(frame.op)
+        if handler is None:
+            raise FrameError("unknown_op", f"op {frame.op!r} is not served here", frame.id)
+        return await handler(sender, frame.args)
+
+    async def create(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``create_session``: the caller becomes owner and first member
+        (anonymous when the session's ``anonymous`` default is true).  Game
+        sessions start with the owner as master.  Answers ``session``."""
+        session_id = args.get("session_id") or new_id("s-")
+        session_type = args.get("session_type", "group")
+        options: dict[str, Any] = {
+            "anonymous": args.get("anonymous", False),
+            "anyone_can_join": args.get("anyone_can_join", False),
+            "session_type": session_type,
+            "master_id": sender.node_id if session_type == "game" else None,
+        }
+        now = now_ms(self.clock)
+        try:
+            record = await self.store.create_session(session_id, sender.node_id, options, now)
+        except DuplicateSession:
+            raise FrameError("session_exists", f"session {session_id!r} exists already") from None
+        entry = _Entry(record, {}, {})
+        alias = self._new_alias(entry)
+        member = await self.store.add_member(
+            session_id, sender.node_id, sender.client_id, options["anonymous"], alias, now
+        )
+        self.membership_changed(session_id)
+        log.info("session {session_id} created by {node_id}", session_id=session_id, node_id=sender.node_id)
+        entry = await self._session(session_id)
+        return self._info(entry, member, op="session")
+
+    async def join(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``join_session``: join (or, for the owner, add ``node_id``).
+        Answers ``member`` with the member's view (its own view when it
+        joined itself).  Joining again answers the existing membership."""
+        session_id = args["session_id"]
+        entry = await self._session(session_id)
+        record = entry.record
+        target = args.get("node_id", sender.node_id)
+        by_self = target == sender.node_id
+        is_owner = sender.node_id == record.owner_id
+        if not by_self and not is_owner:
+            raise FrameError("not_allowed", "only the session's owner adds other nodes")
+        existing = entry.members.get(target)
+        if existing is None and by_self and not (is_owner or record.options.get("anyone_can_join")):
+            raise FrameError("not_allowed", f"session {session_id!r} is joined only when its owner adds you")
+        if existing is not None:
+            member = existing
+        else:
+            anonymous = args.get("anonymous", bool(record.options.get("anonymous")))
+            if by_self:
+                client_id = sender.client_id
+            else:
+                node = await self.store.get_node(target)
+                client_id = None if node is None else node[1]
+            try:
+                member = await self.store.add_member(
+                    session_id, target, client_id, anonymous, self._new_alias(entry), now_ms(self.clock)
+                )
+            except StoreError:
+                self.membership_changed(session_id)
+                raise FrameError("no_such_session", f"no session {session_id!r}") from None
+            self.membership_changed(session_id, target, member)
+            entry = await self._session(session_id)
+            others = self._online_members(entry, sender.node_id)
+            joined = {"op": "member_joined", "session_id": session_id, "member": public_view(record, member)}
+            if not by_self:
+                others = [n for n in others if n != target]
+                if self.registry.is_online(target):
+                    self.registry.send(target, encode({**joined, "member": own_view(record, member), "you": True}))
+            self.fan_out(encode(joined), others)
+        view = own_view(record, member) if by_self else public_view(record, member)
+        return {"op": "member", "session_id": session_id, **view}
+
+    async def unjoin(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``unjoin_session``: leave (or, for the owner, remove the member
+        named by ``node_id`` or ``alias``).  Answers ``left``."""
+        session_id = args["session_id"]
+        entry = await self._session(session_id)
+        record = entry.record
+        is_owner = sender.node_id == record.owner_id
+        if "node_id" in args or "alias" in args:
+            named = self._named(entry, args, is_owner, sender.node_id)
+            if named is not None and named.node_id != sender.node_id and not is_owner:
+                raise FrameError("not_allowed", "only the session's owner removes other members")
+            if named is None:
+                if not is_owner and sender.node_id not in entry.members:
+                    raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
+                raise FrameError("no_such_member", "no such member in this session")
+            member = named
+        else:
+            found = entry.members.get(sender.node_id)
+            if found is None:
+                raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
+            member = found
+        await self.store.remove_member(session_id, member.node_id)
+        self.membership_changed(session_id, member.node_id)
+        entry = await self._session(session_id)
+        view = public_view(record, member)
+        left = encode({"op": "member_left", "session_id": session_id, "member": view})
+        others = self._online_members(entry, sender.node_id)
+        if member.node_id != sender.node_id and self.registry.is_online(member.node_id):
+            others.append(member.node_id)
+        self.fan_out(left, others)
+        return {"op": "left", "session_id": session_id, "member": view}
+
+    async def info(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``get_session_info``, for members: answers ``session``."""
+        entry, me = await self._membership(sender, args["session_id"])
+        return self._info(entry, me, op="session")
+
+    def _info(self, entry: _Entry, me: MemberRecord, op: str) -> dict[str, Any]:
+        record = entry.record
+        owner = entry.members.get(record.owner_id)
+        master_id = record.options.get("master_id")
+        master = entry.members.get(master_id) if master_id is not None else None
+        info: dict[str, Any] = {
+            "op": op,
+            "session_id": record.session_id,
+            "created_at": record.created_at,
+            "anonymous": bool(record.options.get("anonymous")),
+            "anyone_can_join": bool(record.options.get("anyone_can_join")),
+            "session_type": record.options.get("session_type", "group"),
+            "owner": None if owner is None else public_id(owner),
+            "member_count": len(entry.members),
+            "members": [public_view(record, m) for m in entry.members.values()],
+            "you": own_view(record, me),
+        }
+        if info["session_type"] == "game":
+            info["master"] = None if master is None else public_id(master)
+        return info
+
+    async def reveal(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``reveal_anonymity``: the caller is no longer anonymous in this
+        session (its alias stays valid as a name).  Answers ``revealed``;
+        other online members get ``member_revealed``."""
+        session_id = args["session_id"]
+        entry, me = await self._membership(sender, session_id)
+        record = entry.record
+        if me.anonymous:
+            updated = await self.store.update_member(session_id, sender.node_id, False, me.alias)
+            if updated is None:
+                self.membership_changed(session_id)
+                raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
+            self.membership_changed(session_id, sender.node_id, updated)
+            me = updated
+            entry = await self._session(session_id)
+            self._event(entry, {"op": "member_revealed", "session_id": session_id, "alias": me.alias,
+                                "member": public_view(record, me)}, sender.node_id)
+        return {"op": "revealed", "session_id": session_id, "member": own_view(record, me)}
+
+    async def set_master(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``set_master`` (owner only, game sessions): the member named by
+        ``node_id`` or ``alias`` becomes master.  Answers ``master``; other
+        online members get ``master_changed``."""
+        session_id = args["session_id"]
+        entry = await self._session(session_id)
+        record = entry.record
+        if sender.node_id != record.owner_id:
+            raise FrameError("not_allowed", "only the session's owner sets the master")
+        if record.options.get("session_type") != "game":
+            raise FrameError("not_a_game", f"session {session_id!r} is not a game session")
+        if "node_id" not in args and "alias" not in args:
+            raise FrameError("bad_frame", "set_master needs node_id or alias")
+        member = self._named(entry, args, True, sender.node_id)
+        if member is None:
+            raise FrameError("no_such_member", "no such member in this session")
+        updated = await self.store.update_session(session_id, {**record.options, "master_id": member.node_id})
+        self.membership_changed(session_id)
+        if updated is None:
+            raise FrameError("no_such_session", f"no session {session_id!r}")
+        entry = await self._session(session_id)
+        master = public_id(member)
+        self._event(entry, {"op": "master_changed", "session_id": session_id, "master": master},
+                    sender.node_id)
+        return {"op": "master", "session_id": session_id, "master": master}
+
+    async def my_sessions(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
+        """``my_sessions``: every session the caller is a member of, with its
+        cursor and the stream's last seq, so a client can sync each one."""
+        out = []
+        for m in await self.store.sessions_of_node(sender.node_id):
+            page = await self.store.fetch_session(m.session_id, sender.node_id, m.acked_seq, 1)
+            out.append({"session_id": m.session_id, "acked_seq": m.acked_seq,
+                        "joined_seq": m.joined_seq, "last_seq": page.last_seq})
+        return {"op": "sessions", "sessions": out}
+
+    # -- the session stream --------------------------------------------------
+    async def route(self, sender: Sender, msg: Message) -> bytes:
+        """Route a message with ``dest_session_id``; the ``accepted`` frame
+        (with ``session_seq`` when it went to the stream)."""
+        session_id = msg.dest_session_id
+        assert session_id is not None
+        entry = await self._entry(session_id)
+        if entry is None:
+            raise FrameError("unknown_destination", f"no session {session_id!r}", msg.id)
+        me = entry.members.get(sender.node_id)
+        if me is None:
+            raise FrameError("not_a_member", f"you are not a member of session {session_id!r}", msg.id)
+        src_id = public_id(me)
+        options = entry.record.options
+        master_id = options.get("master_id") if options.get("session_type") == "game" else None
+        restricted = master_id is not None and sender.node_id != master_id
+        if msg.dest_id is not None:
+            target = self._resolve(entry, msg.dest_id)
+            if target is None:
+                raise FrameError("unknown_destination", f"no member {msg.dest_id!r} in session {session_id!r}",
+                                 msg.id)
+            if restricted and target.node_id != master_id:
+                raise FrameError("not_allowed", "in a game session your messages go to the master only", msg.id)
+            return await self.router.send_to_nodes(sender, msg, [target.node_id], msg.dest_id,
+                                                   src_id=src_id, omit_client=me.anonymous)
+        if restricted:
+            if master_id not in entry.members:
+                raise FrameError("unknown_destination", "this game session has no master", msg.id)
+            return await self.router.send_to_nodes(sender, msg, [master_id], None,
+                                                   src_id=src_id, omit_client=me.anonymous)
+        return await self._broadcast(sender, msg, entry, me)
+
+    async def _broadcast(self, sender: Sender, msg: Message, entry: _Entry, me: MemberRecord) -> bytes:
+        session_id = entry.record.session_id
+        client_id = None if me.anonymous else sender.client_id
+        body = delivery_body(msg, public_id(me), client_id, now_ms(self.clock))
+        others = len(entry.members) - (1 if sender.node_id in entry.members else 0)
+        online = self._online_members(entry, sender.node_id)
+        if msg.ephemeral:
+            self.fan_out(body, online)
+            return accepted_frame(msg, "delivered" if online else "dropped", others, len(online))
+        status = "delivered" if len(online) >= others else "stored"
+        answer = accepted_frame(msg, status, others, len(online))
+        result = await self.store.append_session(
+            session_id, sender.node_id, msg.id, body, answer, now_ms(self.clock),
+            self.server.config.delivery.dedup_window_ms,
+        )
+        seq = result.seqs[session_id]
+        if not result.duplicate:
+            # online members are looked up again: some may have joined or
+            # connected while the row was being stored
+            current = await self._entry(session_id)
+            self.fan_out(with_session_seq(body, seq), self._online_members(current or entry, sender.node_id))
+        return _answer_with_session_seq(result.answer, seq)
+
+    async def sync(
+        self, conn: Connection, session_id: str, after: int | None, limit: int, max_queued: int
+    ) -> dict[str, Any]:
+        """Send ``conn`` up to ``limit`` stream rows after ``after`` (default:
+        the member's acked cursor), each with ``session_seq``; the ``synced``
+        frame with ``session_id``."""
+        sender = Sender(conn.node_id, conn.client_id)
+        _, me = await self._membership(sender, session_id)
+        if after is None:
+            fresh = [m for m in await self.store.sessions_of_node(conn.node_id) if m.session_id == session_id]
+            if not fresh:
+                raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
+            me = fresh[0]
+            after = me.acked_seq
+        after = max(after, me.joined_seq)
+        page = await self.store.fetch_session(session_id, conn.node_id, after, limit)
+        return send_page(conn, page, after, max_queued, {"session_id": session_id}, splice=with_session_seq)
+
+    async def ack(self, sender: Sender, session_id: str, upto: int) -> dict[str, Any]:
+        """Move the member's cursor up to ``upto`` (clamped to the stream's
+        last seq; never down); the ``acked`` frame with the new cursor."""
+        await self._membership(sender, session_id)
+        acked = await self.store.ack_session(session_id, sender.node_id, upto)
+        return {"op": "acked", "session_id": session_id, "upto": acked}
+
+
+# -- HTTP -----------------------------------------------------------------------
+_BOOL_ARGS = frozenset({"anonymous", "anyone_can_join"})
+HTTP_OPS = ("create_session", "join_session", "unjoin_session", "get_session_info",
+            "reveal_anonymity", "set_master", "my_sessions")
+
+
+def http_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of ``op`` from an HTTP request, validated like the
+    control frame's.  Arguments the op does not take (``auth_key``, a cache
+    buster) are ignored.  Raises :class:`FrameError` (``bad_frame``)."""
+    from allspark.web import HTTPError, parse_bool
+
+    spec = CONTROL_OPS[op]
+    out: dict[str, Any] = {}
+    for name, (check, required) in spec.items():
+        if name not in args or args[name] is None or args[name] == "":
+            if required:
+                raise FrameError("bad_frame", f"{op} needs {name!r}")
+            continue
+        try:
+            out[name] = parse_bool(args, name) if name in _BOOL_ARGS else check(args[name])
+        except HTTPError as e:
+            raise FrameError("bad_frame", e.message) from None
+        except ValueError as e:
+            raise FrameError("bad_frame", str(e)) from None
+    return out
+
+
+def session_resources(server: "Server") -> dict[bytes, resource.Resource]:
+    """``/create_session``, ``/join_session``, ``/unjoin_session``,
+    ``/get_session_info``, ``/reveal_anonymity``, ``/set_master``,
+    ``/my_sessions``: GET with a query string or POST with a form or JSON
+    body, ``auth_key`` required.  The answer is the control op's answer
+    without ``op``; refusals map to 400/401/403/404/409."""
+    from allspark.web import HTTPError, JSONEndpoint, authenticate
+
+    def endpoint(op: str) -> JSONEndpoint:
+        async def handler(request: IRequest, args: dict[str, Any]) -> dict[str, Any]:
+            identity = authenticate(server, args)
+            sender = Sender(identity.node_id, identity.client_id)
+            sessions: Sessions = server.sessions
+            try:
+                answer = await sessions.control(sender, Control(op, None, http_args(op, args)))
+            except FrameError as e:
+                raise HTTPError(HTTP_STATUS.get(e.code, 400), e.code, e.message) from None
+            answer.pop("op", None)
+            return answer
+
+        return JSONEndpoint(handler)
+
+    return {op.encode(): endpoint(op) for op in HTTP_OPS}

@@ -1,0 +1,348 @@
+"""Sessions in one process: the memory store, fake connections and a
+:class:`~twisted.internet.task.Clock`.
+
+Covers who may join, anonymity of what other members get, private messages,
+game sessions, the session stream (session_seq, sync, ack), the membership
+cache and sliced fan-out.  ``tests/e2e/test_sessions.py`` runs the same rules
+against a real server process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from allspark import sessions as sessions_module
+from allspark.auth import AuthKeyVerifier, ValidationTokens
+from allspark.envelope import Control, FrameError, Message, parse_frame
+from allspark.router import Sender
+from allspark.server import Server, ServerConfig
+from allspark.sessions import Sessions, http_args
+from allspark.store.memory import MemoryStore
+
+
+class FakeConnection:
+    """A live connection that records every frame written to it."""
+
+    def __init__(self, node_id: str, client_id: str | None = None) -> None:
+        self.node_id = node_id
+        self.client_id = client_id
+        self.frames: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        self.raw.append(frame)
+        self.frames.append(orjson.loads(frame))
+
+    @property
+    def queued_bytes(self) -> int:
+        return 0
+
+
+class SessionsTestCase(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.store = MemoryStore()
+        config = ServerConfig(server_id="srv", host="127.0.0.1", port=1, listen=())
+        tokens = ValidationTokens(b"k" * 32, "srv", self.clock)
+        self.server = Server(config, self.store, AuthKeyVerifier([b"secret"]), tokens, self.clock)
+        self.sessions = Sessions(self.server)
+        self.server.sessions = self.sessions
+        self.server.router.sessions = self.sessions
+        self.conns: dict[str, FakeConnection] = {}
+
+    # -- helpers ----------------------------------------------------------
+    def done(self, coro: Any) -> Any:
+        return self.successResultOf(defer.ensureDeferred(coro))
+
+    def refused(self, coro: Any, code: str) -> FrameError:
+        failure = self.failureResultOf(defer.ensureDeferred(coro), FrameError)
+        self.assertEqual(failure.value.code, code, failure.value.message)
+        return failure.value
+
+    def online(self, node_id: str, client_id: str | None = None) -> FakeConnection:
+        conn = FakeConnection(node_id, client_id)
+        self.server.registry.add(conn)
+        self.store.remember_node(node_id, client_id, 0)
+        self.conns[node_id] = conn
+        return conn
+
+    def op(self, caller: str, op: str, client_id: str | None = None, /, **args: Any) -> dict[str, Any]:
+        return self.done(self.sessions.control(Sender(caller, client_id), Control(op, None, args)))
+
+    def op_refused(self, caller: str, op: str, code: str, /, **args: Any) -> FrameError:
+        return self.refused(self.sessions.control(Sender(caller, None), Control(op, None, args)), code)
+
+    def send(self, node_id: str, client_id: str | None = None, **frame: Any) -> dict[str, Any]:
+        msg = parse_frame(orjson.dumps(frame))
+        assert isinstance(msg, Message)
+        return orjson.loads(self.done(self.server.router.route(Sender(node_id, client_id), msg)))
+
+    def messages(self, node_id: str) -> list[dict[str, Any]]:
+        return [f for f in self.conns[node_id].frames if "op" not in f]
+
+    def events(self, node_id: str, op: str) -> list[dict[str, Any]]:
+        return [f for f in self.conns[node_id].frames if f.get("op") == op]
+
+
+class JoinRules(SessionsTestCase):
+    def test_creator_is_owner_and_member(self) -> None:
+        info = self.op("alice", "create_session", "A", session_id="s1")
+        self.assertEqual(info["op"], "session")
+        self.assertEqual(info["session_id"], "s1")
+        self.assertEqual(info["owner"], "alice")
+        self.assertEqual(info["you"]["node_id"], "alice")
+        self.assertEqual([m["id"] for m in info["members"]], ["alice"])
+
+    def test_generated_session_id_and_duplicate_refused(self) -> None:
+        info = self.op("alice", "create_session")
+        self.assertTrue(info["session_id"].startswith("s-"))
+        self.op_refused("bob", "create_session", "session_exists", session_id=info["session_id"])
+
+    def test_nobody_joins_a_closed_session_but_the_owner_adds_anyone(self) -> None:
+        self.op("alice", "create_session", session_id="s1")
+        self.op_refused("bob", "join_session", "not_allowed", session_id="s1")
+        self.op_refused("bob", "join_session", "not_allowed", session_id="s1", node_id="carol")
+        added = self.op("alice", "join_session", session_id="s1", node_id="bob")
+        self.assertEqual(added["op"], "member")
+        self.assertEqual(added["node_id"], "bob")
+        # joining again answers the same membership
+        again = self.op("bob", "join_session", session_id="s1")
+        self.assertEqual(again["alias"], added["alias"])
+
+    def test_anyone_can_join(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        joined = self.op("bob", "join_session", "B", session_id="s1")
+        self.assertEqual(joined["client_id"], "B")
+        self.assertEqual(joined["acked_seq"], 0)
+
+    def test_unknown_session(self) -> None:
+        self.op_refused("bob", "join_session", "no_such_session", session_id="nope")
+        self.op_refused("bob", "get_session_info", "no_such_session", session_id="nope")
+
+    def test_only_members_read_info(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        self.op_refused("bob", "get_session_info", "not_a_member", session_id="s1")
+
+    def test_owner_removes_members_others_do_not(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        self.op("bob", "join_session", session_id="s1")
+        self.op("carol", "join_session", session_id="s1")
+        self.op_refused("bob", "unjoin_session", "not_allowed", session_id="s1", node_id="carol")
+        left = self.op("alice", "unjoin_session", session_id="s1", node_id="carol")
+        self.assertEqual(left["op"], "left")
+        self.op_refused("alice", "unjoin_session", "no_such_member", session_id="s1", node_id="carol")
+        self.op("bob", "unjoin_session", session_id="s1")
+        self.op_refused("bob", "unjoin_session", "not_a_member", session_id="s1")
+
+
+class Anonymity(SessionsTestCase):
+    def test_anonymous_member_seen_by_alias_only(self) -> None:
+        alice = self.online("alice", "A")
+        self.op("alice", "create_session", "A", session_id="s1", anyone_can_join=True)
+        self.online("mallory", "M")
+        me = self.op("mallory", "join_session", "M", session_id="s1", anonymous=True)
+        alias = me["alias"]
+        self.assertEqual(me["node_id"], "mallory")  # its own view
+        self.send("mallory", "M", dest_session_id="s1", payload="hi")
+        self.send("mallory", "M", dest_session_id="s1", dest_id="alice", payload="psst")
+        info = self.op("alice", "get_session_info", session_id="s1")
+        self.op("mallory", "unjoin_session", session_id="s1")
+        seen = orjson.dumps([alice.frames, info])
+        self.assertNotIn(b"mallory", seen)
+        self.assertNotIn(b'"M"', seen)
+        self.assertIn(alias.encode(), seen)
+        broadcast, private = self.messages("alice")
+        self.assertEqual(broadcast["src_id"], alias)
+        self.assertNotIn("src_client_id", broadcast)
+        self.assertEqual(private["src_id"], alias)
+        self.assertIn("seq", private)
+
+    def test_anonymous_node_id_is_not_an_address(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        self.op("mallory", "join_session", session_id="s1", anonymous=True)
+        self.refused(self._route("alice", dest_session_id="s1", dest_id="mallory"), "unknown_destination")
+        self.refused(self._route("alice", dest_session_id="s1", dest_id="nobody"), "unknown_destination")
+
+    def _route(self, node_id: str, **frame: Any) -> Any:
+        msg = parse_frame(orjson.dumps(frame))
+        return self.server.router.route(Sender(node_id, None), msg)
+
+    def test_reveal(self) -> None:
+        alice = self.online("alice")
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True, anonymous=True)
+        me = self.op("bob", "join_session", "B", session_id="s1")
+        self.assertTrue(me["anonymous"])  # the session's default
+        revealed = self.op("bob", "reveal_anonymity", "B", session_id="s1")
+        self.assertEqual(revealed["op"], "revealed")
+        event = self.events("alice", "member_revealed")[0]
+        self.assertEqual(event["alias"], me["alias"])
+        self.assertEqual(event["member"]["node_id"], "bob")
+        self.assertEqual(event["member"]["client_id"], "B")
+        self.send("bob", "B", dest_session_id="s1", payload=1)
+        self.assertEqual(self.messages("alice")[-1]["src_id"], "bob")
+        self.assertEqual(self.messages("alice")[-1]["src_client_id"], "B")
+        self.assertTrue(alice.frames)
+
+
+class Stream(SessionsTestCase):
+    def test_broadcast_is_one_stream_row_with_session_seq(self) -> None:
+        self.online("alice")
+        self.online("bob")
+        self.op("alice", "create_session", session_id="s1")
+        self.op("alice", "join_session", session_id="s1", node_id="bob")
+        self.op("alice", "join_session", session_id="s1", node_id="carol")  # offline
+        accepted = self.send("alice", dest_session_id="s1", id="m1", payload="x")
+        self.assertEqual(accepted["status"], "stored")
+        self.assertEqual((accepted["recipients"], accepted["live"]), (2, 1))
+        self.assertEqual(accepted["session_seq"], 1)
+        (got,) = self.messages("bob")
+        self.assertEqual(got["session_seq"], 1)
+        self.assertNotIn("seq", got)
+        self.assertEqual(got["dest_session_id"], "s1")
+        self.assertEqual(self.messages("alice"), [])  # the sender gets no copy
+        # a retry is stored and delivered once
+        again = self.send("alice", dest_session_id="s1", id="m1", payload="x")
+        self.assertEqual(again["session_seq"], 1)
+        self.assertEqual(len(self.messages("bob")), 1)
+
+    def test_offline_member_syncs_and_acks(self) -> None:
+        self.op("alice", "create_session", session_id="s1")
+        self.op("alice", "join_session", session_id="s1", node_id="carol")
+        for i in range(3):
+            self.send("alice", dest_session_id="s1", payload=i)
+        carol = self.online("carol")
+        synced = self.done(self.sessions.sync(carol, "s1", None, 2, 10**6))
+        self.assertEqual(synced, {"op": "synced", "session_id": "s1", "upto": 2, "more": True, "last_seq": 3})
+        self.assertEqual([m["session_seq"] for m in self.messages("carol")], [1, 2])
+        acked = self.done(self.sessions.ack(Sender("carol", None), "s1", 2))
+        self.assertEqual(acked, {"op": "acked", "session_id": "s1", "upto": 2})
+        carol.frames.clear()
+        synced = self.done(self.sessions.sync(carol, "s1", None, 10, 10**6))
+        self.assertEqual([m["payload"] for m in self.messages("carol")], [2])
+        self.assertFalse(synced["more"])
+        sessions = self.op("carol", "my_sessions")["sessions"]
+        self.assertEqual(sessions, [{"session_id": "s1", "acked_seq": 2, "joined_seq": 0, "last_seq": 3}])
+
+    def test_new_member_does_not_read_older_rows(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        self.send("alice", dest_session_id="s1", payload="before")
+        bob = self.online("bob")
+        self.op("bob", "join_session", session_id="s1")
+        self.done(self.sessions.sync(bob, "s1", 0, 10, 10**6))
+        self.assertEqual(self.messages("bob"), [])
+
+    def test_non_members_cannot_send_sync_or_ack(self) -> None:
+        self.op("alice", "create_session", session_id="s1")
+        eve = self.online("eve")
+        msg = parse_frame(b'{"dest_session_id": "s1", "payload": 1}')
+        self.refused(self.server.router.route(Sender("eve", None), msg), "not_a_member")
+        self.refused(self.sessions.sync(eve, "s1", None, 10, 10**6), "not_a_member")
+        self.refused(self.sessions.ack(Sender("eve", None), "s1", 1), "not_a_member")
+        msg = parse_frame(b'{"dest_session_id": "nope", "payload": 1}')
+        self.refused(self.server.router.route(Sender("eve", None), msg), "unknown_destination")
+
+
+class Games(SessionsTestCase):
+    def test_non_master_reaches_master_only(self) -> None:
+        for n in ("gm", "p1", "p2"):
+            self.online(n)
+        self.op("gm", "create_session", session_id="g", session_type="game", anyone_can_join=True)
+        self.op("p1", "join_session", session_id="g")
+        self.op("p2", "join_session", session_id="g")
+        accepted = self.send("p1", dest_session_id="g", payload="move")
+        self.assertNotIn("session_seq", accepted)
+        (got,) = self.messages("gm")
+        self.assertEqual((got["src_id"], got["payload"], got["dest_session_id"]), ("p1", "move", "g"))
+        self.assertIn("seq", got)
+        self.assertEqual(self.messages("p2"), [])
+        self.refused(self._route("p1", dest_session_id="g", dest_id="p2"), "not_allowed")
+        self.send("gm", dest_session_id="g", payload="state")
+        self.assertEqual(self.messages("p1")[-1]["payload"], "state")
+        self.assertEqual(self.messages("p2")[-1]["payload"], "state")
+
+    def _route(self, node_id: str, **frame: Any) -> Any:
+        return self.server.router.route(Sender(node_id, None), parse_frame(orjson.dumps(frame)))
+
+    def test_set_master(self) -> None:
+        self.online("p1")
+        self.op("gm", "create_session", session_id="g", session_type="game", anyone_can_join=True)
+        self.op("p1", "join_session", session_id="g")
+        self.op_refused("p1", "set_master", "not_allowed", session_id="g", node_id="p1")
+        answer = self.op("gm", "set_master", session_id="g", node_id="p1")
+        self.assertEqual(answer, {"op": "master", "session_id": "g", "master": "p1"})
+        self.send("gm", dest_session_id="g", payload="to the master")
+        self.assertEqual(self.messages("p1")[-1]["payload"], "to the master")
+        self.op("alice", "create_session", session_id="plain")
+        self.op_refused("alice", "set_master", "not_a_game", session_id="plain", node_id="alice")
+
+
+class Cache(SessionsTestCase):
+    def test_membership_is_cached_and_changes_apply(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        calls = []
+        original = self.store.get_members
+        self.store.get_members = lambda sid: (calls.append(sid), original(sid))[1]  # type: ignore
+        self.op("bob", "join_session", session_id="s1")
+        self.send("bob", dest_session_id="s1", payload=1)
+        self.op("alice", "get_session_info", session_id="s1")
+        self.assertEqual(calls, [])
+        self.sessions.membership_changed("s1")  # what a peer's report does
+        info = self.op("alice", "get_session_info", session_id="s1")
+        self.assertEqual(calls, ["s1"])
+        self.assertEqual({m["id"] for m in info["members"]}, {"alice", "bob"})
+
+    def test_change_during_load_is_not_cached_stale(self) -> None:
+        self.op("alice", "create_session", session_id="s1")
+        self.sessions.membership_changed("s1")
+        loading = defer.Deferred()
+        original = self.store.get_members
+        self.store.get_members = lambda sid: loading.addCallback(lambda _: original(sid))  # type: ignore
+        d = defer.ensureDeferred(self.sessions._entry("s1"))
+        self.sessions.membership_changed("s1", "bob")
+        loading.callback(None)
+        self.successResultOf(d)
+        self.assertNotIn("s1", self.sessions._cache)
+
+
+class FanOut(SessionsTestCase):
+    def test_large_broadcast_goes_out_in_slices(self) -> None:
+        self.patch(sessions_module, "FANOUT_SLICE", 10)
+        self.op("alice", "create_session", session_id="big")
+        for i in range(35):
+            self.online(f"n{i}")
+            self.op("alice", "join_session", session_id="big", node_id=f"n{i}")
+            self.clock.advance(0)  # let member_joined events finish going out
+        for conn in self.conns.values():
+            conn.frames.clear()
+            conn.raw.clear()
+        self.send("alice", dest_session_id="big", payload="hello")
+        got = sum(len(self.messages(f"n{i}")) for i in range(35))
+        self.assertEqual(got, 10)  # the first slice; the rest waits for the reactor
+        self.clock.advance(0)
+        self.clock.advance(0)
+        self.clock.advance(0)
+        got = sum(len(self.messages(f"n{i}")) for i in range(35))
+        self.assertEqual(got, 35)
+        # encoded once: every member got the same bytes object
+        self.assertEqual(len({id(self.conns[f"n{i}"].raw[0]) for i in range(35)}), 1)
+        self.assertEqual(self.sessions.fanouts, set())
+
+
+class HTTPArgs(unittest.TestCase):
+    def test_strings_become_typed_args(self) -> None:
+        args = http_args("create_session", {"auth_key": "k", "anonymous": "true", "session_type": "game"})
+        self.assertEqual(args, {"anonymous": True, "session_type": "game"})
+
+    def test_missing_and_bad_args(self) -> None:
+        with self.assertRaises(FrameError):
+            http_args("join_session", {})
+        with self.assertRaises(FrameError):
+            http_args("join_session", {"session_id": "bad id!"})
+        with self.assertRaises(FrameError):
+            http_args("create_session", {"anonymous": "maybe"})
