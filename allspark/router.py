@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from allspark.envelope import FrameError, Message, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
@@ -27,6 +29,33 @@ from allspark.store import Store
 
 if TYPE_CHECKING:
     from allspark.sessions import Sessions
+
+
+class _Lookup:
+    """One store lookup that several coroutines wait for, resumed in the
+    order they started waiting."""
+
+    def __init__(self) -> None:
+        self._waiters: list[Deferred[bool]] = []
+        self._result: bool | Failure | None = None
+
+    def wait(self) -> Deferred[bool]:
+        """A Deferred firing with the lookup's answer (whether the node is known)."""
+        if self._result is not None:
+            return fail(self._result) if isinstance(self._result, Failure) else succeed(self._result)
+        d: Deferred[bool] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def fire(self, result: bool | Failure) -> None:
+        """Hand ``result`` to every waiter, first come first served."""
+        self._result = result
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
 
 
 @dataclass(frozen=True)
@@ -76,6 +105,8 @@ class Router:
         # node_ids known to exist; nodes are never forgotten, so this only grows
         # up to the number of nodes that received something from this server.
         self._known_nodes: set[str] = set()
+        # node_id -> the store lookup in flight for it (see _check_known)
+        self._lookups: dict[str, _Lookup] = {}
 
     async def route(self, sender: Sender, msg: Message) -> bytes:
         """Route ``msg``; the ``accepted`` frame.  Raises
@@ -121,15 +152,36 @@ class Router:
         return result.answer
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
-        if node_id in self._known_nodes or self.registry.is_online(node_id):
-            return
-        if await self.store.get_node(node_id) is None:
+        """Raise ``unknown_destination`` unless ``node_id`` ever connected.
+
+        Ordering matters: messages one connection sends to one node must be
+        stored in the order they arrived.  While a store lookup for
+        ``node_id`` is in flight, every later message to it waits for that
+        same lookup (even once the node is online or known), so they all
+        resume in arrival order and reach the store in that order.
+        """
+        lookup = self._lookups.get(node_id)
+        if lookup is None:
+            if node_id in self._known_nodes or self.registry.is_online(node_id):
+                return
+            lookup = self._lookups[node_id] = _Lookup()
+            self.store.get_node(node_id).addBoth(self._looked_up, node_id, lookup)
+        if not await lookup.wait():
             raise FrameError(
                 "unknown_destination",
                 f"no node {node_id!r} has ever connected to this cluster",
                 frame_id,
             )
-        self._known_nodes.add(node_id)
+
+    def _looked_up(self, result: Any, node_id: str, lookup: "_Lookup") -> None:
+        if self._lookups.get(node_id) is lookup:
+            del self._lookups[node_id]
+        if isinstance(result, Failure):
+            lookup.fire(result)
+            return
+        if result is not None:
+            self._known_nodes.add(node_id)
+        lookup.fire(result is not None)
 
     async def _client_recipients(
         self, sender: Sender, client_id: str, frame_id: str | None
