@@ -29,10 +29,14 @@ import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.error import ConnectionDone
+from twisted.internet.task import deferLater
 
 from allspark.logs import logger
 
 log = logger(__name__)
+
+#: Consecutive sync pages without progress before :meth:`Client.sync` gives up.
+MAX_STALLED_PAGES = 200
 
 #: Answers the server sends to a request, matched by the request's id.
 ANSWER_OPS = frozenset({"accepted", "acked", "synced", "error", "pong", "session", "member",
@@ -121,6 +125,9 @@ class Client:
         self.received = 0
         self._streams: dict[str | None, _Stream] = {}
         self._ack_call: Any = None
+        #: gaps reported by sync: ``{"after", "upto"[, "session_id"]}``, each
+        #: a range of seqs the server removed by retention before they were acked
+        self.gaps: list[dict[str, Any]] = []
 
     # -- sending ----------------------------------------------------------
     def _next_id(self) -> str:
@@ -162,9 +169,13 @@ class Client:
 
     async def sync(self, session_id: str | None = None, limit: int = 500) -> int:
         """Fetch everything not yet handed over, page by page, into
-        :attr:`messages`; how many new messages arrived."""
+        :attr:`messages`; how many new messages arrived.
+
+        A ``synced`` frame that reports a gap (messages removed by retention
+        before this node acked them) is recorded in :attr:`gaps`."""
         stream = self._stream(session_id)
         received = self.received
+        stalled = 0
         after: int | None = stream.watermark if session_id is None else None
         while True:
             frame: dict[str, Any] = {"op": "sync", "limit": limit}
@@ -173,9 +184,23 @@ class Client:
             if session_id is not None:
                 frame["session_id"] = session_id
             synced = await self.request(frame)
+            if "gap" in synced:
+                gap = dict(synced["gap"])
+                if session_id is not None:
+                    gap["session_id"] = session_id
+                self.gaps.append(gap)
             stream.skip_to(synced["upto"])
             if not synced["more"]:
                 return self.received - received
+            if after is not None and synced["upto"] <= after:
+                # no progress: the server's send queue to us is full; let it drain
+                stalled += 1
+                if stalled > MAX_STALLED_PAGES:
+                    raise AllsparkError({"code": "sync_stalled",
+                                         "message": f"sync made no progress after {after}"})
+                await deferLater(self.reactor, 0.05, lambda: None)
+            else:
+                stalled = 0
             after = synced["upto"]
 
     # -- receiving --------------------------------------------------------
