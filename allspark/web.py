@@ -18,7 +18,7 @@ Paths:
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
@@ -124,6 +124,8 @@ class JSONEndpoint(resource.Resource):
         self.methods = methods
 
     def render(self, request: IRequest) -> Any:
+        if request.postpath and request.postpath != [b""]:
+            return NotFound().render(request)
         if request.method not in self.methods:
             request.setHeader(b"allow", b", ".join(self.methods))
             write_json(request, 405, {"error": "method_not_allowed",
@@ -216,17 +218,83 @@ class NotFound(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class SocketResource(WebSocketResource):
+    """The client WebSocket path.  Only the path itself upgrades; anything
+    under it is a JSON 404."""
+
+    def render(self, request: IRequest) -> Any:
+        if request.postpath and request.postpath != [b""]:
+            return NotFound().render(request)
+        return super().render(request)
+
+
+class Directory(resource.Resource):
+    """A path with children only: anything else under it is a JSON 404
+    (twisted.web's default would be an HTML page)."""
+
+    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+        return NotFound()
+
+    def render(self, request: IRequest) -> Any:
+        return NotFound().render(request)
+
+
+#: Query arguments whose values are credentials: never written to a log.
+SECRET_ARGS = frozenset((b"auth_key", b"validation_token"))
+
+
+def redact_uri(uri: bytes) -> bytes:
+    """``uri`` with the values of :data:`SECRET_ARGS` replaced by ``REDACTED``;
+    other arguments stay (they help reading logs)."""
+    path, sep, query = uri.partition(b"?")
+    if not sep:
+        return uri
+    parts = []
+    for part in query.split(b"&"):
+        name, eq, _ = part.partition(b"=")
+        if eq and unquote_to_bytes(name.replace(b"+", b" ")) in SECRET_ARGS:
+            part = name + b"=REDACTED"
+        parts.append(part)
+    return path + b"?" + b"&".join(parts)
+
+
+def redacted_log_formatter(timestamp: str, request: IRequest) -> str:
+    """twisted.web's combined log line, with credentials redacted from the
+    request line and the referrer."""
+    ip = request.getClientAddress()
+    host = getattr(ip, "host", "-")
+    referrer = request.getHeader(b"referer")
+    return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
+        _escape(host),
+        timestamp,
+        _escape(request.method),
+        _escape(redact_uri(request.uri)),
+        _escape(request.clientproto),
+        request.code,
+        request.sentLength or "-",
+        _escape(redact_uri(referrer)) if referrer else "-",
+        _escape(request.getHeader(b"user-agent") or b"-"),
+    )
+
+
+def _escape(value: str | bytes) -> str:
+    """A value safe to put inside double quotes on one log line."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "backslashreplace")
+    return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+
+
 def build_site(srv: "Server", ws_factory: "ClientFactory", extra: dict[bytes, resource.Resource] | None = None) -> server.Site:
     """The one site that serves HTTP and the WebSocket on one port."""
     root = Root(srv)
     root.putChild(b"health", JSONEndpoint(lambda request, args: srv.health(), (b"GET", b"HEAD")))
-    v1 = resource.Resource()
+    v1 = Directory()
     v1.putChild(b"pre_connection_info", JSONEndpoint(root.pre_connection))
     root.putChild(b"v1", v1)
-    root.putChild(srv.config.ws_path.encode(), WebSocketResource(ws_factory))
+    root.putChild(srv.config.ws_path.encode(), SocketResource(ws_factory))
     for path, child in (extra or {}).items():
         root.putChild(path, child)
-    site = server.Site(root)
+    site = server.Site(root, logFormatter=redacted_log_formatter)
     site.displayTracebacks = False
     site.noisy = False
     return site
