@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -24,6 +24,7 @@ from twisted.internet.defer import ensureDeferred
 from allspark.logs import logger
 from twisted.python.failure import Failure
 from twisted.internet.interfaces import IPushProducer
+from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from allspark.auth import AuthError, Identity
@@ -67,14 +68,20 @@ class ClientProtocol(WebSocketServerProtocol):
         self._queued = 0
         self._paused = False
         self._registered = False
+        self._refusal: tuple[str, str] | None = None
 
     # -- handshake ----------------------------------------------------------
     def onConnect(self, request: ConnectionRequest) -> None:
+        """Authenticate the handshake: a valid auth key and a validation token
+        for this node and this server, redeemed once.  Refusals raise
+        :class:`ConnectionDeny` (401 for credentials, 503 when the server is
+        draining or full) and are answered by :meth:`sendHttpErrorResponse`
+        with a JSON body."""
         server = self.factory.server
         if server.draining:
-            raise ConnectionDeny(503, "server is shutting down")
+            self._deny(503, "unavailable", "server is shutting down")
         if len(server.registry) >= server.config.max_connections:
-            raise ConnectionDeny(503, "server is at its connection limit")
+            self._deny(503, "too_many_connections", "server is at its connection limit")
         params = request.params
         key = params.get("auth_key", [None])[0]
         token = params.get("validation_token", [None])[0]
@@ -83,13 +90,54 @@ class ClientProtocol(WebSocketServerProtocol):
             server.tokens.redeem(token, identity.node_id)
         except AuthError as e:
             log.info("refused handshake from {peer}: {code}", peer=request.peer, code=e.code)
-            raise ConnectionDeny(401, f"{e.code}: {e}") from None
+            self._deny(401, e.code, str(e))
         self.identity = identity
         self.node_id = identity.node_id
         self.client_id = identity.client_id
         self.sender = Sender(identity.node_id, identity.client_id)
 
+    def _deny(self, status: int, code: str, message: str) -> NoReturn:
+        """Refuse the handshake with ``status`` and a JSON ``{"error": code,
+        "message": message}`` body."""
+        self._refusal = (code, message)
+        raise ConnectionDeny(status, f"{code}: {message}")
+
+    def sendHttpErrorResponse(
+        self, code: int, reason: str, responseHeaders: list[tuple[str, str]] | None = None
+    ) -> None:
+        """Answer a refused handshake like the HTTP endpoints do: the standard
+        reason phrase, then a JSON body naming the error.  Autobahn's own
+        refusals (a malformed handshake) get ``bad_handshake``."""
+        if self._refusal is not None:
+            error, message = self._refusal
+        elif code >= 500:  # an unexpected error: its text stays in the server's log
+            error, message = "internal_error", "the server could not accept this connection"
+        else:
+            error, message = "bad_handshake", reason
+        body = encode({"error": error, "message": message})
+        phrase = RESPONSES.get(code, b"Error").decode("latin-1")
+        head = [f"HTTP/1.1 {code} {phrase}", "Content-Type: application/json",
+                f"Content-Length: {len(body)}", "Cache-Control: no-store", "Connection: close"]
+        if code == 426:
+            head.append("Upgrade: websocket")
+        for name, value in responseHeaders or ():
+            head.append(f"{name}: {value}")
+        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
     def onOpen(self) -> None:
+        """Take over back-pressure, register the connection and send hello.
+
+        Autobahn calls this inside a Deferred callback, where an exception
+        would vanish and leave a half-open connection: any failure is
+        logged and the connection dropped."""
+        try:
+            self._open()
+        except Exception:
+            log.failure("could not open the connection of {node_id}", node_id=getattr(self, "node_id", None))
+            self._unregister()
+            self.dropConnection(abort=True)
+
+    def _open(self) -> None:
         server = self.factory.server
         assert self.identity is not None
         # twisted.web's channel was the transport's producer until Autobahn
@@ -111,12 +159,16 @@ class ClientProtocol(WebSocketServerProtocol):
         server.on_connected(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._unregister()
+        self._queue.clear()
+        self._queued = 0
+
+    def _unregister(self) -> None:
+        """Leave the registry once: nothing is routed to this connection any more."""
         if self._registered:
             self._registered = False
             self.factory.server.registry.remove(self)
             self.factory.server.on_disconnected(self)
-        self._queue.clear()
-        self._queued = 0
 
     # -- frames from the client --------------------------------------------
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
@@ -175,6 +227,10 @@ class ClientProtocol(WebSocketServerProtocol):
         )
         self._queue.clear()
         self._queued = 0
+        # nothing more is routed here: later messages are stored (or, when
+        # ephemeral, reported as dropped) instead of vanishing into a socket
+        # that is closing
+        self._unregister()
         self.sendClose(CLOSE_QUEUE_OVERFLOW, "send queue overflow: the client reads too slowly")
         # the close frame may never get through a full buffer: do not wait long
         self.factory.server.clock.callLater(2.0, self.dropConnection, abort=True)
@@ -218,5 +274,8 @@ class ClientFactory(WebSocketServerFactory):
             openHandshakeTimeout=limits.handshake_timeout,
             closeHandshakeTimeout=2.0,
             allowNullOrigin=True,
+            # a plain GET on the socket path is a JSON 426, not Autobahn's
+            # status page (which names its version and follows ?redirect=)
+            webStatus=False,
         )
 
