@@ -141,6 +141,7 @@ class IdentityClaim:
     def __init__(self, data_dir: str, host: str, port: int, server_id: str) -> None:
         self.path = os.path.join(data_dir, f"server-{host}-{port}.json")
         self.server_id = server_id
+        self.held = False
 
     def claim(self, force: bool) -> None:
         """Take the identity, or raise ``RuntimeError`` saying why not."""
@@ -169,9 +170,15 @@ class IdentityClaim:
         with open(tmp, "w") as f:
             json.dump({"pid": os.getpid(), "server_id": self.server_id}, f)
         os.replace(tmp, self.path)
+        self.held = True
 
     def release(self) -> None:
-        """Give the identity up (clean stop)."""
+        """Give the identity up (clean stop).  A process that never took it
+        (its start was refused) leaves the file alone: it is another
+        process's, or a crashed one's that only ``--force`` may take."""
+        if not self.held:
+            return
+        self.held = False
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -203,13 +210,20 @@ class ServerService(service.Service):
         self._ready: Deferred[None] | None = None
 
     def startService(self) -> None:
+        """Claim the identity (synchronously: twistd is not running its
+        reactor yet, so a refusal ends the process with status 1 and the
+        reason on stderr), then start the store and listen."""
+        try:
+            self.claim.claim(self.server.config.force)
+        except (RuntimeError, OSError) as e:
+            log.error("cannot start: {reason}", reason=str(e))
+            raise SystemExit(f"allspark: cannot start: {e}") from None
         super().startService()
         self._ready = defer.ensureDeferred(self._start())
         self._ready.addErrback(self._failed_start)
 
     async def _start(self) -> None:
         config = self.server.config
-        self.claim.claim(config.force)
         await self.server.store.start()
         for description in config.listen:
             endpoint = serverFromString(self.reactor, description)
