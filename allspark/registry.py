@@ -62,9 +62,10 @@ class Registry:
         conns = self._by_node.get(node_id)
         if not conns:
             return 0
-        for conn in tuple(conns):
+        targets = tuple(conns)  # a connection may leave while it is sent to
+        for conn in targets:
             conn.send(frame)
-        return len(conns)
+        return len(targets)
 
     def __len__(self) -> int:
         return self._count

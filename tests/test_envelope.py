@@ -1,0 +1,133 @@
+"""Frames on the wire: what a client may send, what a recipient gets."""
+
+from __future__ import annotations
+
+import orjson
+from twisted.trial import unittest
+
+from allspark.envelope import (
+    Control,
+    FrameError,
+    Message,
+    delivery_body,
+    encode,
+    error_frame,
+    parse_frame,
+    with_seq,
+)
+
+
+def parse(frame: object) -> Message | Control:
+    return parse_frame(orjson.dumps(frame))
+
+
+class ParseTests(unittest.SynchronousTestCase):
+    def refused(self, data: bytes | object, code: str = "bad_frame", binary: bool = False) -> FrameError:
+        raw = data if isinstance(data, bytes) else orjson.dumps(data)
+        with self.assertRaises(FrameError) as caught:
+            parse_frame(raw, binary)
+        self.assertEqual(caught.exception.code, code, data)
+        self.assertTrue(caught.exception.message)
+        return caught.exception
+
+    def test_a_frame_with_a_destination_is_a_message(self) -> None:
+        msg = parse({"dest_id": "bob", "payload": {"a": [1]}, "payload1": "x", "payload2": None,
+                     "type": 7, "id": "c-1", "ephemeral": True})
+        assert isinstance(msg, Message)
+        self.assertEqual((msg.id, msg.dest_id, msg.ephemeral), ("c-1", "bob", True))
+        self.assertEqual(msg.content, {"payload": {"a": [1]}, "payload1": "x", "payload2": None, "type": 7})
+        self.assertEqual(msg.ignored, [])
+
+    def test_unknown_and_server_fields_of_a_message_are_dropped_and_reported(self) -> None:
+        msg = parse({"dest_id": "bob", "src_id": "mallory", "src_client_id": "m", "timestamp": 1,
+                     "seq": 9, "alias": "a", "op": "hello", "payload": 1})
+        assert isinstance(msg, Message)
+        self.assertEqual(msg.content, {"payload": 1})
+        self.assertEqual(msg.ignored, ["alias", "op", "seq", "src_client_id", "src_id", "timestamp"])
+
+    def test_session_message_may_name_a_member(self) -> None:
+        msg = parse({"dest_session_id": "s-1", "dest_id": "alias-3", "payload": 1})
+        assert isinstance(msg, Message)
+        self.assertEqual((msg.dest_session_id, msg.dest_id), ("s-1", "alias-3"))
+
+    def test_not_json_objects_are_refused(self) -> None:
+        for data in (b"", b"not json", b"{", b"[1]", b"1", b'"s"', b"null", b"true", b"NaN",
+                     b"[" * 3000 + b"]" * 3000, b"\xff\xfe"):
+            self.refused(data)
+
+    def test_binary_frames_are_refused(self) -> None:
+        self.assertIn("binary", self.refused(b'{"op": "ping"}', binary=True).message)
+
+    def test_wrong_types_are_refused_with_the_frame_id(self) -> None:
+        for frame in (
+            {"dest_id": 5},
+            {"dest_id": ["bob"]},
+            {"dest_id": "bob", "type": "7"},
+            {"dest_id": "bob", "type": 1.0},
+            {"dest_id": "bob", "type": False},
+            {"dest_id": "bob", "type": 2**53},
+            {"dest_id": "bob", "ephemeral": "true"},
+            {"dest_id": "bob", "ephemeral": 1},
+            {"dest_id": "bad id"},
+            {"dest_id": "x" * 129},
+            {"dest_id": ""},
+            {"dest_id": None},
+            {"dest_client_id": "bob", "dest_id": "bob-phone"},
+            {"dest_client_id": "bob", "dest_session_id": "s"},
+        ):
+            self.assertEqual(self.refused({**frame, "id": "f-1"}).frame_id, "f-1", frame)
+
+    def test_ids_are_bounded(self) -> None:
+        self.assertEqual(parse({"dest_id": "b" * 128, "id": "i" * 64}).id, "i" * 64)
+        for bad_id in ("i" * 65, "", 5, ["x"]):
+            self.assertIsNone(self.refused({"dest_id": "bob", "id": bad_id}).frame_id)
+
+    def test_control_frames(self) -> None:
+        ping = parse({"op": "ping", "id": "p"})
+        self.assertEqual((ping.op, ping.id, ping.args), ("ping", "p", {}))
+        sync = parse({"op": "sync", "after": 5, "limit": 10})
+        assert isinstance(sync, Control)
+        self.assertEqual(sync.args, {"after": 5, "limit": 10})
+        self.assertEqual(parse({"op": "ack", "upto": 0}).args, {"upto": 0})
+
+    def test_bad_control_frames(self) -> None:
+        self.refused({"op": "nope"}, "unknown_op")
+        self.refused({"op": 1}, "unknown_op")
+        self.refused({"op": None})
+        self.refused({})
+        self.refused({"payload": 1})
+        self.refused({"op": "ping", "src_id": "x"})
+        self.refused({"op": "ack"})
+        for bad in (-1, 1.5, "3", True, 2**63):
+            self.refused({"op": "ack", "upto": bad})
+        for bad in (0, 1001, "10"):
+            self.refused({"op": "sync", "limit": bad})
+
+    def test_long_unknown_op_is_not_echoed_whole(self) -> None:
+        self.assertLess(len(self.refused({"op": "x" * 10_000}, "unknown_op").message), 200)
+
+
+class OutputTests(unittest.SynchronousTestCase):
+    def test_delivery_body_is_stamped_by_the_server(self) -> None:
+        msg = parse({"dest_id": "bob", "payload": "hi", "type": 3, "id": "c-1", "src_id": "mallory"})
+        assert isinstance(msg, Message)
+        body = orjson.loads(delivery_body(msg, "alice", "a", 1234))
+        self.assertEqual(body, {"src_id": "alice", "src_client_id": "a", "dest_id": "bob",
+                                "payload": "hi", "type": 3, "id": "c-1", "timestamp": 1234})
+
+    def test_delivery_body_without_client_and_with_a_device_dest(self) -> None:
+        msg = parse({"dest_client_id": "bob", "payload": 1, "ephemeral": True})
+        assert isinstance(msg, Message)
+        body = orjson.loads(delivery_body(msg, "alias-1", None, 5, dest_id="bob-phone"))
+        self.assertEqual(body, {"src_id": "alias-1", "dest_id": "bob-phone", "dest_client_id": "bob",
+                                "payload": 1, "ephemeral": True, "timestamp": 5})
+
+    def test_with_seq_adds_the_seq(self) -> None:
+        self.assertEqual(orjson.loads(with_seq(b'{"a":1}', 42)), {"seq": 42, "a": 1})
+
+    def test_error_frame(self) -> None:
+        self.assertEqual(orjson.loads(error_frame("bad_frame", "m", "i")),
+                         {"op": "error", "code": "bad_frame", "message": "m", "id": "i"})
+        self.assertNotIn("id", orjson.loads(error_frame("bad_frame", "m")))
+        self.assertEqual(orjson.loads(FrameError("too_large", "big", "x").to_frame())["code"], "too_large")
+        self.assertEqual(encode({"op": "pong"}), b'{"op":"pong"}')
