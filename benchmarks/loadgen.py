@@ -24,7 +24,11 @@ from urllib.parse import quote
 import orjson
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet import defer, reactor, task
+import warnings
+
 from twisted.web.client import Agent, readBody
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 class Conn(WebSocketClientProtocol):
@@ -55,7 +59,7 @@ class Conn(WebSocketClientProtocol):
     def send(self, frame: dict[str, Any]) -> None:
         self.sendMessage(orjson.dumps(frame))
 
-    def is_open(self) -> bool:
+    def open_now(self) -> bool:
         return self.state == WebSocketClientProtocol.STATE_OPEN
 
 
@@ -75,7 +79,8 @@ class LoadGen:
     def error(self, what: str) -> None:
         self.r["errors"] += 1
         if len(self.r["error_samples"]) < 20:
-            self.r["error_samples"].append(str(what)[:300])
+            text = str(what)
+            self.r["error_samples"].append(text[:300] if len(text) <= 600 else text[:200] + " ... " + text[-400:])
 
     # -- connecting ----------------------------------------------------------
     async def _pre_connection(self, base: str, key: str) -> str:
@@ -197,7 +202,7 @@ class LoadGen:
                 if p["timer"] is not None and p["timer"].active():
                     p["timer"].cancel()
                 p["timer"] = None
-                if p["max_seq"] > p["acked_sent"] and p["r"].is_open():
+                if p["max_seq"] > p["acked_sent"] and p["r"].open_now():
                     p["r"].send({"op": "ack", "upto": p["max_seq"]})
                     p["acked_sent"] = p["max_seq"]
                     p["pending"] = 0
@@ -353,7 +358,7 @@ class LoadGen:
                 if m["timer"] is not None and m["timer"].active():
                     m["timer"].cancel()
                 m["timer"] = None
-                if m["max_seq"] > m["acked"] and m["conn"].is_open():
+                if m["max_seq"] > m["acked"] and m["conn"].open_now():
                     m["conn"].send({"op": "ack", "session_id": session_id, "upto": m["max_seq"]})
                     m["acked"] = m["max_seq"]
                     r["acks_sent"] += 1

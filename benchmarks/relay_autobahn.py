@@ -9,18 +9,23 @@ queue.  It speaks the harness's relay protocol (see ``benchmarks/node/relay.js``
 Connect to ``ws://127.0.0.1:PORT/?id=NODE[&rooms=R]``; send
 ``{"id", "dest_id" | "dest_session_id", "payload"}``; the destination gets
 ``{"src_id", "dest_id", "payload", "id"}`` and the sender
-``{"op": "accepted", "id", "status": "delivered"}``.  A room message is
+``{"op": "accepted", "id", "status": "delivered"}`` (unless the environment
+sets ``BENCH_RELAY_NO_ACCEPTED=1``: a calibration knob, forward only).  A room message is
 encoded once and sent as one Autobahn prepared message to every member.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
+
+
+ACCEPTED = os.environ.get("BENCH_RELAY_NO_ACCEPTED") != "1"
 
 
 class RelayProtocol(WebSocketServerProtocol):
@@ -59,7 +64,8 @@ class RelayProtocol(WebSocketServerProtocol):
             peer = self.factory.nodes.get(m.get("dest_id"))
             if peer is not None:
                 peer.sendMessage(orjson.dumps(out))
-        self.sendMessage(orjson.dumps({"op": "accepted", "id": m.get("id"), "status": "delivered"}))
+        if ACCEPTED:
+            self.sendMessage(orjson.dumps({"op": "accepted", "id": m.get("id"), "status": "delivered"}))
 
 
 class RelayFactory(WebSocketServerFactory):

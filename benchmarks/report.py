@@ -33,7 +33,17 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(), "python": platform.python_version(),
         "node": run_quiet(["node", "--version"]) or None,
         "nats_server": run_quiet(["nats-server", "--version"]) or None,
+        "loadavg_at_end": _loadavg(),
     }
+
+
+def _loadavg() -> str:
+    """Other work on the machine skews a run: the report says how busy it was."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
 
 
 def _find(rows: list[dict[str, Any]], scenario: str, system: str, **kw: Any) -> dict[str, Any] | None:

@@ -42,7 +42,9 @@ function error(what) {
   if (R.error_samples.length < 20) R.error_samples.push(String(what).slice(0, 300));
 }
 
-function emit(tag, obj) { process.stdout.write(tag + ' ' + JSON.stringify(obj) + '\n'); }
+// stdout is a pipe: a line over 64 KB (RESULT carries every latency) is
+// written asynchronously, so exit only once it has been flushed
+function emit(tag, obj, then) { process.stdout.write(tag + ' ' + JSON.stringify(obj) + '\n', then); }
 
 // ---------------------------------------------------------------- transports
 // Each connection is {send(obj), close(), onFrame: fn(obj), isOpen()}.
@@ -460,9 +462,9 @@ async function main() {
   for (const c of conns) if (c) c.close();
   if (natsConn) { try { await natsConn.close(); } catch (e) { /* closed */ } }
   void cpu0;
-  emit('RESULT', R);
-  process.exit(0);
+  R.latencies_ms = R.latencies_ms.map((x) => Math.round(x * 1000) / 1000);
+  emit('RESULT', R, () => process.exit(0));
 }
 
 process.on('SIGTERM', () => process.exit(1));
-main().catch((e) => { error('fatal: ' + (e && e.stack)); emit('RESULT', R); process.exit(2); });
+main().catch((e) => { error('fatal: ' + (e && e.stack)); emit('RESULT', R, () => process.exit(2)); });
