@@ -108,7 +108,13 @@ class ClientProtocol(WebSocketClientProtocol):
 class Client:
     """One connected node.  Build it with :func:`connect`."""
 
-    def __init__(self, reactor: Any, auto_ack: bool = True, ack_delay: float = 0.05) -> None:
+    def __init__(
+        self, reactor: Any, auto_ack: bool = True, ack_delay: float = 0.05, inbox_after: int = 0
+    ) -> None:
+        """``auto_ack``: ack what was handed to the app, ``ack_delay`` s later
+        (batched).  ``inbox_after``: the last inbox seq the app already
+        processed in an earlier run (it keeps it itself); sync starts after
+        it and anything at or below it is dropped as a duplicate."""
         self.reactor = reactor
         self.auto_ack = auto_ack
         self.ack_delay = ack_delay
@@ -123,7 +129,7 @@ class Client:
         self._pending: dict[str, Deferred[dict[str, Any]]] = {}
         self._counter = 0
         self.received = 0
-        self._streams: dict[str | None, _Stream] = {}
+        self._streams: dict[str | None, _Stream] = {None: _Stream(watermark=inbox_after)}
         self._ack_call: Any = None
         #: gaps reported by sync: ``{"after", "upto"[, "session_id"]}``, each
         #: a range of seqs the server removed by retention before they were acked
