@@ -1,0 +1,42 @@
+"""HTTP pieces without sockets: the access log never holds credentials."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
+
+from allspark.web import redact_uri, redacted_log_formatter
+
+
+class RedactionTests(unittest.SynchronousTestCase):
+    def test_redact_uri(self) -> None:
+        cases = {
+            b"/health": b"/health",
+            b"/?get_pre_connection_info=true&auth_key=a.b.c":
+                b"/?get_pre_connection_info=true&auth_key=REDACTED",
+            b"/ws?auth_key=a.b.c&validation_token=t.s": b"/ws?auth_key=REDACTED&validation_token=REDACTED",
+            b"/v1/pre_connection_info?need_proxy=1&auth%5Fkey=k": b"/v1/pre_connection_info?need_proxy=1&auth%5Fkey=REDACTED",
+            b"/x?auth_key": b"/x?auth_key",
+            b"/x?auth_keys=keep": b"/x?auth_keys=keep",
+        }
+        for uri, expected in cases.items():
+            self.assertEqual(redact_uri(uri), expected, uri)
+
+    def test_log_line_has_no_credentials(self) -> None:
+        request = DummyRequest([b""])
+        request.uri = b"/?get_pre_connection_info=true&auth_key=SECRETKEY"
+        request.method = b"GET"
+        request.clientproto = b"HTTP/1.1"
+        request.code = 200
+        request.sentLength = 10
+        request.client = IPv4Address("TCP", "127.0.0.1", 5555)
+        request.requestHeaders.setRawHeaders(b"referer", [b"https://app.example/?auth_key=SECRETREF"])
+        request.requestHeaders.setRawHeaders(b"user-agent", [b'agent "x"'])
+        line = redacted_log_formatter("[ts]", request)
+        self.assertNotIn("SECRET", line)
+        self.assertEqual(
+            line,
+            '"127.0.0.1" - - [ts] "GET /?get_pre_connection_info=true&auth_key=REDACTED HTTP/1.1" 200 10 '
+            '"https://app.example/?auth_key=REDACTED" "agent \\"x\\""',
+        )
