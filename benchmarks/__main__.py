@@ -40,6 +40,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loadgen", choices=("auto", "node", "python"), default="auto")
     p.add_argument("--loadgen-procs", type=int, help="load generator processes (default: 1 Node, 3 Python)")
     p.add_argument("--no-references", action="store_true", help="only Allspark and the bare relay")
+    p.add_argument("--repeat", type=int, default=1, help="repeat each direct run, keep the median (default 1)")
     p.add_argument("--profile", action="store_true", help="py-spy on Allspark during one more durable run")
     p.add_argument("--out", default=os.path.join(procs.BENCH, "results"), help="output directory")
     return p.parse_args(argv)
@@ -62,6 +63,7 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
         raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
     s.references = not args.no_references
     s.profile = args.profile
+    s.repeat = max(1, args.repeat)
     s.out_dir = args.out
     return s
 

@@ -173,7 +173,9 @@ class LoadGen:
             payload: dict[str, Any] = {"s": p["k"], "i": i, "t": perf() * 1000}
             if pad:
                 payload["x"] = pad
-            frame: dict[str, Any] = {"id": f"{p['k']}-{i}", "dest_id": p["rid"], "payload": payload}
+            frame: dict[str, Any] = {"dest_id": p["rid"], "payload": payload}
+            if cfg.get("ids", True):
+                frame["id"] = f"{p['k']}-{i}"   # without an id: no de-duplication record
             if ephemeral:
                 frame["ephemeral"] = True
             p["s"].send(frame)

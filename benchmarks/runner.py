@@ -35,6 +35,7 @@ class Load:
     drain_s: float = 5.0
     session_id: str | None = None
     payload_pad: int = 0
+    ids: bool = True                   # an "id" on every message (receipts, de-duplication)
 
 
 class LoadGenerators:
@@ -109,7 +110,7 @@ def split(load: Load, parts: int) -> list[dict[str, Any]]:
     for share in shares:
         cfg: dict[str, Any] = {"scenario": load.scenario, "durable": load.durable, "window": load.window,
                                "deadline_s": load.deadline_s, "drain_s": load.drain_s,
-                               "payload_pad": load.payload_pad}
+                               "payload_pad": load.payload_pad, "ids": load.ids}
         if load.scenario == "direct":
             if not share:
                 continue

@@ -249,7 +249,8 @@ async function runDirect(conns, go) {
 
   function sendOne(p) {
     const i = p.sent++;
-    const frame = { id: p.k + '-' + i, dest_id: p.rid, payload: { s: p.k, i, t: now() } };
+    const frame = { dest_id: p.rid, payload: { s: p.k, i, t: now() } };
+    if (cfg.ids !== false) frame.id = p.k + '-' + i;   // without an id: no de-duplication record
     if (pad) frame.payload.x = pad;
     if (cfg.mode === 'allspark' && !durable) frame.ephemeral = true;
     p.s.send(frame);
