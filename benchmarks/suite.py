@@ -83,10 +83,10 @@ def _direct_load(target: Target, s: Settings, durable: bool, rate: float = 0.0, 
                  messages: int | None = None) -> Load:
     n = max(2, s.clients - s.clients % 2)
     half = n // 2
-    ids = [(f"bench-s{i}", f"user-s{i}") for i in range(half)] + [(f"bench-r{i}", f"user-r{i}") for i in range(half)]
-    keys = target.mint_keys(ids)
+    names = [(f"bench-s{i}", f"user-s{i}") for i in range(half)] + [(f"bench-r{i}", f"user-r{i}") for i in range(half)]
+    keys = target.mint_keys(names)
     clients = []
-    for i, ((node_id, _), key) in enumerate(zip(ids, keys)):
+    for i, ((node_id, _), key) in enumerate(zip(names, keys)):
         clients.append({"id": node_id, "key": key, "server": i % max(1, len(target.urls)),
                         "role": "sender" if i < half else "receiver"})
     per_pair = max(1, (messages or s.messages) // half)
