@@ -145,8 +145,11 @@ def public_id(member: MemberRecord) -> str:
 def public_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
     """What any member (and any HTTP answer) may see of ``member``.
 
-    An anonymous member shows only its alias: no node_id, no client_id."""
-    view: dict[str, Any] = {"id": public_id(member), "alias": member.alias,
+    ``name`` is what it is addressed by (``dest_id``) and what its messages
+    carry as ``src_id``: its alias when anonymous, else its node_id.  An
+    anonymous member shows only its alias: no node_id, no client_id.  (The
+    key is not ``id``, which names the request an answer belongs to.)"""
+    view: dict[str, Any] = {"name": public_id(member), "alias": member.alias,
                             "anonymous": member.anonymous}
     if not member.anonymous:
         view["node_id"] = member.node_id

@@ -97,7 +97,7 @@ class JoinRules(SessionsTestCase):
         self.assertEqual(info["session_id"], "s1")
         self.assertEqual(info["owner"], "alice")
         self.assertEqual(info["you"]["node_id"], "alice")
-        self.assertEqual([m["id"] for m in info["members"]], ["alice"])
+        self.assertEqual([m["name"] for m in info["members"]], ["alice"])
 
     def test_generated_session_id_and_duplicate_refused(self) -> None:
         info = self.op("alice", "create_session")
@@ -110,6 +110,7 @@ class JoinRules(SessionsTestCase):
         self.op_refused("bob", "join_session", "not_allowed", session_id="s1", node_id="carol")
         added = self.op("alice", "join_session", session_id="s1", node_id="bob")
         self.assertEqual(added["op"], "member")
+        self.assertNotIn("id", added)  # "id" is the request's id, set by the socket
         self.assertEqual(added["node_id"], "bob")
         # joining again answers the same membership
         again = self.op("bob", "join_session", session_id="s1")
@@ -295,7 +296,7 @@ class Cache(SessionsTestCase):
         self.sessions.membership_changed("s1")  # what a peer's report does
         info = self.op("alice", "get_session_info", session_id="s1")
         self.assertEqual(calls, ["s1"])
-        self.assertEqual({m["id"] for m in info["members"]}, {"alice", "bob"})
+        self.assertEqual({m["name"] for m in info["members"]}, {"alice", "bob"})
 
     def test_change_during_load_is_not_cached_stale(self) -> None:
         self.op("alice", "create_session", session_id="s1")
