@@ -15,7 +15,17 @@ What it does for you:
 - sync on connect: everything the node has not acked is fetched, page by page;
 - de-duplication: a message whose ``seq`` was already handed to the app (live
   and again by a sync) is dropped;
-- automatic acks of what was handed to the app, batched (``ack_delay``).
+- automatic acks of what was handed to the app, batched (``ack_delay``);
+- sessions: :meth:`Client.create_session`, :meth:`Client.join_session`,
+  :meth:`Client.unjoin_session`, :meth:`Client.session_info`, ...; on connect
+  every session the node belongs to is synced too (``my_sessions``).  A
+  session broadcast carries ``session_seq`` (its place in the session stream),
+  de-duplicated and acked per session; a private message inside a session
+  carries the inbox ``seq`` like any direct message;
+- user-wide sends (``send(dest_client_id=...)``): every device of that user
+  gets the message, and so do the sender's own other devices.  A copy of your
+  own message (sent from another of your devices) is one whose
+  ``src_client_id`` equals your own ``client_id`` (:meth:`Client.is_own_copy`).
 """
 
 from __future__ import annotations
@@ -158,8 +168,21 @@ class Client:
     def send(self, **fields: Any) -> Deferred[dict[str, Any]]:
         """Send a message (``dest_id=``, ``dest_client_id=``,
         ``dest_session_id=``, ``payload=``, ``ephemeral=``, ``type=``,
-        ``id=``); fires with the ``accepted`` frame."""
-        return self.request(fields)
+        ``id=``); fires with the ``accepted`` frame.
+
+        A session broadcast's ``accepted`` carries its ``session_seq``; the
+        node never receives its own row, so that seq counts as handed over
+        (the session's ack cursor can move past it)."""
+        d = self.request(fields)
+        session_id = fields.get("dest_session_id")
+        if session_id is not None:
+            def own_row(accepted: dict[str, Any]) -> dict[str, Any]:
+                if "session_seq" in accepted:
+                    self._stream(session_id).accept(accepted["session_seq"])
+                return accepted
+
+            d.addCallback(own_row)
+        return d
 
     def ping(self) -> Deferred[dict[str, Any]]:
         return self.request({"op": "ping"})
@@ -173,6 +196,67 @@ class Client:
         stream.acked = max(stream.acked, upto)
         return self.request(frame)
 
+    # -- sessions ---------------------------------------------------------
+    async def create_session(self, **options: Any) -> dict[str, Any]:
+        """``create_session`` (``session_id=``, ``anonymous=``,
+        ``anyone_can_join=``, ``session_type="group"|"game"``); the
+        ``session`` answer.  The stream cursor starts where the node joined."""
+        answer = await self.request({"op": "create_session", **options})
+        self._joined(answer["session_id"], answer["you"])
+        return answer
+
+    async def join_session(self, session_id: str, **options: Any) -> dict[str, Any]:
+        """``join_session`` (``anonymous=``; ``node_id=`` when the owner adds
+        someone); the ``member`` answer."""
+        answer = await self.request({"op": "join_session", "session_id": session_id, **options})
+        if "node_id" not in options or options["node_id"] == answer.get("node_id"):
+            self._joined(session_id, answer)
+        return answer
+
+    def unjoin_session(self, session_id: str, **options: Any) -> Deferred[dict[str, Any]]:
+        """``unjoin_session`` (the owner may name ``node_id=`` or ``alias=``);
+        the ``left`` answer."""
+        return self.request({"op": "unjoin_session", "session_id": session_id, **options})
+
+    def session_info(self, session_id: str) -> Deferred[dict[str, Any]]:
+        """``get_session_info``; the ``session`` answer."""
+        return self.request({"op": "get_session_info", "session_id": session_id})
+
+    def reveal_anonymity(self, session_id: str) -> Deferred[dict[str, Any]]:
+        """``reveal_anonymity``; the ``revealed`` answer."""
+        return self.request({"op": "reveal_anonymity", "session_id": session_id})
+
+    def set_master(self, session_id: str, **member: Any) -> Deferred[dict[str, Any]]:
+        """``set_master`` with ``node_id=`` or ``alias=``; the ``master`` answer."""
+        return self.request({"op": "set_master", "session_id": session_id, **member})
+
+    async def my_sessions(self) -> list[dict[str, Any]]:
+        """Every session this node is a member of, with its cursors."""
+        answer = await self.request({"op": "my_sessions"})
+        return answer["sessions"]
+
+    async def sync_sessions(self) -> int:
+        """Sync every session this node is a member of; how many new
+        messages arrived."""
+        received = 0
+        for entry in await self.my_sessions():
+            self._stream(entry["session_id"]).skip_to(max(entry["acked_seq"], entry["joined_seq"]))
+            received += await self.sync(entry["session_id"])
+        return received
+
+    def is_own_copy(self, message: dict[str, Any]) -> bool:
+        """Whether ``message`` is a copy of something this user sent from
+        another of its devices (a user-wide send): its ``src_client_id`` is
+        this node's own client_id."""
+        client_id = (self.hello or {}).get("client_id")
+        return client_id is not None and message.get("src_client_id") == client_id
+
+    def _joined(self, session_id: str, member: dict[str, Any]) -> None:
+        stream = self._stream(session_id)
+        cursor = max(member.get("acked_seq", 0), member.get("joined_seq", 0))
+        stream.skip_to(cursor)
+        stream.acked = max(stream.acked, member.get("acked_seq", 0))
+
     async def sync(self, session_id: str | None = None, limit: int = 500) -> int:
         """Fetch everything not yet handed over, page by page, into
         :attr:`messages`; how many new messages arrived.
@@ -182,7 +266,9 @@ class Client:
         stream = self._stream(session_id)
         received = self.received
         stalled = 0
-        after: int | None = stream.watermark if session_id is None else None
+        # a session stream with no known position starts at the server's
+        # cursor for this member (its acked_seq)
+        after: int | None = stream.watermark if session_id is None or stream.watermark else None
         while True:
             frame: dict[str, Any] = {"op": "sync", "limit": limit}
             if after is not None:
@@ -338,5 +424,6 @@ async def connect(
     client = await open_socket(reactor, info["node"]["ws_url"], **options)
     if sync:
         await client.sync()
+        await client.sync_sessions()
     return client
 
