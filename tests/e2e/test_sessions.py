@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 
 from allspark.client import AllsparkError, Client
@@ -362,7 +362,7 @@ class LargeSessionTests(unittest.TestCase):
         self.server = start_server(self)
 
     async def test_ten_thousand_member_broadcast(self) -> None:
-        members, online_count = 10_000, 50
+        members, online_count = 10_000, 300
         owner = await client_for(self, self.server, "owner")
         await owner.create_session(session_id="stadium")
         started = time.monotonic()
@@ -373,7 +373,12 @@ class LargeSessionTests(unittest.TestCase):
                 for i in range(start, min(start + batch, members))
             ])
         add_time = time.monotonic() - started
-        online = [await client_for(self, self.server, f"fan-{i}") for i in range(online_count)]
+        online: list[Client] = []
+        for start in range(0, online_count, 50):
+            online.extend(await gatherResults([
+                Deferred.fromCoroutine(client_for(self, self.server, f"fan-{i}"))
+                for i in range(start, min(start + 50, online_count))
+            ]))
         bystander = await client_for(self, self.server, "bystander")
 
         started = time.monotonic()
