@@ -24,6 +24,15 @@ SECRET = "test-secret-0123456789abcdef0123456789"
 CLUSTER_SECRET = "cluster-secret-0123456789abcdef012345"
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the test process dies, so
+    that no server outlives a test run that was killed."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket() as s:
@@ -68,7 +77,8 @@ class ServerProcess:
         if force:
             cmd.append("--force")
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir,
+                                     preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
