@@ -197,7 +197,7 @@ def picture(result: dict[str, Any], path: str) -> str | None:
     ax2.set_xscale("log")
     ax2.set_xlabel("latency ms (log)")
     ax2.set_ylabel("fraction of messages")
-    ax2.set_title("Latency CDF (dotted: at peak, solid: at half peak)")
+    ax2.set_title("Latency CDF (dotted: at peak, solid: at a fixed rate)")
     ax2.axvline(20, color="k", linewidth=0.5)
     ax2.legend(fontsize=6, loc="lower right")
     ax2.grid(True, which="both", linewidth=0.3)
