@@ -36,6 +36,7 @@ from urllib.parse import urlencode
 
 import orjson
 import treq
+from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.error import ConnectionDone
@@ -162,7 +163,12 @@ class Client:
         frame_id = frame.setdefault("id", self._next_id())
         d: Deferred[dict[str, Any]] = Deferred()
         self._pending[frame_id] = d
-        self.send_raw(orjson.dumps(frame))
+        try:
+            self.send_raw(orjson.dumps(frame))
+        except (Disconnected, AssertionError):
+            # closing: the socket is gone before onClose told us
+            del self._pending[frame_id]
+            d.errback(ConnectionDone("connection closed"))
         return d
 
     def send(self, **fields: Any) -> Deferred[dict[str, Any]]:
@@ -319,6 +325,9 @@ class Client:
             self.hello = frame
             self._hello.callback(frame)
             return
+        if op == "member_joined" and frame.get("you"):
+            # the owner added this node: its stream cursor starts where it joined
+            self._joined(frame["session_id"], frame["member"])
         frame_id = frame.get("id")
         if op in ANSWER_OPS and frame_id in self._pending:
             d = self._pending.pop(frame_id)

@@ -167,6 +167,12 @@ class ControlFrameTests(unittest.TestCase):
         event = await events_until(bob, "member_joined")
         self.assertTrue(event["you"])
         self.assertEqual(event["member"]["node_id"], "bob")
+        # bob's client starts its cursor where it was added, so it acks what it gets
+        accepted = await alice.send(dest_session_id="club", payload="welcome")
+        self.assertEqual((await bob.next_message())["session_seq"], accepted["session_seq"])
+        await sleep(0.2)
+        (mine,) = await bob.my_sessions()
+        self.assertEqual(mine["acked_seq"], accepted["session_seq"])
         await alice.join_session("club", node_id="carol")
         joined = await events_until(bob, "member_joined")
         self.assertEqual(joined["member"]["name"], "carol")
