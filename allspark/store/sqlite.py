@@ -55,10 +55,11 @@ import sqlite3
 import threading
 from typing import Any, Callable, Sequence
 
+import orjson
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from allspark.logs import logger
 from allspark.store import (
     AppendResult,
     DuplicateSession,
@@ -69,7 +70,7 @@ from allspark.store import (
     StoreError,
 )
 
-log = Logger()
+log = logger(__name__)
 
 #: Schema steps: ``MIGRATIONS[i]`` brings a file from version ``i`` to ``i + 1``.
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -146,6 +147,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
             UPDATE sessions SET last_seq = NEW.seq WHERE session_id = NEW.session_id;
         END""",
     ),
+    # 2: inbox appends number their copies in batches (see _append_many) and
+    # store inbox_state.last_seq once per node per batch, not by a trigger per row.
+    ("DROP TRIGGER inbox_last_seq",),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -163,19 +167,21 @@ def _multi(fn: Callable[..., Any]) -> Callable[..., Any]:
 # Each takes the cursor first; the SQL strings are constants so that sqlite3's
 # statement cache keeps them prepared.
 
-# One statement per copy: the seq is inbox_state.last_seq + 1 (read inside the
-# write transaction), and the inbox_last_seq trigger stores it back.
-_APPEND_INBOX = (
-    "INSERT INTO inbox (node_id, seq, stored_at, body) VALUES (?1, "
-    "COALESCE((SELECT last_seq FROM inbox_state WHERE node_id = ?1), 0) + 1, ?2, ?3) "
-    "RETURNING seq"
-)
 _INSERT_INBOX = "INSERT INTO inbox (node_id, seq, stored_at, body) VALUES (?, ?, ?, ?)"
 _LAST_SEQS = (
     "SELECT node_id, last_seq FROM inbox_state "
     "WHERE node_id IN (SELECT value FROM json_each(?))"
 )
+_SET_LAST_SEQ = (
+    "INSERT INTO inbox_state (node_id, last_seq) VALUES (?, ?) "
+    "ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq"
+)
 _DEDUP_GET = "SELECT created_at, seqs, answer FROM dedup WHERE sender_id = ? AND dedup_id = ?"
+_DEDUP_GET_MANY = (
+    "SELECT sender_id, dedup_id, created_at, seqs, answer FROM dedup "
+    "WHERE (sender_id, dedup_id) IN "
+    "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+)
 _DEDUP_PUT = (
     "INSERT OR REPLACE INTO dedup (sender_id, dedup_id, created_at, seqs, answer) "
     "VALUES (?, ?, ?, ?, ?)"
@@ -223,10 +229,56 @@ def _op_nodes_of_client(cur: sqlite3.Cursor, client_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-def _op_append_one(cur: sqlite3.Cursor, node_id: str, body: bytes, answer: bytes, now_ms: int) -> AppendResult:
-    """The hot path: one recipient, no de-duplication, one atomic statement."""
-    seq = cur.execute(_APPEND_INBOX, (node_id, now_ms, body)).fetchone()[0]
-    return AppendResult(False, {node_id: seq}, answer)
+_AppendArgs = tuple[str, "str | None", Sequence[str], bytes, bytes, int, int]
+
+
+def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[AppendResult]:
+    """Append many messages (the arguments of :meth:`SQLiteStore.append_inbox`)
+    with a handful of statements, whatever their number.
+
+    One query reads the de-duplication rows of every ``(sender, id)`` of the
+    run, one reads the ``last_seq`` of every recipient; copies are numbered in
+    Python (the transaction holds SQLite's write lock, so no other process can
+    number at the same time); then one ``executemany`` each inserts the copies,
+    stores the new ``last_seq`` per node and the de-duplication rows.  A
+    ``(sender, id)`` repeated inside the run is a duplicate of its first
+    occurrence.
+    """
+    known: dict[tuple[str, str], tuple[int, Any, bytes]] = {}
+    keys = [(a[0], a[1]) for a in appends if a[1] is not None]
+    if keys:
+        for sender, dedup_id, created, seqs, answer in cur.execute(_DEDUP_GET_MANY, (orjson.dumps(keys),)):
+            known[(sender, dedup_id)] = (created, seqs, answer)
+    nodes = orjson.dumps(list({node for a in appends for node in a[2]}))
+    last: dict[str, int] = dict(cur.execute(_LAST_SEQS, (nodes,)).fetchall())
+    touched: set[str] = set()
+    inbox_rows: list[tuple[str, int, int, bytes]] = []
+    dedup_rows: list[tuple[str, str, int, bytes, bytes]] = []
+    results: list[AppendResult] = []
+    for sender, dedup_id, recipients, body, answer, now_ms, window_ms in appends:
+        if dedup_id is not None:
+            prior = known.get((sender, dedup_id))
+            if prior is not None and now_ms - prior[0] < window_ms:
+                seqs = prior[1] if isinstance(prior[1], dict) else orjson.loads(prior[1])
+                results.append(AppendResult(True, seqs, bytes(prior[2])))
+                continue
+        seqs = {}
+        for node_id in recipients:
+            if node_id in seqs:
+                continue
+            seq = last.get(node_id, 0) + 1
+            last[node_id] = seqs[node_id] = seq
+            touched.add(node_id)
+            inbox_rows.append((node_id, seq, now_ms, body))
+        if dedup_id is not None:
+            known[(sender, dedup_id)] = (now_ms, seqs, answer)
+            dedup_rows.append((sender, dedup_id, now_ms, orjson.dumps(seqs), answer))
+        results.append(AppendResult(False, seqs, answer))
+    cur.executemany(_INSERT_INBOX, inbox_rows)
+    cur.executemany(_SET_LAST_SEQ, [(node_id, last[node_id]) for node_id in touched])
+    if dedup_rows:
+        cur.executemany(_DEDUP_PUT, dedup_rows)
+    return results
 
 
 @_multi
@@ -240,16 +292,8 @@ def _op_append_inbox(
     now_ms: int,
     window_ms: int,
 ) -> AppendResult:
-    if dedup_id is not None:
-        seen = _seen(cur, sender_id, dedup_id, now_ms, window_ms)
-        if seen is not None:
-            return seen
-    seqs: dict[str, int] = {}
-    for node_id in dict.fromkeys(recipients):
-        seqs[node_id] = cur.execute(_APPEND_INBOX, (node_id, now_ms, body)).fetchone()[0]
-    if dedup_id is not None:
-        cur.execute(_DEDUP_PUT, (sender_id, dedup_id, now_ms, json.dumps(seqs), answer))
-    return AppendResult(False, seqs, answer)
+    """One append on its own (batches of appends go through :func:`_append_many`)."""
+    return _append_many(cur, [(sender_id, dedup_id, recipients, body, answer, now_ms, window_ms)])[0]
 
 
 def _op_fetch_inbox(cur: sqlite3.Cursor, node_id: str, after: int, limit: int) -> InboxPage:
@@ -573,11 +617,11 @@ class SQLiteStore:
         i, size, one_by_one_until = 0, len(batch), 0
         while i < size:
             fn, args, _ = batch[i]
-            if fn is _op_append_one and i >= one_by_one_until:
-                # A run of plain appends: one executemany instead of one
-                # statement each (see _append_run).
+            if fn is _op_append_inbox and i >= one_by_one_until:
+                # A run of appends: a few statements for the whole run instead
+                # of a few per message (see _append_many).
                 j = i + 1
-                while j < size and batch[j][0] is _op_append_one:
+                while j < size and batch[j][0] is _op_append_inbox:
                     j += 1
                 if j - i > 1:
                     run = self._append_run(cur, batch[i:j])
@@ -620,34 +664,19 @@ class SQLiteStore:
 
     @staticmethod
     def _append_run(cur: sqlite3.Cursor, run: list[_Op]) -> list[tuple[bool, Any]] | None:
-        """Append a run of single-recipient, non-de-duplicated messages at once.
-
-        Reads every node's ``last_seq`` in one query, numbers the copies in
-        Python (the write lock is held, so nobody else can), inserts them with
-        one ``executemany`` (the ``inbox_last_seq`` trigger stores the new
-        ``last_seq``).  Returns None, having rolled the run back, if that
-        fails: the caller then runs the operations one by one, so that only
-        the faulty one fails.
-        """
+        """Append a run of messages with :func:`_append_many`.  Returns None,
+        having rolled the run back, if that fails: the caller then runs the
+        operations one by one, so that only the faulty one fails."""
         cur.execute("SAVEPOINT run")
         try:
-            nodes = json.dumps(list(dict.fromkeys(args[0] for _, args, _ in run)))
-            last = dict(cur.execute(_LAST_SEQS, (nodes,)).fetchall())
-            rows = []
-            results: list[tuple[bool, Any]] = []
-            for _, (node_id, body, answer, now_ms), _ in run:
-                seq = last.get(node_id, 0) + 1
-                last[node_id] = seq
-                rows.append((node_id, seq, now_ms, body))
-                results.append((True, AppendResult(False, {node_id: seq}, answer)))
-            cur.executemany(_INSERT_INBOX, rows)
+            appended = _append_many(cur, [args for _, args, _ in run])
         except Exception:
             log.failure("batched append failed; retrying one by one", size=len(run))
             cur.execute("ROLLBACK TO run")
             cur.execute("RELEASE run")
             return None
         cur.execute("RELEASE run")
-        return results
+        return [(True, result) for result in appended]
 
     @staticmethod
     def _abort(
@@ -781,8 +810,6 @@ class SQLiteStore:
         dedup_window_ms: int,
     ) -> Deferred[AppendResult]:
         """See :meth:`allspark.store.Store.append_inbox`."""
-        if dedup_id is None and len(recipients) == 1:
-            return self._submit(_op_append_one, recipients[0], body, answer, now_ms)
         return self._submit(
             _op_append_inbox,
             sender_id, dedup_id, recipients, body, answer, now_ms, dedup_window_ms,

@@ -589,7 +589,7 @@ class SQLiteStoreTests(TestCase):
 
         @sqlite_store._multi
         def half_then_fail(cur: sqlite3.Cursor) -> None:
-            cur.execute(sqlite_store._APPEND_INBOX, ("a", 1, b"half"))
+            sqlite_store._append_many(cur, [("s", None, ["a"], b"half", b"", 1, WINDOW)])
             raise StoreError("boom")
 
         first = store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
