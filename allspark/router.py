@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from allspark.envelope import FrameError, Message, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
 from allspark.registry import Registry
-from allspark.store import Store
+from allspark.store import AppendResult, Store
 
 if TYPE_CHECKING:
     from allspark.sessions import Sessions
@@ -87,6 +87,10 @@ def accepted_frame(
     return encode(frame)
 
 
+def _answer_of(result: AppendResult) -> bytes:
+    return result.answer
+
+
 class Router:
     """Resolves destinations and hands copies to the inbox or live sockets."""
 
@@ -108,10 +112,31 @@ class Router:
         # node_id -> the store lookup in flight for it (see _check_known)
         self._lookups: dict[str, _Lookup] = {}
 
-    async def route(self, sender: Sender, msg: Message) -> bytes:
-        """Route ``msg``; the ``accepted`` frame.  Raises
+    def route(self, sender: Sender, msg: Message) -> Deferred[bytes]:
+        """Route ``msg``; fires with the ``accepted`` frame, or fails with
         :class:`~allspark.envelope.FrameError` for destinations that cannot
-        be served."""
+        be served.
+
+        The common case, a message to a node that is online or known, runs
+        without a coroutine: it is handed to the store (or, ephemeral,
+        written) before this returns.
+        """
+        dest_id = msg.dest_id
+        if (
+            msg.dest_session_id is None
+            and msg.dest_client_id is None
+            and dest_id is not None
+            and dest_id not in self._lookups
+            and (dest_id in self._known_nodes or self.registry.is_online(dest_id))
+        ):
+            try:
+                return self.send_to_nodes(sender, msg, [dest_id], dest_id)
+            except Exception:  # a Deferred-returning call reports failures, never raises
+                return fail()
+        return ensureDeferred(self._route_resolving(sender, msg))
+
+    async def _route_resolving(self, sender: Sender, msg: Message) -> bytes:
+        """:meth:`route` for destinations that need a lookup first."""
         if msg.dest_session_id is not None:
             if self.sessions is None:
                 raise FrameError("unknown_destination", "sessions are not served here", msg.id)
@@ -126,11 +151,12 @@ class Router:
             dest_id = msg.dest_id
         return await self.send_to_nodes(sender, msg, recipients, dest_id)
 
-    async def send_to_nodes(
+    def send_to_nodes(
         self, sender: Sender, msg: Message, recipients: list[str], dest_id: str | None,
         src_id: str | None = None, src_client_id: str | None = None, omit_client: bool = False,
-    ) -> bytes:
-        """Deliver ``msg`` to ``recipients`` (node ids); the ``accepted`` frame.
+    ) -> Deferred[bytes]:
+        """Deliver ``msg`` to ``recipients`` (node ids); fires with the
+        ``accepted`` frame once every copy is stored (at once, ephemeral).
 
         ``src_id``/``src_client_id`` override the sender's (an anonymous
         session member is named by its alias and has no client id when
@@ -139,17 +165,16 @@ class Router:
         body_client = None if omit_client else (src_client_id if src_client_id is not None else sender.client_id)
         online = self.registry.is_online
         live = sum(1 for r in recipients if online(r))
+        body = delivery_body(msg, body_src, body_client, now_ms(self.clock), dest_id)
         if msg.ephemeral:
-            body = delivery_body(msg, body_src, body_client, now_ms(self.clock), dest_id)
             for node_id in recipients:
                 self.registry.send(node_id, body)
             status = "dropped" if live == 0 else "delivered"
-            return accepted_frame(msg, status, len(recipients), live)
+            return succeed(accepted_frame(msg, status, len(recipients), live))
         status = "delivered" if live == len(recipients) else "stored"
-        body = delivery_body(msg, body_src, body_client, now_ms(self.clock), dest_id)
         answer = accepted_frame(msg, status, len(recipients), live)
-        result = await self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
-        return result.answer
+        d = self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
+        return d.addCallback(_answer_of)
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
         """Raise ``unknown_destination`` unless ``node_id`` ever connected.

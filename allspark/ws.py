@@ -171,32 +171,42 @@ class ClientProtocol(WebSocketServerProtocol):
             self.factory.server.on_disconnected(self)
 
     # -- frames from the client --------------------------------------------
+    def onMessageEnd(self) -> None:
+        # Autobahn's own onMessageEnd also fires a "message" event for
+        # observers on every frame; nobody observes, so skip that cost.
+        if not self.failedByMe:
+            self.onMessage(b"".join(self.message_data), self.message_is_binary)
+        self.message_data = None
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
             frame = parse_frame(payload, isBinary)
         except FrameError as e:
             self.send(e.to_frame())
             return
-        d = ensureDeferred(self._handle(frame))
-        d.addErrback(self._unexpected, frame.id)
+        if isinstance(frame, Message):
+            assert self.sender is not None
+            d = self.factory.server.router.route(self.sender, frame)
+            d.addCallbacks(self.send, self._refused, errbackArgs=(frame.id,))
+        else:
+            ensureDeferred(self._control(frame)).addErrback(self._refused, frame.id)
 
-    async def _handle(self, frame: Message | Control) -> None:
-        server = self.factory.server
-        assert self.sender is not None
-        try:
-            if isinstance(frame, Message):
-                answer = await server.router.route(self.sender, frame)
-                self.send(answer)
-            else:
-                reply = await server.control(self, frame)
-                if reply is not None:
-                    if frame.id is not None:
-                        reply.setdefault("id", frame.id)
-                    self.send(encode(reply))
-        except FrameError as e:
-            if e.frame_id is None:
-                e.frame_id = frame.id
-            self.send(e.to_frame())
+    async def _control(self, frame: Control) -> None:
+        reply = await self.factory.server.control(self, frame)
+        if reply is not None:
+            if frame.id is not None:
+                reply.setdefault("id", frame.id)
+            self.send(encode(reply))
+
+    def _refused(self, failure: Failure, frame_id: str | None) -> None:
+        """Answer a frame that failed: its error frame, or internal_error."""
+        if failure.check(FrameError):
+            error = failure.value
+            if error.frame_id is None:
+                error.frame_id = frame_id
+            self.send(error.to_frame())
+            return
+        self._unexpected(failure, frame_id)
 
     def _unexpected(self, failure: Failure, frame_id: str | None) -> None:
         log.failure("internal error handling a frame from {node_id}", failure, node_id=self.node_id)

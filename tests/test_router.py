@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -46,11 +46,11 @@ class RouterTests(unittest.TestCase):
 
     def route(self, sender: Sender, **frame: Any) -> dict[str, Any]:
         """Route a message; the decoded ``accepted`` frame."""
-        d = Deferred.fromCoroutine(self.router.route(sender, message(**frame)))
+        d = ensureDeferred(self.router.route(sender, message(**frame)))
         return orjson.loads(self.successResultOf(d))
 
     def refused(self, sender: Sender, **frame: Any) -> FrameError:
-        d = Deferred.fromCoroutine(self.router.route(sender, message(**frame)))
+        d = ensureDeferred(self.router.route(sender, message(**frame)))
         return self.failureResultOf(d, FrameError).value
 
     def test_online_recipient_gets_the_stamped_message_with_its_seq(self) -> None:
@@ -148,9 +148,9 @@ class RouterTests(unittest.TestCase):
 
         self.store.get_node = slow_get_node  # type: ignore[method-assign]
         self.known_offline("bob-phone")
-        first = Deferred.fromCoroutine(self.router.route(ALICE, message(dest_id="bob-phone", payload=0)))
+        first = ensureDeferred(self.router.route(ALICE, message(dest_id="bob-phone", payload=0)))
         bob = self.connect("bob-phone")  # online now, but the lookup is still in flight
-        rest = [Deferred.fromCoroutine(self.router.route(ALICE, message(dest_id="bob-phone", payload=i)))
+        rest = [ensureDeferred(self.router.route(ALICE, message(dest_id="bob-phone", payload=i)))
                 for i in range(1, 5)]
         self.assertNoResult(first)
         self.clock.advance(1)
@@ -167,5 +167,5 @@ class RouterTests(unittest.TestCase):
             raise RuntimeError("disk on fire")
 
         self.store.append_inbox = broken  # type: ignore[method-assign]
-        d = Deferred.fromCoroutine(self.router.route(ALICE, message(dest_id="bob-phone", payload=1)))
+        d = ensureDeferred(self.router.route(ALICE, message(dest_id="bob-phone", payload=1)))
         self.failureResultOf(d, RuntimeError)
