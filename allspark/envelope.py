@@ -26,6 +26,7 @@ from allspark.ids import is_valid_id
 CONTENT_FIELDS = ("payload", "payload1", "payload2", "type")
 #: Destination fields; at least one makes a frame a message.
 DEST_FIELDS = ("dest_id", "dest_client_id", "dest_session_id")
+DEST_SET = frozenset(DEST_FIELDS)
 MESSAGE_FIELDS = frozenset(("id", "ephemeral") + DEST_FIELDS + CONTENT_FIELDS)
 MAX_FRAME_ID_LENGTH = 64
 MAX_SYNC_LIMIT = 1000
@@ -175,7 +176,7 @@ def parse_frame(data: bytes, is_binary: bool = False) -> Message | Control:
     if not isinstance(frame, dict):
         raise FrameError("bad_frame", "a frame must be a JSON object")
     frame_id = _frame_id(frame)
-    if any(name in frame for name in DEST_FIELDS):
+    if not DEST_SET.isdisjoint(frame):
         return _parse_message(frame, frame_id)
     return _parse_control(frame, frame_id)
 
@@ -201,7 +202,8 @@ def _parse_message(frame: dict[str, Any], frame_id: str | None) -> Message:
     if msg_type is not None and (type(msg_type) is not int or not -(2**53) < msg_type < 2**53):
         raise FrameError("bad_frame", "type must be an integer", frame_id)
     content = {name: frame[name] for name in CONTENT_FIELDS if name in frame}
-    ignored = sorted(name for name in frame if name not in MESSAGE_FIELDS)
+    extra = frame.keys() - MESSAGE_FIELDS
+    ignored = sorted(extra) if extra else []
     return Message(
         id=frame_id,
         dest_id=dests["dest_id"],

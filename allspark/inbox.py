@@ -70,10 +70,11 @@ class Inbox:
         recipients: Sequence[str],
         body: bytes,
         answer: bytes,
-    ) -> Deferred[AppendResult]:
+    ) -> Deferred[bytes]:
         """Append ``body`` to each recipient's inbox, then write each copy to
         the recipient's live connections here.  A duplicate is not delivered
-        again.  Fires with the store's :class:`AppendResult` once stored."""
+        again.  Fires once stored, with ``answer`` (the first attempt's answer
+        for a duplicate)."""
         d = self.store.append_inbox(
             sender_id,
             dedup_id,
@@ -86,12 +87,12 @@ class Inbox:
         d.addCallback(self._deliver_stored, body)
         return d
 
-    def _deliver_stored(self, result: AppendResult, body: bytes) -> AppendResult:
+    def _deliver_stored(self, result: AppendResult, body: bytes) -> bytes:
         if not result.duplicate:
             send = self.registry.send
             for node_id, seq in result.seqs.items():
                 send(node_id, with_seq(body, seq))
-        return result
+        return result.answer
 
     async def sync(self, conn: Connection, after: int, limit: int, max_queued: int) -> dict[str, Any]:
         """Send ``conn`` up to ``limit`` stored messages after ``after``.

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from allspark.envelope import FrameError, Message, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
 from allspark.registry import Registry
-from allspark.store import AppendResult, Store
+from allspark.store import Store
 
 if TYPE_CHECKING:
     from allspark.sessions import Sessions
@@ -85,10 +85,6 @@ def accepted_frame(
     if msg.ignored:
         frame["ignored"] = msg.ignored
     return encode(frame)
-
-
-def _answer_of(result: AppendResult) -> bytes:
-    return result.answer
 
 
 class Router:
@@ -173,8 +169,7 @@ class Router:
             return succeed(accepted_frame(msg, status, len(recipients), live))
         status = "delivered" if live == len(recipients) else "stored"
         answer = accepted_frame(msg, status, len(recipients), live)
-        d = self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
-        return d.addCallback(_answer_of)
+        return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
         """Raise ``unknown_destination`` unless ``node_id`` ever connected.

@@ -21,20 +21,22 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import ensureDeferred
-from allspark.logs import logger
-from twisted.python.failure import Failure
 from twisted.internet.interfaces import IPushProducer
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
+from allspark import wsmask
 from allspark.auth import AuthError, Identity
 from allspark.envelope import Control, FrameError, Message, encode, error_frame, parse_frame
+from allspark.logs import logger
 from allspark.router import Sender
 
 if TYPE_CHECKING:
     from allspark.server import Server
 
 log = logger(__name__)
+wsmask.install()
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_QUEUE_OVERFLOW = 4008
@@ -284,6 +286,9 @@ class ClientFactory(WebSocketServerFactory):
             openHandshakeTimeout=limits.handshake_timeout,
             closeHandshakeTimeout=2.0,
             allowNullOrigin=True,
+            # orjson refuses invalid UTF-8 with a bad_frame error: no need to
+            # validate every frame twice
+            utf8validateIncoming=False,
             # a plain GET on the socket path is a JSON 426, not Autobahn's
             # status page (which names its version and follows ?redirect=)
             webStatus=False,
