@@ -258,20 +258,17 @@ def delivery_body(
     src_id: str,
     src_client_id: str | None,
     timestamp: int,
-    dest_id: str | None = None,
 ) -> bytes:
-    """The frame a recipient gets, without its ``seq``.
+    """The frame recipients get, before it is addressed.
 
     ``src_id``/``src_client_id``/``timestamp`` come from the authenticated
-    connection and the server clock, never from the frame.  ``dest_id``
-    overrides the message's own (a user-wide message names each device).
+    connection and the server clock, never from the frame.  It holds no
+    ``dest_id``: a copy in a node's inbox is addressed to that node on its way
+    out (:func:`addressed`), so every device of a user-wide message is named.
     """
     out: dict[str, Any] = {"src_id": src_id}
     if src_client_id is not None:
         out["src_client_id"] = src_client_id
-    dest = dest_id if dest_id is not None else msg.dest_id
-    if dest is not None:
-        out["dest_id"] = dest
     if msg.dest_client_id is not None:
         out["dest_client_id"] = msg.dest_client_id
     if msg.dest_session_id is not None:
@@ -285,7 +282,10 @@ def delivery_body(
     return orjson.dumps(out)
 
 
-def with_seq(body: bytes, seq: int) -> bytes:
-    """``body`` (a serialized JSON object) with ``"seq": seq`` added, without
-    parsing it again."""
-    return b'{"seq":%d,%s' % (seq, body[1:])
+def addressed(body: bytes, dest_id: str, seq: int | None = None) -> bytes:
+    """``body`` (from :func:`delivery_body`) as delivered to node ``dest_id``:
+    with its ``dest_id`` and, when it was stored, the node's inbox ``seq``;
+    spliced in without parsing the body again (ids never need escaping)."""
+    if seq is None:
+        return b'{"dest_id":"%s",%s' % (dest_id.encode(), body[1:])
+    return b'{"seq":%d,"dest_id":"%s",%s' % (seq, dest_id.encode(), body[1:])

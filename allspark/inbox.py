@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from allspark.logs import logger
 
-from allspark.envelope import FrameError, with_seq
+from allspark.envelope import FrameError, addressed
 from allspark.registry import Connection, Registry
 from allspark.store import AppendResult, InboxPage, Store
 
@@ -91,7 +91,7 @@ class Inbox:
         if not result.duplicate:
             send = self.registry.send
             for node_id, seq in result.seqs.items():
-                send(node_id, with_seq(body, seq))
+                send(node_id, addressed(body, node_id, seq))
         return result.answer
 
     async def sync(self, conn: Connection, after: int, limit: int, max_queued: int) -> dict[str, Any]:
@@ -153,19 +153,26 @@ def send_page(
     after: int,
     max_queued: int,
     extra: dict[str, Any],
-    splice: Callable[[bytes, int], bytes] = with_seq,
+    splice: Callable[[bytes, int], bytes] | None = None,
     limit: int | None = None,
 ) -> dict[str, Any]:
     """Write a fetched page to ``conn`` and build its ``synced`` frame.
 
     ``extra`` fields (a ``session_id``) are added to the ``synced`` frame.
-    ``splice`` adds the message's seq to its body (``seq`` for an inbox;
-    sessions pass one that adds ``session_seq``).  ``limit`` is the limit
+    ``splice`` makes a stored body the frame to send (by default: addressed
+    to ``conn``'s node with its inbox ``seq``; sessions pass one that adds
+    ``session_seq``).  ``limit`` is the limit
     the page was fetched with: a page with fewer messages is the end of
     what is stored, so ``upto`` moves to ``last_seq`` and ``more`` is false
     (without it, an inbox whose rows were all acked would answer
     ``more: true`` forever).
     """
+    if splice is None:
+        node_id = conn.node_id
+
+        def splice(body: bytes, seq: int) -> bytes:
+            return addressed(body, node_id, seq)
+
     upto = page.scanned_upto
     last_sent = after
     complete = True

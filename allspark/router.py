@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from allspark.envelope import FrameError, Message, delivery_body, encode
+from allspark.envelope import FrameError, Message, addressed, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
 from allspark.registry import Registry
 from allspark.store import Store
@@ -126,7 +126,7 @@ class Router:
             and (dest_id in self._known_nodes or self.registry.is_online(dest_id))
         ):
             try:
-                return self.send_to_nodes(sender, msg, [dest_id], dest_id)
+                return self.send_to_nodes(sender, msg, [dest_id])
             except Exception:  # a Deferred-returning call reports failures, never raises
                 return fail()
         return ensureDeferred(self._route_resolving(sender, msg))
@@ -139,32 +139,31 @@ class Router:
             return await self.sessions.route(sender, msg)
         if msg.dest_client_id is not None:
             recipients = await self._client_recipients(sender, msg.dest_client_id, msg.id)
-            dest_id = None
         else:
             assert msg.dest_id is not None
             await self._check_known(msg.dest_id, msg.id)
             recipients = [msg.dest_id]
-            dest_id = msg.dest_id
-        return await self.send_to_nodes(sender, msg, recipients, dest_id)
+        return await self.send_to_nodes(sender, msg, recipients)
 
     def send_to_nodes(
-        self, sender: Sender, msg: Message, recipients: list[str], dest_id: str | None,
-        src_id: str | None = None, src_client_id: str | None = None, omit_client: bool = False,
+        self, sender: Sender, msg: Message, recipients: list[str],
+        src_id: str | None = None, omit_client: bool = False,
     ) -> Deferred[bytes]:
-        """Deliver ``msg`` to ``recipients`` (node ids); fires with the
-        ``accepted`` frame once every copy is stored (at once, ephemeral).
+        """Deliver ``msg`` to ``recipients`` (node ids), each copy addressed to
+        its node; fires with the ``accepted`` frame once every copy is stored
+        (at once, ephemeral).
 
-        ``src_id``/``src_client_id`` override the sender's (an anonymous
-        session member is named by its alias and has no client id when
-        ``omit_client``)."""
-        body_src = src_id if src_id is not None else sender.node_id
-        body_client = None if omit_client else (src_client_id if src_client_id is not None else sender.client_id)
+        ``src_id`` overrides the sender's node_id and ``omit_client`` drops
+        its client_id (an anonymous session member is known by its alias
+        only)."""
+        body_src = sender.node_id if src_id is None else src_id
+        body_client = None if omit_client else sender.client_id
         online = self.registry.is_online
         live = sum(1 for r in recipients if online(r))
-        body = delivery_body(msg, body_src, body_client, now_ms(self.clock), dest_id)
+        body = delivery_body(msg, body_src, body_client, now_ms(self.clock))
         if msg.ephemeral:
             for node_id in recipients:
-                self.registry.send(node_id, body)
+                self.registry.send(node_id, addressed(body, node_id))
             status = "dropped" if live == 0 else "delivered"
             return succeed(accepted_frame(msg, status, len(recipients), live))
         status = "delivered" if live == len(recipients) else "stored"

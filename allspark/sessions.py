@@ -547,12 +547,12 @@ class Sessions:
                                  msg.id)
             if restricted and target.node_id != master_id:
                 raise FrameError("not_allowed", "in a game session your messages go to the master only", msg.id)
-            return await self.router.send_to_nodes(sender, msg, [target.node_id], msg.dest_id,
+            return await self.router.send_to_nodes(sender, msg, [target.node_id],
                                                    src_id=src_id, omit_client=me.anonymous)
         if restricted:
             if master_id not in entry.members:
                 raise FrameError("unknown_destination", "this game session has no master", msg.id)
-            return await self.router.send_to_nodes(sender, msg, [master_id], None,
+            return await self.router.send_to_nodes(sender, msg, [master_id],
                                                    src_id=src_id, omit_client=me.anonymous)
         return await self._broadcast(sender, msg, entry, me)
 

@@ -9,11 +9,11 @@ from allspark.envelope import (
     Control,
     FrameError,
     Message,
+    addressed,
     delivery_body,
     encode,
     error_frame,
     parse_frame,
-    with_seq,
 )
 
 
@@ -112,18 +112,21 @@ class OutputTests(unittest.SynchronousTestCase):
         msg = parse({"dest_id": "bob", "payload": "hi", "type": 3, "id": "c-1", "src_id": "mallory"})
         assert isinstance(msg, Message)
         body = orjson.loads(delivery_body(msg, "alice", "a", 1234))
-        self.assertEqual(body, {"src_id": "alice", "src_client_id": "a", "dest_id": "bob",
+        self.assertEqual(body, {"src_id": "alice", "src_client_id": "a",
                                 "payload": "hi", "type": 3, "id": "c-1", "timestamp": 1234})
 
-    def test_delivery_body_without_client_and_with_a_device_dest(self) -> None:
+    def test_delivery_body_without_client_addressed_to_each_device(self) -> None:
         msg = parse({"dest_client_id": "bob", "payload": 1, "ephemeral": True})
         assert isinstance(msg, Message)
-        body = orjson.loads(delivery_body(msg, "alias-1", None, 5, dest_id="bob-phone"))
-        self.assertEqual(body, {"src_id": "alias-1", "dest_id": "bob-phone", "dest_client_id": "bob",
-                                "payload": 1, "ephemeral": True, "timestamp": 5})
+        body = delivery_body(msg, "alias-1", None, 5)
+        self.assertEqual(orjson.loads(addressed(body, "bob-phone")),
+                         {"src_id": "alias-1", "dest_id": "bob-phone", "dest_client_id": "bob",
+                          "payload": 1, "ephemeral": True, "timestamp": 5})
+        self.assertEqual(orjson.loads(addressed(body, "bob-laptop", 42))["dest_id"], "bob-laptop")
 
-    def test_with_seq_adds_the_seq(self) -> None:
-        self.assertEqual(orjson.loads(with_seq(b'{"a":1}', 42)), {"seq": 42, "a": 1})
+    def test_addressed_adds_dest_and_seq(self) -> None:
+        self.assertEqual(orjson.loads(addressed(b'{"a":1}', "n:1@x", 42)),
+                         {"seq": 42, "dest_id": "n:1@x", "a": 1})
 
     def test_error_frame(self) -> None:
         self.assertEqual(orjson.loads(error_frame("bad_frame", "m", "i")),

