@@ -15,12 +15,13 @@ The answer is the ``accepted`` frame for the sender.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.failure import Failure
 
 from allspark.envelope import FrameError, Message, addressed, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
@@ -29,33 +30,6 @@ from allspark.store import Store
 
 if TYPE_CHECKING:
     from allspark.sessions import Sessions
-
-
-class _Lookup:
-    """One store lookup that several coroutines wait for, resumed in the
-    order they started waiting."""
-
-    def __init__(self) -> None:
-        self._waiters: list[Deferred[bool]] = []
-        self._result: bool | Failure | None = None
-
-    def wait(self) -> Deferred[bool]:
-        """A Deferred firing with the lookup's answer (whether the node is known)."""
-        if self._result is not None:
-            return fail(self._result) if isinstance(self._result, Failure) else succeed(self._result)
-        d: Deferred[bool] = Deferred()
-        self._waiters.append(d)
-        return d
-
-    def fire(self, result: bool | Failure) -> None:
-        """Hand ``result`` to every waiter, first come first served."""
-        self._result = result
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
 
 
 @dataclass(frozen=True)
@@ -105,8 +79,9 @@ class Router:
         # node_ids known to exist; nodes are never forgotten, so this only grows
         # up to the number of nodes that received something from this server.
         self._known_nodes: set[str] = set()
-        # node_id -> the store lookup in flight for it (see _check_known)
-        self._lookups: dict[str, _Lookup] = {}
+        # sender node_id -> its messages waiting for a lookup, or behind one
+        # (see _route_in_order)
+        self._waiting: dict[str, deque[tuple[Message, Deferred[bytes]]]] = {}
 
     def route(self, sender: Sender, msg: Message) -> Deferred[bytes]:
         """Route ``msg``; fires with the ``accepted`` frame, or fails with
@@ -122,28 +97,60 @@ class Router:
             msg.dest_session_id is None
             and msg.dest_client_id is None
             and dest_id is not None
-            and dest_id not in self._lookups
+            and sender.node_id not in self._waiting
             and (dest_id in self._known_nodes or self.registry.is_online(dest_id))
         ):
             try:
                 return self.send_to_nodes(sender, msg, [dest_id])
             except Exception:  # a Deferred-returning call reports failures, never raises
                 return fail()
-        return ensureDeferred(self._route_resolving(sender, msg))
+        d: Deferred[bytes] = Deferred()
+        waiting = self._waiting.get(sender.node_id)
+        if waiting is None:
+            waiting = self._waiting[sender.node_id] = deque()
+            waiting.append((msg, d))
+            ensureDeferred(self._route_in_order(sender, waiting))
+        else:
+            waiting.append((msg, d))
+        return d
 
-    async def _route_resolving(self, sender: Sender, msg: Message) -> bytes:
-        """:meth:`route` for destinations that need a lookup first."""
+    async def _route_in_order(
+        self, sender: Sender, waiting: deque[tuple[Message, Deferred[bytes]]]
+    ) -> None:
+        """Route a sender's messages that need a lookup, one after the other.
+
+        Messages from one sender reach the store in the order they arrived:
+        while one of them waits for a lookup, the sender's later messages
+        (even those that need none) queue behind it, and each is handed to
+        the store as soon as its own recipients are known.  A loop, not a
+        chain of callbacks, so that any number can wait.
+        """
+        while waiting:
+            msg, d = waiting[0]
+            try:
+                deliver = await self._resolve(sender, msg)
+                done = deliver()  # hands the message to the store before returning
+            except Exception:
+                waiting.popleft()
+                d.errback()
+                continue
+            waiting.popleft()
+            done.chainDeferred(d)
+        del self._waiting[sender.node_id]
+
+    async def _resolve(self, sender: Sender, msg: Message) -> Callable[[], Deferred[bytes]]:
+        """Look up the recipients of ``msg``; a call that stores and delivers it."""
         if msg.dest_session_id is not None:
             if self.sessions is None:
                 raise FrameError("unknown_destination", "sessions are not served here", msg.id)
-            return await self.sessions.route(sender, msg)
+            return await self.sessions.resolve(sender, msg)
         if msg.dest_client_id is not None:
             recipients = await self._client_recipients(sender, msg.dest_client_id, msg.id)
         else:
             assert msg.dest_id is not None
             await self._check_known(msg.dest_id, msg.id)
             recipients = [msg.dest_id]
-        return await self.send_to_nodes(sender, msg, recipients)
+        return partial(self.send_to_nodes, sender, msg, recipients)
 
     def send_to_nodes(
         self, sender: Sender, msg: Message, recipients: list[str],
@@ -171,36 +178,16 @@ class Router:
         return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
-        """Raise ``unknown_destination`` unless ``node_id`` ever connected.
-
-        Ordering matters: messages one connection sends to one node must be
-        stored in the order they arrived.  While a store lookup for
-        ``node_id`` is in flight, every later message to it waits for that
-        same lookup (even once the node is online or known), so they all
-        resume in arrival order and reach the store in that order.
-        """
-        lookup = self._lookups.get(node_id)
-        if lookup is None:
-            if node_id in self._known_nodes or self.registry.is_online(node_id):
-                return
-            lookup = self._lookups[node_id] = _Lookup()
-            self.store.get_node(node_id).addBoth(self._looked_up, node_id, lookup)
-        if not await lookup.wait():
+        """Raise ``unknown_destination`` unless ``node_id`` ever connected."""
+        if node_id in self._known_nodes or self.registry.is_online(node_id):
+            return
+        if await self.store.get_node(node_id) is None:
             raise FrameError(
                 "unknown_destination",
                 f"no node {node_id!r} has ever connected to this cluster",
                 frame_id,
             )
-
-    def _looked_up(self, result: Any, node_id: str, lookup: "_Lookup") -> None:
-        if self._lookups.get(node_id) is lookup:
-            del self._lookups[node_id]
-        if isinstance(result, Failure):
-            lookup.fire(result)
-            return
-        if result is not None:
-            self._known_nodes.add(node_id)
-        lookup.fire(result is not None)
+        self._known_nodes.add(node_id)
 
     async def _client_recipients(
         self, sender: Sender, client_id: str, frame_id: str | None

@@ -74,9 +74,10 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
@@ -525,9 +526,11 @@ class Sessions:
         return {"op": "sessions", "sessions": out}
 
     # -- the session stream --------------------------------------------------
-    async def route(self, sender: Sender, msg: Message) -> bytes:
-        """Route a message with ``dest_session_id``; the ``accepted`` frame
-        (with ``session_seq`` when it went to the stream)."""
+    async def resolve(self, sender: Sender, msg: Message) -> Callable[[], Deferred[bytes]]:
+        """Check a message with ``dest_session_id`` against the session's
+        rules and members; a call that stores and delivers it (and fires with
+        the ``accepted`` frame, with ``session_seq`` when it went to the
+        stream)."""
         session_id = msg.dest_session_id
         assert session_id is not None
         entry = await self._entry(session_id)
@@ -547,14 +550,14 @@ class Sessions:
                                  msg.id)
             if restricted and target.node_id != master_id:
                 raise FrameError("not_allowed", "in a game session your messages go to the master only", msg.id)
-            return await self.router.send_to_nodes(sender, msg, [target.node_id],
-                                                   src_id=src_id, omit_client=me.anonymous)
+            return partial(self.router.send_to_nodes, sender, msg, [target.node_id],
+                           src_id=src_id, omit_client=me.anonymous)
         if restricted:
             if master_id not in entry.members:
                 raise FrameError("unknown_destination", "this game session has no master", msg.id)
-            return await self.router.send_to_nodes(sender, msg, [master_id],
-                                                   src_id=src_id, omit_client=me.anonymous)
-        return await self._broadcast(sender, msg, entry, me)
+            return partial(self.router.send_to_nodes, sender, msg, [master_id],
+                           src_id=src_id, omit_client=me.anonymous)
+        return lambda: ensureDeferred(self._broadcast(sender, msg, entry, me))
 
     async def _broadcast(self, sender: Sender, msg: Message, entry: _Entry, me: MemberRecord) -> bytes:
         session_id = entry.record.session_id

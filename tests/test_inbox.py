@@ -311,7 +311,7 @@ class ArrivalOrderTests(InboxTestCase):
             self.successResultOf(d)
         self.assertEqual([(f["seq"], f["payload"]) for f in bob.frames], [(1, 0), (2, 1), (3, 2)])
 
-    def test_a_failed_lookup_fails_every_waiter_and_the_next_one_retries(self) -> None:
+    def test_a_failed_lookup_fails_its_message_and_the_next_one_looks_up_again(self) -> None:
         pending: list[Deferred[Any]] = []
 
         def get_node(node_id: str) -> Deferred[Any]:
@@ -321,11 +321,31 @@ class ArrivalOrderTests(InboxTestCase):
 
         self.store.get_node = get_node  # type: ignore[method-assign]
         frame = parse_frame(b'{"dest_id":"bob","payload":1}')
-        first = [defer.ensureDeferred(self.router.route(Sender("alice", None), frame)) for _ in range(2)]
+        first, second = (defer.ensureDeferred(self.router.route(Sender("alice", None), frame)) for _ in range(2))
+        self.assertEqual(len(pending), 1)  # the second waits behind the first
         pending[0].errback(RuntimeError("store down"))
-        for d in first:
-            self.failureResultOf(d, RuntimeError)
-        again = defer.ensureDeferred(self.router.route(Sender("alice", None), frame))
+        self.failureResultOf(first, RuntimeError)
+        self.assertNoResult(second)
         self.assertEqual(len(pending), 2)
         pending[1].callback(("bob", None))
-        self.assertEqual(orjson.loads(self.successResultOf(again))["status"], "stored")
+        self.assertEqual(orjson.loads(self.successResultOf(second))["status"], "stored")
+
+    def test_any_number_of_messages_can_wait_behind_a_lookup(self) -> None:
+        pending: list[Deferred[Any]] = []
+        real_get_node = self.store.get_node
+
+        def get_node(node_id: str) -> Deferred[Any]:
+            d: Deferred[Any] = Deferred()
+            pending.append(d)
+            real_get_node(node_id).addCallback(lambda r: pending.append(r))
+            return d
+
+        self.store.get_node = get_node  # type: ignore[method-assign]
+        routed = [defer.ensureDeferred(self.router.route(
+            Sender("alice", None), parse_frame(orjson.dumps({"dest_id": "bob", "payload": n}))))
+            for n in range(5000)]
+        pending[0].callback(pending[1])
+        self.assertEqual([orjson.loads(self.successResultOf(d))["status"] for d in routed[-2:]],
+                         ["stored", "stored"])
+        page = self.successResultOf(self.store.fetch_inbox("bob", 0, 5000))
+        self.assertEqual([orjson.loads(m.body)["payload"] for m in page.messages], list(range(5000)))
