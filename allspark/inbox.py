@@ -102,10 +102,7 @@ class Inbox:
         Returns the ``synced`` frame (not yet sent).
         """
         page: InboxPage = await self.store.fetch_inbox(conn.node_id, after, limit)
-        if after > page.last_seq:
-            raise FrameError(
-                "bad_cursor", f"after {after} is beyond the last seq of this inbox ({page.last_seq})"
-            )
+        check_cursor("after", after, page.last_seq, "this inbox")
         return send_page(conn, page, after, max_queued, {}, limit=limit)
 
     async def ack(self, node_id: str, upto: int) -> dict[str, Any]:
@@ -115,10 +112,7 @@ class Inbox:
         ``bad_cursor`` (nothing is deleted).
         """
         last_seq, _ = await self.store.inbox_state(node_id)
-        if upto > last_seq:
-            raise FrameError(
-                "bad_cursor", f"upto {upto} is beyond the last seq of this inbox ({last_seq})"
-            )
+        check_cursor("upto", upto, last_seq, "this inbox")
         removed = await self.store.ack_inbox(node_id, upto)
         return {"op": "acked", "upto": upto, "removed": removed}
 
@@ -145,6 +139,12 @@ class Inbox:
         loop = LoopingCall(tick)
         loop.clock = self.clock
         return loop
+
+
+def check_cursor(name: str, value: int, last_seq: int, where: str) -> None:
+    """Refuse (``bad_cursor``) a cursor beyond the last seq ever assigned."""
+    if value > last_seq:
+        raise FrameError("bad_cursor", f"{name} {value} is beyond the last seq of {where} ({last_seq})")
 
 
 def send_page(

@@ -187,13 +187,19 @@ class IdentityClaim:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running Allspark server (not a process that
+    reused the pid of one that crashed)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"allspark" in f.read()
+    except OSError:
+        return True  # no /proc: assume it is ours
 
 
 #: Allocations between young-generation collections (CPython's default: 700).

@@ -90,7 +90,7 @@ from allspark.envelope import (
     encode,
 )
 from allspark.ids import new_id
-from allspark.inbox import now_ms, send_page
+from allspark.inbox import check_cursor, now_ms, send_page
 from allspark.logs import logger
 from allspark.registry import Connection
 from allspark.router import Sender, accepted_frame
@@ -596,14 +596,19 @@ class Sessions:
                 raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
             me = fresh[0]
             after = me.acked_seq
+        page = await self.store.fetch_session(session_id, conn.node_id, max(after, me.joined_seq), limit)
+        check_cursor("after", after, page.last_seq, f"session {session_id!r}")
         after = max(after, me.joined_seq)
-        page = await self.store.fetch_session(session_id, conn.node_id, after, limit)
-        return send_page(conn, page, after, max_queued, {"session_id": session_id}, splice=with_session_seq)
+        return send_page(conn, page, after, max_queued, {"session_id": session_id},
+                         splice=with_session_seq, limit=limit)
 
     async def ack(self, sender: Sender, session_id: str, upto: int) -> dict[str, Any]:
-        """Move the member's cursor up to ``upto`` (clamped to the stream's
-        last seq; never down); the ``acked`` frame with the new cursor."""
+        """Move the member's cursor up to ``upto`` (never down); the ``acked``
+        frame with the new cursor.  An ``upto`` beyond the stream's last seq
+        is refused with ``bad_cursor``, as for an inbox."""
         await self._membership(sender, session_id)
+        state = await self.store.fetch_session(session_id, sender.node_id, upto, 1)
+        check_cursor("upto", upto, state.last_seq, f"session {session_id!r}")
         acked = await self.store.ack_session(session_id, sender.node_id, upto)
         return {"op": "acked", "session_id": session_id, "upto": acked}
 

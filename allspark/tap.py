@@ -89,6 +89,12 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log_level must be one of {', '.join(sorted(LEVELS))}")
         if not 0 < self["port"] < 65536:
             raise usage.UsageError("--port must be 1-65535")
+        ports = [_listen_port(d) for d in self["listen"]]
+        if self["listen"] and self["port"] not in ports:
+            raise usage.UsageError(
+                f"--port ({self['port']}) is the port clients are sent to: it must be one of the "
+                f"--listen ports ({', '.join(str(p) for p in ports if p is not None) or 'none found'})"
+            )
         if self["server-id"] is None:
             self["server-id"] = f"{self['host_address']}:{self['port']}"
         if not is_valid_id(self["server-id"]):
@@ -101,6 +107,18 @@ class Options(usage.Options):
             self["cluster-secret"] = _cluster_secret(self["cluster-secret-file"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _listen_port(description: str) -> int | None:
+    """The port of a ``tcp:``/``ssl:`` endpoint description, if it names one."""
+    parts = description.split(":")
+    if parts[0] not in ("tcp", "ssl", "tcp6", "ssl6") or len(parts) < 2:
+        return None
+    for part in parts[1:]:
+        key, _, value = part.rpartition("=")
+        if key in ("", "port") and value.isdigit():
+            return int(value)
+    return None
 
 
 def _read(path: str) -> bytes:

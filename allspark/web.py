@@ -166,7 +166,7 @@ class Root(resource.Resource):
         return NotFound()
 
     def render(self, request: IRequest) -> Any:
-        if request.args.get(b"get_pre_connection_info"):
+        if request.args.get(b"get_pre_connection_info", [b""])[0].lower() in (b"true", b"1", b"yes"):
             return JSONEndpoint(self.pre_connection, (b"GET", b"HEAD", b"POST")).render(request)
         return JSONEndpoint(self.about, (b"GET", b"HEAD")).render(request)
 
@@ -188,7 +188,7 @@ class Root(resource.Resource):
         token, expires_in = server.tokens.issue(identity.node_id, config.server_id)
         query = urlencode({"auth_key": args["auth_key"], "validation_token": token})
         if need_proxy:
-            ws_url = f"{config.scheme}://{config.proxy_address}/{config.ws_path}?{query}"
+            ws_url = f"{proxy_base(config.proxy_address)}/{config.ws_path}?{query}"
         else:
             ws_url = f"{config.scheme}://{_host_for_url(config.host)}:{config.port}/{config.ws_path}?{query}"
         return {
@@ -202,6 +202,15 @@ class Root(resource.Resource):
                 "ws_url": ws_url,
             },
         }
+
+
+def proxy_base(proxy_address: str) -> str:
+    """The URL base of a proxy address: ``host[:port]`` is plain ``ws://``
+    (the seed's port-80 proxy); ``wss://host`` (TLS ending at the proxy) or
+    ``ws://host`` is taken as written."""
+    if proxy_address.startswith(("ws://", "wss://")):
+        return proxy_address.rstrip("/")
+    return f"ws://{proxy_address}"
 
 
 def _host_for_url(host: str) -> str:

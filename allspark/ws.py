@@ -79,7 +79,7 @@ class ClientProtocol(WebSocketServerProtocol):
         :class:`ConnectionDeny` (401 for credentials, 503 when the server is
         draining or full) and are answered by :meth:`sendHttpErrorResponse`
         with a JSON body."""
-        server = self.factory.server
+        server = self.factory.app
         if server.draining:
             self._deny(503, "unavailable", "server is shutting down")
         if len(server.registry) >= server.config.max_connections:
@@ -140,7 +140,7 @@ class ClientProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def _open(self) -> None:
-        server = self.factory.server
+        server = self.factory.app
         assert self.identity is not None
         # twisted.web's channel was the transport's producer until Autobahn
         # took the transport over; this connection is its producer now.
@@ -169,8 +169,8 @@ class ClientProtocol(WebSocketServerProtocol):
         """Leave the registry once: nothing is routed to this connection any more."""
         if self._registered:
             self._registered = False
-            self.factory.server.registry.remove(self)
-            self.factory.server.on_disconnected(self)
+            self.factory.app.registry.remove(self)
+            self.factory.app.on_disconnected(self)
 
     # -- frames from the client --------------------------------------------
     def onMessageEnd(self) -> None:
@@ -188,13 +188,13 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         if isinstance(frame, Message):
             assert self.sender is not None
-            d = self.factory.server.router.route(self.sender, frame)
+            d = self.factory.app.router.route(self.sender, frame)
             d.addCallbacks(self.send, self._refused, errbackArgs=(frame.id,))
         else:
             ensureDeferred(self._control(frame)).addErrback(self._refused, frame.id)
 
     async def _control(self, frame: Control) -> None:
-        reply = await self.factory.server.control(self, frame)
+        reply = await self.factory.app.control(self, frame)
         if reply is not None:
             if frame.id is not None:
                 reply.setdefault("id", frame.id)
@@ -245,7 +245,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self._unregister()
         self.sendClose(CLOSE_QUEUE_OVERFLOW, "send queue overflow: the client reads too slowly")
         # the close frame may never get through a full buffer: do not wait long
-        self.factory.server.clock.callLater(2.0, self.dropConnection, abort=True)
+        self.factory.app.clock.callLater(2.0, self.dropConnection, abort=True)
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -274,8 +274,8 @@ class ClientFactory(WebSocketServerFactory):
     protocol = ClientProtocol
 
     def __init__(self, server: "Server", limits: SocketLimits, url: str | None = None) -> None:
-        super().__init__(url=url, reactor=server.clock)
-        self.server = server
+        super().__init__(url=url, reactor=server.clock, server="Allspark")
+        self.app = server
         self.limits = limits
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_size,

@@ -248,6 +248,17 @@ class Stream(SessionsTestCase):
         msg = parse_frame(b'{"dest_session_id": "nope", "payload": 1}')
         self.refused(self.server.router.route(Sender("eve", None), msg), "unknown_destination")
 
+    def test_cursors_beyond_the_stream_are_refused(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        bob = self.online("bob")
+        self.op("bob", "join_session", session_id="s1")
+        self.send("alice", dest_session_id="s1", payload=1)
+        self.refused(self.sessions.ack(Sender("bob", None), "s1", 2), "bad_cursor")
+        self.refused(self.sessions.sync(bob, "s1", 5, 10, 10**6), "bad_cursor")
+        self.assertEqual(self.done(self.sessions.ack(Sender("bob", None), "s1", 1))["upto"], 1)
+        synced = self.done(self.sessions.sync(bob, "s1", None, 10, 10**6))
+        self.assertEqual((synced["upto"], synced["more"]), (1, False))
+
 
 class Games(SessionsTestCase):
     def test_non_master_reaches_master_only(self) -> None:

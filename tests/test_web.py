@@ -40,3 +40,12 @@ class RedactionTests(unittest.SynchronousTestCase):
             '"127.0.0.1" - - [ts] "GET /?get_pre_connection_info=true&auth_key=REDACTED HTTP/1.1" 200 10 '
             '"https://app.example/?auth_key=REDACTED" "agent \\"x\\""',
         )
+
+
+class ProxyBaseTests(unittest.SynchronousTestCase):
+    def test_a_bare_proxy_address_is_plain_ws_and_a_url_is_kept(self) -> None:
+        from allspark.web import proxy_base
+
+        self.assertEqual(proxy_base("message-server1-8080.example.com"), "ws://message-server1-8080.example.com")
+        self.assertEqual(proxy_base("wss://chat.example.com/"), "wss://chat.example.com")
+        self.assertEqual(proxy_base("ws://10.0.0.5:80"), "ws://10.0.0.5:80")

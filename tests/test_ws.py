@@ -38,7 +38,7 @@ class OnOpenTests(unittest.SynchronousTestCase):
             on_disconnected=lambda conn: None,
         )
         protocol = ClientProtocol()
-        protocol.factory = SimpleNamespace(server=server, limits=SocketLimits())  # type: ignore[assignment]
+        protocol.factory = SimpleNamespace(app=server, limits=SocketLimits())  # type: ignore[assignment]
         protocol.transport = FakeTransport()
         protocol.state = ClientProtocol.STATE_OPEN
         protocol.identity = Identity("alice", None)

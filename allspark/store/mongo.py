@@ -53,11 +53,11 @@ from pymongo.collection import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txmongo import filter as qf
 from txmongo.connection import ConnectionPool
 
+from allspark.logs import logger
 from allspark.store import (
     AppendResult,
     DuplicateSession,
@@ -68,7 +68,7 @@ from allspark.store import (
     StoreError,
 )
 
-log = Logger()
+log = logger(__name__)
 
 _T = TypeVar("_T")
 

@@ -1,0 +1,51 @@
+"""``twistd allspark`` options: defaults, refusals, and what they compose."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+from twisted.trial import unittest
+
+from allspark.tap import Options, _listen_port
+from tests.support import SECRET
+
+
+class OptionsTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        os.environ["ALLSPARK_AUTH_SECRET"] = SECRET
+        self.addCleanup(os.environ.pop, "ALLSPARK_AUTH_SECRET", None)
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_defaults(self) -> None:
+        options = self.parse("--data-dir=/tmp/x")
+        self.assertEqual(options["port"], 8080)
+        self.assertEqual(options["server-id"], "127.0.0.1:8080")
+        self.assertEqual(options["store"], "sqlite:///tmp/x/allspark.db")
+        self.assertEqual(options["auth-secrets"], [SECRET.encode()])
+
+    def test_port_must_be_one_of_the_listen_ports(self) -> None:
+        self.parse("--port=8443", "--listen=ssl:8443:privateKey=k.pem:certKey=c.pem")
+        with self.assertRaises(usage.UsageError) as refused:
+            self.parse("--listen=ssl:8443:privateKey=k.pem:certKey=c.pem")
+        self.assertIn("--port (8080)", str(refused.exception))
+
+    def test_listen_port_parsing(self) -> None:
+        self.assertEqual(_listen_port("tcp:8080:interface=0.0.0.0"), 8080)
+        self.assertEqual(_listen_port("tcp:port=9000"), 9000)
+        self.assertEqual(_listen_port("ssl:8443:privateKey=k.pem"), 8443)
+        self.assertIsNone(_listen_port("unix:/run/allspark.sock"))
+
+    def test_refusals(self) -> None:
+        for argv in (["--log_level=loud"], ["--port=0"], ["--server-id=has space"], ["--max-connections=0"]):
+            with self.assertRaises((usage.UsageError, ValueError)):
+                self.parse(*argv)
+
+    def test_no_secret_is_a_usage_error(self) -> None:
+        del os.environ["ALLSPARK_AUTH_SECRET"]
+        with self.assertRaises(usage.UsageError):
+            self.parse()
