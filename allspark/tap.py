@@ -58,6 +58,9 @@ class Options(usage.Options):
         ["max-connections", None, 10_000, "most client connections this server accepts", _positive_int],
         ["max-message-size", None, 64 * 1024, "largest frame in bytes; bigger closes with 1009", _positive_int],
         ["max-queue-bytes", None, 8 * 1024 * 1024, "send queue bound per connection in bytes", _positive_int],
+        ["max-rate", None, 1000.0, "frames per second one connection may send, sustained", _positive_float],
+        ["max-burst", None, 5000.0, "frames one connection may send at once before --max-rate applies",
+         _positive_float],
         ["heartbeat", None, 30.0, "seconds between WebSocket pings", _positive_float],
         ["retention-days", None, 30.0, "days an unacked message is kept", _positive_float],
         ["retention-seconds", None, None, "seconds an unacked message is kept (overrides "
@@ -165,6 +168,8 @@ def makeService(options: Options) -> Any:
         max_message_size=options["max-message-size"],
         max_queue_bytes=options["max-queue-bytes"],
         heartbeat=options["heartbeat"],
+        max_rate=options["max-rate"],
+        max_burst=options["max-burst"],
         heartbeat_timeout=max(5.0, options["heartbeat"] * 2 / 3),
     )
     config = ServerConfig(

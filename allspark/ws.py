@@ -52,6 +52,10 @@ class SocketLimits:
     heartbeat: float = 30.0
     heartbeat_timeout: float = 20.0
     handshake_timeout: float = 10.0
+    #: frames per second a connection may send, sustained (a token bucket)
+    max_rate: float = 1000.0
+    #: frames a connection may send at once before the rate applies
+    max_burst: float = 5000.0
 
 
 @implementer(IPushProducer)
@@ -70,6 +74,8 @@ class ClientProtocol(WebSocketServerProtocol):
         self._queued = 0
         self._paused = False
         self._registered = False
+        self._tokens = 0.0
+        self._refilled = 0.0
         self._refusal: tuple[str, str] | None = None
 
     # -- handshake ----------------------------------------------------------
@@ -186,12 +192,28 @@ class ClientProtocol(WebSocketServerProtocol):
         except FrameError as e:
             self.send(e.to_frame())
             return
+        if not self._take_token():
+            self.send(error_frame("rate_limited", "too many frames: slow down", frame.id))
+            return
         if isinstance(frame, Message):
             assert self.sender is not None
             d = self.factory.app.router.route(self.sender, frame)
             d.addCallbacks(self.send, self._refused, errbackArgs=(frame.id,))
         else:
             ensureDeferred(self._control(frame)).addErrback(self._refused, frame.id)
+
+    def _take_token(self) -> bool:
+        """The rate limit: a token bucket of ``max_burst`` frames refilled at
+        ``max_rate`` per second.  Whether this frame may go on."""
+        limits = self.factory.limits
+        now = self.factory.app.clock.seconds()
+        tokens = min(limits.max_burst, self._tokens + (now - self._refilled) * limits.max_rate)
+        self._refilled = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
 
     async def _control(self, frame: Control) -> None:
         reply = await self.factory.app.control(self, frame)

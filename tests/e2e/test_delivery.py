@@ -64,7 +64,8 @@ class OfflineBacklogTests(unittest.TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.server = start_server(self)
+        # one client pipelines 10,000 messages: above the default rate limit
+        self.server = start_server(self, "--max-rate=100000", "--max-burst=100000")
 
     async def test_ten_thousand_messages_arrive_complete_and_in_order(self) -> None:
         count = 10_000

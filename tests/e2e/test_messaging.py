@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import orjson
+from twisted.internet.defer import gatherResults
 from twisted.trial import unittest
 
 from allspark.client import AllsparkError
-from tests.support import client_for, start_server
+from tests.support import client_for, sleep, start_server
 
 
 class MessagingTests(unittest.TestCase):
@@ -116,3 +117,20 @@ class MessagingTests(unittest.TestCase):
         # and messages still flow
         accepted = await alice.send(dest_id="bob-phone", payload="still here")
         self.assertEqual(accepted["status"], "delivered")
+
+
+class RateLimitTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_a_fast_sender_gets_rate_limited_errors_and_keeps_its_connection(self) -> None:
+        server = start_server(self, "--max-rate=5", "--max-burst=10")
+        alice = await client_for(self, server, "alice", sync=False)
+        answers = await gatherResults(
+            [alice.ping().addErrback(lambda f: f.value) for _ in range(30)], consumeErrors=True
+        )
+        limited = [a for a in answers if isinstance(a, AllsparkError)]
+        self.assertTrue(all(a.code == "rate_limited" for a in limited))
+        self.assertGreaterEqual(len(limited), 15)  # 10 at once, then 5 per second
+        self.assertGreaterEqual(30 - len(limited), 10)
+        await sleep(1.0)
+        self.assertEqual((await alice.ping())["op"], "pong")  # the bucket refilled

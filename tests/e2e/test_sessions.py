@@ -366,7 +366,8 @@ class LargeSessionTests(unittest.TestCase):
     timeout = 300
 
     def setUp(self) -> None:
-        self.server = start_server(self)
+        # the owner sends 10,000 join frames in a burst: above the default rate limit
+        self.server = start_server(self, "--max-rate=100000", "--max-burst=100000")
 
     async def test_ten_thousand_member_broadcast(self) -> None:
         members, online_count = 10_000, 300
