@@ -110,12 +110,6 @@ def _session_type(value: Any) -> str:
     return value
 
 
-def _push_token(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 4096:
-        raise ValueError("token must be a string of 1-4096 characters")
-    return value
-
-
 #: op -> {argument: (validator, required)}.  ``id`` is allowed on every op.
 CONTROL_OPS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     "ping": {},

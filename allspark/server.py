@@ -197,7 +197,7 @@ def _pid_alive(pid: int) -> bool:
         pass
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"allspark" in f.read()
+            return b"allspark" in f.read().split(b"\0")  # twistd's subcommand
     except OSError:
         return True  # no /proc: assume it is ours
 

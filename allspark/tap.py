@@ -44,8 +44,10 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["host_address", None, "127.0.0.1", "address clients and peers reach this server at"],
-        ["port", "p", DEFAULT_PORT, "port to listen on (HTTP and WebSocket)", int],
-        ["proxy_80_port", None, None, "proxy address (host[:port]) in front of this node, e.g. nginx"],
+        ["port", "p", DEFAULT_PORT, "port clients are sent to, and listened on unless --listen says otherwise "
+                                    "(HTTP and WebSocket)", int],
+        ["proxy_80_port", None, None, "proxy in front of this node (e.g. nginx): host[:port] for ws://, "
+                                      "or a URL such as wss://chat.example.com"],
         ["log_level", None, "info", "debug, info, warn or error"],
         ["store", None, None, "sqlite:///path/allspark.db (default: allspark.db in --data-dir), "
                               "memory:, or mongodb://host/db"],

@@ -40,7 +40,6 @@ wsmask.install()
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_QUEUE_OVERFLOW = 4008
-CLOSE_TOO_MANY = 4029
 
 
 @dataclass(frozen=True)
@@ -187,12 +186,13 @@ class ClientProtocol(WebSocketServerProtocol):
         self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        limited = not self._take_token()  # every frame counts, malformed ones too
         try:
             frame = parse_frame(payload, isBinary)
         except FrameError as e:
             self.send(e.to_frame())
             return
-        if not self._take_token():
+        if limited:
             self.send(error_frame("rate_limited", "too many frames: slow down", frame.id))
             return
         if isinstance(frame, Message):

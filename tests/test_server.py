@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from twisted.trial import unittest
 
@@ -12,8 +14,9 @@ from allspark.server import IdentityClaim
 
 class IdentityClaimTests(unittest.SynchronousTestCase):
     def claim_file(self, pid: int | None) -> IdentityClaim:
-        claim = IdentityClaim(self.mktemp(), "127.0.0.1", 8080, "127.0.0.1:8080")
-        os.makedirs(os.path.dirname(claim.path))
+        data_dir = tempfile.mkdtemp(prefix="allspark-claim-")
+        self.addCleanup(shutil.rmtree, data_dir)
+        claim = IdentityClaim(data_dir, "127.0.0.1", 8080, "127.0.0.1:8080")
         if pid is not None:
             with open(claim.path, "w") as f:
                 json.dump({"pid": pid, "server_id": "127.0.0.1:8080"}, f)

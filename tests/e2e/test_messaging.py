@@ -134,3 +134,9 @@ class RateLimitTests(unittest.TestCase):
         self.assertGreaterEqual(30 - len(limited), 10)
         await sleep(1.0)
         self.assertEqual((await alice.ping())["op"], "pong")  # the bucket refilled
+        await sleep(2.0)
+        for _ in range(20):  # malformed frames take tokens too
+            alice.send_raw(b"not json")
+        with self.assertRaises(AllsparkError) as refused:
+            await alice.ping()
+        self.assertEqual(refused.exception.code, "rate_limited")
