@@ -30,6 +30,7 @@ What it does for you:
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -139,6 +140,7 @@ class Client:
         self._hello: Deferred[dict[str, Any]] = Deferred()
         self._pending: dict[str, Deferred[dict[str, Any]]] = {}
         self._counter = 0
+        self._id_prefix = f"c-{secrets.token_hex(4)}-"
         self.received = 0
         self._streams: dict[str | None, _Stream] = {None: _Stream(watermark=inbox_after)}
         self._ack_call: Any = None
@@ -148,8 +150,12 @@ class Client:
 
     # -- sending ----------------------------------------------------------
     def _next_id(self) -> str:
+        """A frame id unique to this Client object: the server de-duplicates
+        on (node, id) for 10 minutes, so a new connection of the same node
+        must never reuse an earlier one's ids (its messages would be taken
+        for retries and dropped)."""
         self._counter += 1
-        return f"c-{self._counter}"
+        return f"{self._id_prefix}{self._counter}"
 
     def send_raw(self, data: bytes | str) -> None:
         """Write raw bytes as one text frame (for tests of bad input)."""
@@ -323,7 +329,8 @@ class Client:
             return
         if op == "hello":
             self.hello = frame
-            self._hello.callback(frame)
+            if not self._hello.called:  # not after open_socket gave up waiting
+                self._hello.callback(frame)
             return
         if op == "member_joined" and frame.get("you"):
             # the owner added this node: its stream cursor starts where it joined
@@ -370,9 +377,9 @@ class Client:
         if self._ack_call is not None and self._ack_call.active():
             self._ack_call.cancel()
         self._ack_call = None
-        for d in self._pending.values():
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
             d.errback(ConnectionDone(f"connection closed ({code}: {reason})"))
-        self._pending.clear()
         if not self._hello.called:
             self._hello.errback(ConnectionDone(f"connection closed before hello ({code}: {reason})"))
         if not self.closed.called:

@@ -262,8 +262,11 @@ class ServerService(service.Service):
         log.info("server {server_id} is live", server_id=config.server_id)
 
     def _failed_start(self, failure: Any) -> None:
+        if failure.check(defer.CancelledError):
+            return  # stopped while starting: stopService does the rest
         log.failure("could not start the server", failure)
-        self.reactor.stop()
+        if self.reactor.running:
+            self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -72,8 +72,8 @@ before the first slice is written.
 from __future__ import annotations
 
 import secrets
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -197,7 +197,9 @@ class Sessions:
             "my_sessions": self.my_sessions,
         }
         #: Fan-outs still writing slices (tests wait for them).
-        self.fanouts: set[Deferred[None]] = set()
+        # fan-outs not yet fully written: [frame, node_ids, next index, done]
+        self._fanouts: deque[list[Any]] = deque()
+        self._fanout_scheduled = False
 
     # -- the membership cache --------------------------------------------
     def membership_changed(
@@ -308,28 +310,40 @@ class Sessions:
         return [n for n in members if n != exclude and registry.is_online(n)]
 
     def fan_out(self, frame: bytes, node_ids: list[str]) -> Deferred[None]:
-        """Write ``frame`` (encoded once) to ``node_ids``, :data:`FANOUT_SLICE`
-        nodes per reactor turn; fires when the last slice is written."""
-        send = self.registry.send
-        if len(node_ids) <= FANOUT_SLICE:
-            for node_id in node_ids:
-                send(node_id, frame)
-            return succeed(None)
-        done: Deferred[None] = Deferred()
-        self.fanouts.add(done)
+        """Write ``frame`` (encoded once) to ``node_ids``; fires when the last
+        copy is written.
 
-        def write(start: int) -> None:
-            end = min(start + FANOUT_SLICE, len(node_ids))
+        Fan-outs go out in the order they were asked for, at most
+        :data:`FANOUT_SLICE` copies per reactor turn: a small one at once when
+        nothing is queued, a large one in slices, and any later one after it,
+        so that every member gets broadcasts and events in order.
+        """
+        done: Deferred[None] = Deferred()
+        self._fanouts.append([frame, node_ids, 0, done])
+        if not self._fanout_scheduled:
+            self._write_fanouts()
+        return done
+
+    def _write_fanouts(self) -> None:
+        """Write one slice of the queued fan-outs; schedule the next slice."""
+        queue = self._fanouts
+        send = self.registry.send
+        budget = FANOUT_SLICE
+        while queue and budget > 0:
+            item = queue[0]
+            frame, node_ids, start, done = item
+            end = min(start + budget, len(node_ids))
             for i in range(start, end):
                 send(node_ids[i], frame)
+            budget -= end - start
             if end < len(node_ids):
-                self.clock.callLater(0, write, end)
-            else:
-                self.fanouts.discard(done)
-                done.callback(None)
-
-        write(0)
-        return done
+                item[2] = end
+                break
+            queue.popleft()
+            done.callback(None)
+        self._fanout_scheduled = bool(queue)
+        if queue:
+            self.clock.callLater(0, self._write_fanouts)
 
     def _event(self, entry: _Entry, frame: dict[str, Any], exclude: str | None) -> None:
         self.fan_out(encode(frame), self._online_members(entry, exclude))
@@ -574,12 +588,15 @@ class Sessions:
             session_id, sender.node_id, msg.id, body, answer, now_ms(self.clock),
             self.server.config.delivery.dedup_window_ms,
         )
-        seq = result.seqs[session_id]
+        seq = result.seqs.get(session_id)
+        if seq is None:  # the id was first used for a message elsewhere: that one's answer
+            return result.answer
         if not result.duplicate:
-            # online members are looked up again: some may have joined or
-            # connected while the row was being stored
-            current = await self._entry(session_id)
-            self.fan_out(with_session_seq(body, seq), self._online_members(current or entry, sender.node_id))
+            # online members are looked up again (without waiting, so that
+            # broadcasts go out in the order they were stored): some may have
+            # joined or connected while the row was being stored
+            current = self._cache.get(session_id) or entry
+            self.fan_out(with_session_seq(body, seq), self._online_members(current, sender.node_id))
         return _answer_with_session_seq(result.answer, seq)
 
     async def sync(
@@ -591,10 +608,6 @@ class Sessions:
         sender = Sender(conn.node_id, conn.client_id)
         _, me = await self._membership(sender, session_id)
         if after is None:
-            fresh = [m for m in await self.store.sessions_of_node(conn.node_id) if m.session_id == session_id]
-            if not fresh:
-                raise FrameError("not_a_member", f"you are not a member of session {session_id!r}")
-            me = fresh[0]
             after = me.acked_seq
         page = await self.store.fetch_session(session_id, conn.node_id, max(after, me.joined_seq), limit)
         check_cursor("after", after, page.last_seq, f"session {session_id!r}")
@@ -610,6 +623,10 @@ class Sessions:
         state = await self.store.fetch_session(session_id, sender.node_id, upto, 1)
         check_cursor("upto", upto, state.last_seq, f"session {session_id!r}")
         acked = await self.store.ack_session(session_id, sender.node_id, upto)
+        entry = self._cache.get(session_id)
+        member = entry.members.get(sender.node_id) if entry is not None else None
+        if member is not None and member.acked_seq != acked:
+            self.membership_changed(session_id, sender.node_id, replace(member, acked_seq=acked))
         return {"op": "acked", "session_id": session_id, "upto": acked}
 
 

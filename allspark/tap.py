@@ -126,6 +126,11 @@ def _listen_port(description: str) -> int | None:
     return None
 
 
+def _endpoint_quote(value: str) -> str:
+    """``value`` inside an endpoint description (an IPv6 address has colons)."""
+    return value.replace(":", "\\:")
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
@@ -165,7 +170,9 @@ def makeService(options: Options) -> Any:
 
     set_level(options["log_level"])
     host = options["host_address"]
-    listen = tuple(options["listen"]) or (f"tcp:{options['port']}:interface={host}",)
+    listen = tuple(options["listen"]) or (f"tcp:{options['port']}:interface={_endpoint_quote(host)}",)
+    # the scheme of ws_url is that of the listen port clients are sent to
+    advertised = next(d for d in listen if _listen_port(d) == options["port"])
     limits = SocketLimits(
         max_message_size=options["max-message-size"],
         max_queue_bytes=options["max-queue-bytes"],
@@ -180,7 +187,7 @@ def makeService(options: Options) -> Any:
         port=options["port"],
         listen=listen,
         proxy_address=options["proxy_80_port"],
-        scheme="wss" if any(d.startswith("ssl:") for d in listen) else "ws",
+        scheme="wss" if advertised.startswith("ssl") else "ws",
         data_dir=options["data-dir"],
         force=bool(options["force"]),
         max_connections=options["max-connections"],

@@ -73,7 +73,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self._queued = 0
         self._paused = False
         self._registered = False
-        self._tokens = 0.0
+        self._tokens = -1.0  # a full bucket at the first frame (see _take_token)
         self._refilled = 0.0
         self._refusal: tuple[str, str] | None = None
 
@@ -207,7 +207,10 @@ class ClientProtocol(WebSocketServerProtocol):
         ``max_rate`` per second.  Whether this frame may go on."""
         limits = self.factory.limits
         now = self.factory.app.clock.seconds()
-        tokens = min(limits.max_burst, self._tokens + (now - self._refilled) * limits.max_rate)
+        if self._tokens < 0:
+            self._tokens = limits.max_burst
+        elapsed = max(0.0, now - self._refilled)  # the wall clock may step back
+        tokens = min(limits.max_burst, self._tokens + elapsed * limits.max_rate)
         self._refilled = now
         if tokens < 1.0:
             self._tokens = tokens

@@ -27,7 +27,7 @@ class QuickBenchmarkTests(unittest.TestCase):
         cls.out = tempfile.mkdtemp(prefix="allspark-bench-test-")
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-        cls.proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", cls.out], cwd=ROOT,
+        cls.proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--loadgen", "python", "--out", cls.out], cwd=ROOT,
                                   env=env, capture_output=True, text=True, timeout=600)
         path = os.path.join(cls.out, "latest.json")
         if cls.proc.returncode != 0 or not os.path.exists(path):

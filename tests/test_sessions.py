@@ -343,7 +343,7 @@ class FanOut(SessionsTestCase):
         self.assertEqual(got, 35)
         # encoded once: every member got the same bytes object
         self.assertEqual(len({id(self.conns[f"n{i}"].raw[0]) for i in range(35)}), 1)
-        self.assertEqual(self.sessions.fanouts, set())
+        self.assertEqual(len(self.sessions._fanouts), 0)
 
 
 class HTTPArgs(unittest.TestCase):

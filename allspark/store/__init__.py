@@ -4,7 +4,7 @@ One small interface, :class:`Store`, with one contract test suite
 (``tests/store/test_contract.py``) that every backend passes:
 
 - ``memory``: a dict-backed store for unit tests and throwaway runs;
-- ``sqlite``: the embedded default (WAL, one writer thread, group commit);
+- ``sqlite``: the embedded default (WAL, one transaction per reactor turn);
 - ``mongodb``: txmongo, an optional extra, imported only when asked for.
 
 Every method returns a :class:`~twisted.internet.defer.Deferred`.  Operations
@@ -189,7 +189,7 @@ class Store(Protocol):
         """Remove inbox and session-stream rows stored before
         ``stored_before_ms`` (advancing ``purged_upto``) and de-duplication
         entries older than ``dedup_before_ms``.  Returns how many message rows
-        went.  Session-stream rows that every member has acked may go too.
+        went.
         """
 
     # -- sessions ---------------------------------------------------------

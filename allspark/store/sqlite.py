@@ -107,9 +107,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
             UNIQUE (node_id, seq)
         )""",
         "CREATE INDEX inbox_by_stored_at ON inbox (stored_at)",
-        # The seq of a new row is computed by the INSERT itself from
-        # inbox_state (see _APPEND_INBOX); this trigger moves last_seq up in
-        # the same statement, so one append is one atomic statement.
+        # Version 1 numbered each row in its INSERT and moved last_seq up
+        # with this trigger; version 2 drops it (see below).
         """CREATE TRIGGER inbox_last_seq AFTER INSERT ON inbox BEGIN
             INSERT INTO inbox_state (node_id, last_seq) VALUES (NEW.node_id, NEW.seq)
             ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq;
@@ -157,7 +156,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
         END""",
     ),
     # 2: inbox appends number their copies in batches (see _append_many) and
-    # store inbox_state.last_seq once per node per batch, not by a trigger per row.
+    # store inbox_state.last_seq once per node per batch, not by a trigger per
+    # row.  Stop every process on a file before a version-2 one migrates it:
+    # a version-1 process would keep counting on the trigger.
     ("DROP TRIGGER inbox_last_seq",),
 ]
 
@@ -172,7 +173,7 @@ def _multi(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-# -- operations, run on the writer thread with its cursor ----------------------
+# -- operations, run inside a batch's transaction with its cursor ----------------
 # Each takes the cursor first; the SQL strings are constants so that sqlite3's
 # statement cache keeps them prepared.
 
@@ -268,7 +269,7 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
         if dedup_id is not None:
             prior = known.get((sender, dedup_id))
             if prior is not None and now_ms - prior[0] < window_ms:
-                seqs = prior[1] if isinstance(prior[1], dict) else orjson.loads(prior[1])
+                seqs = dict(prior[1]) if isinstance(prior[1], dict) else orjson.loads(prior[1])
                 results.append(AppendResult(True, seqs, bytes(prior[2])))
                 continue
         seqs = {}
@@ -574,7 +575,10 @@ class SQLiteStore:
         if not self._pending or self._conn is None:
             return
         batch, self._pending = self._pending, []
-        results = self._run_batch(batch)
+        try:
+            results = self._run_batch(batch)
+        except Exception:  # e.g. a SAVEPOINT gone with a transaction SQLite rolled back
+            results = self._abort(self._conn, batch)
         if results is None:
             # another process holds the write lock: stay first in line
             now = self._reactor.seconds()
@@ -605,7 +609,7 @@ class SQLiteStore:
         try:
             cur.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
+            if getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 return None
             failure = Failure()
             log.failure("store batch could not begin", failure, size=len(batch))
@@ -696,6 +700,8 @@ class SQLiteStore:
 
     def _open(self) -> list[int]:
         """Open the connection, set pragmas, create or migrate the schema."""
+        if sqlite3.sqlite_version_info < (3, 35, 0):
+            raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed (RETURNING)")
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         conn = sqlite3.connect(

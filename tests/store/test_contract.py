@@ -23,6 +23,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Coroutine
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
 from allspark.store import (
@@ -678,6 +679,38 @@ class SQLiteStoreTests(TestCase):
 
 
 # -- open_store -------------------------------------------------------------------------
+
+
+    @inline
+    async def test_a_lock_held_by_another_process_is_waited_for_in_order(self) -> None:
+        """While another connection holds the write lock, batches wait (the
+        reactor is not blocked long) and then run in submission order."""
+        path = self.new_path()
+        store = await self.opened(path)
+        other = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("PRAGMA busy_timeout = 20")
+        other.execute("BEGIN IMMEDIATE")
+        first = store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
+        await deferLater(reactor, 0.1, lambda: None)
+        self.assertFalse(first.called)  # still waiting for the lock
+        second = store.append_inbox("s", None, ["a"], b"2", b"", 1, WINDOW)
+        other.execute("COMMIT")
+        self.assertEqual((await first).seqs, {"a": 1})
+        self.assertEqual((await second).seqs, {"a": 2})
+
+    @inline
+    async def test_a_lock_held_too_long_fails_the_batch(self) -> None:
+        path = self.new_path()
+        store = await self.opened(path)
+        store.busy_give_up_s = 0.2
+        other = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        with self.assertRaises(StoreError):
+            await store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
+        other.execute("COMMIT")
+        self.assertEqual((await store.append_inbox("s", None, ["a"], b"2", b"", 1, WINDOW)).seqs, {"a": 1})
 
 
 class OpenStoreTests(TestCase):
