@@ -140,3 +140,19 @@ class RateLimitTests(unittest.TestCase):
         with self.assertRaises(AllsparkError) as refused:
             await alice.ping()
         self.assertEqual(refused.exception.code, "rate_limited")
+
+
+class ReconnectTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_a_reconnected_sender_is_not_taken_for_a_retry(self) -> None:
+        """The client numbers frames afresh per connection object: the
+        server must still see new messages as new (no de-dup collision)."""
+        server = start_server(self)
+        bob = await client_for(self, server, "bob-phone", "bob")
+        for text in ("first", "second"):
+            alice = await client_for(self, server, "alice-laptop", "alice")
+            accepted = await alice.send(dest_id="bob-phone", payload=text)
+            self.assertEqual(accepted["status"], "delivered")
+            self.assertEqual((await bob.next_message())["payload"], text)
+            await alice.close()
