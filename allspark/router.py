@@ -40,15 +40,18 @@ class Sender:
     client_id: str | None
 
 
-def accepted_frame(
-    msg: Message, status: str, recipients: int, live: int, **extra: Any
-) -> bytes:
-    """The ``accepted`` answer.
+def accepted_frame(msg: Message, recipients: int, live: int, **extra: Any) -> bytes:
+    """The ``accepted`` answer for ``msg`` sent to ``recipients`` nodes of
+    which ``live`` had a live connection when it was routed.
 
-    ``status`` is ``delivered`` (every recipient had a live connection when
-    the message was routed), ``stored`` (at least one had not: it is kept in
-    its inbox for sync) or ``dropped`` (ephemeral and nobody was online).
+    Its ``status`` is ``delivered`` (every recipient was live), ``stored``
+    (durable, and at least one was not: it is kept for sync) or ``dropped``
+    (ephemeral, and nobody was live).
     """
+    if msg.ephemeral:
+        status = "delivered" if live else "dropped"
+    else:
+        status = "delivered" if live >= recipients else "stored"
     frame: dict[str, Any] = {"op": "accepted"}
     if msg.id is not None:
         frame["id"] = msg.id
@@ -171,10 +174,8 @@ class Router:
         if msg.ephemeral:
             for node_id in recipients:
                 self.registry.send(node_id, addressed(body, node_id))
-            status = "dropped" if live == 0 else "delivered"
-            return succeed(accepted_frame(msg, status, len(recipients), live))
-        status = "delivered" if live == len(recipients) else "stored"
-        answer = accepted_frame(msg, status, len(recipients), live)
+            return succeed(accepted_frame(msg, len(recipients), live))
+        answer = accepted_frame(msg, len(recipients), live)
         return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:

@@ -581,9 +581,8 @@ class Sessions:
         online = self._online_members(entry, sender.node_id)
         if msg.ephemeral:
             self.fan_out(body, online)
-            return accepted_frame(msg, "delivered" if online else "dropped", others, len(online))
-        status = "delivered" if len(online) >= others else "stored"
-        answer = accepted_frame(msg, status, others, len(online))
+            return accepted_frame(msg, others, len(online))
+        answer = accepted_frame(msg, others, len(online))
         result = await self.store.append_session(
             session_id, sender.node_id, msg.id, body, answer, now_ms(self.clock),
             self.server.config.delivery.dedup_window_ms,
