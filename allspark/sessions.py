@@ -196,7 +196,6 @@ class Sessions:
             "set_master": self.set_master,
             "my_sessions": self.my_sessions,
         }
-        #: Fan-outs still writing slices (tests wait for them).
         # fan-outs not yet fully written: [frame, node_ids, next index, done]
         self._fanouts: deque[list[Any]] = deque()
         self._fanout_scheduled = False
@@ -349,6 +348,10 @@ class Sessions:
         self.fan_out(encode(frame), self._online_members(entry, exclude))
 
     # -- operations (control frames and HTTP) ------------------------------
+    def ops(self) -> list[str]:
+        """The session operations, each a control op and an HTTP path."""
+        return list(self._ops)
+
     async def control(self, sender: Sender, frame: Control) -> dict[str, Any]:
         """Answer a session control frame."""
         handler = self._ops.get(frame.op)
@@ -631,8 +634,6 @@ class Sessions:
 
 # -- HTTP -----------------------------------------------------------------------
 _BOOL_ARGS = frozenset({"anonymous", "anyone_can_join"})
-HTTP_OPS = ("create_session", "join_session", "unjoin_session", "get_session_info",
-            "reveal_anonymity", "set_master", "my_sessions")
 
 
 def http_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -679,4 +680,4 @@ def session_resources(server: "Server") -> dict[bytes, resource.Resource]:
 
         return JSONEndpoint(handler)
 
-    return {op.encode(): endpoint(op) for op in HTTP_OPS}
+    return {op.encode(): endpoint(op) for op in server.sessions.ops()}
