@@ -270,7 +270,9 @@ class ServerService(service.Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return defer.ensureDeferred(self._stop())
+        d = defer.ensureDeferred(self._stop())
+        # twistd would swallow a failure here: say what went wrong
+        return d.addErrback(lambda failure: log.failure("stopping the server failed", failure))
 
     async def _stop(self) -> None:
         server = self.server
@@ -286,11 +288,12 @@ class ServerService(service.Service):
             conn.going_away("server shutting down")
         deadline = self.server.config.drain_timeout
         waited = 0.0
-        while len(server.registry) and waited < deadline:
+        while any(conn.still_connected() for conn in conns) and waited < deadline:
             await deferLater(self.reactor, 0.05)
             waited += 0.05
-        for conn in list(server.registry):
-            conn.dropConnection(abort=True)
+        for conn in conns:
+            if conn.still_connected():
+                conn.dropConnection(abort=True)
         if self._retention is not None and self._retention.running:
             self._retention.stop()
         await server.store.close()

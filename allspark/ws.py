@@ -288,9 +288,16 @@ class ClientProtocol(WebSocketServerProtocol):
         self._queued = 0
 
     def going_away(self, reason: str) -> None:
-        """Close with 1001 (going away), which Autobahn's ``sendClose`` does not allow."""
+        """Close with 1001 (going away), which Autobahn's ``sendClose`` does
+        not allow.  The connection leaves the registry at once: nothing more
+        is routed to a socket that is closing."""
+        self._unregister()
         if self.state == WebSocketServerProtocol.STATE_OPEN:
             self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=reason.encode()[:120], isReply=False)
+
+    def still_connected(self) -> bool:
+        """Whether the TCP connection is still there (open or closing)."""
+        return self.state != WebSocketServerProtocol.STATE_CLOSED
 
 
 class ClientFactory(WebSocketServerFactory):
