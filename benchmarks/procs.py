@@ -233,17 +233,22 @@ def start_allspark(workdir: str, servers: int = 1, extra_args: tuple[str, ...] =
     return target
 
 
-def start_autobahn_relay(workdir: str) -> Target:
-    port = free_port()
-    proc = spawn("autobahn-relay", [sys.executable, "-m", "benchmarks.relay_autobahn", str(port)],
-                 log_path=os.path.join(workdir, "autobahn-relay.log"))
-    target = Target("autobahn-relay", "bare Autobahn relay", "relay", workdir, [proc], [f"ws://127.0.0.1:{port}"])
+def _listening(target: "Target", port: int, proc: Any) -> "Target":
+    """``target`` once ``proc`` listens on ``port`` (stopped if it never does)."""
     try:
         wait_port(port, proc, 20)
     except BaseException:
         target.stop()
         raise
     return target
+
+
+def start_autobahn_relay(workdir: str) -> Target:
+    port = free_port()
+    proc = spawn("autobahn-relay", [sys.executable, "-m", "benchmarks.relay_autobahn", str(port)],
+                 log_path=os.path.join(workdir, "autobahn-relay.log"))
+    return _listening(Target("autobahn-relay", "bare Autobahn relay", "relay", workdir, [proc],
+                             [f"ws://127.0.0.1:{port}"]), port, proc)
 
 
 def node_available() -> str | None:
@@ -282,14 +287,8 @@ def start_node_relay(workdir: str, kind: str) -> Target:
     proc = spawn(name, ["node", os.path.join(NODE_DIR, "relay.js"), kind, str(port)], cwd=NODE_DIR,
                  log_path=os.path.join(workdir, f"{name}.log"))
     scheme = "ws" if kind == "ws" else "http"
-    target = Target(name, label, "relay" if kind == "ws" else "socketio", workdir, [proc],
-                    [f"{scheme}://127.0.0.1:{port}"])
-    try:
-        wait_port(port, proc, 20)
-    except BaseException:
-        target.stop()
-        raise
-    return target
+    return _listening(Target(name, label, "relay" if kind == "ws" else "socketio", workdir, [proc],
+                             [f"{scheme}://127.0.0.1:{port}"]), port, proc)
 
 
 def nats_available() -> str | None:
@@ -307,14 +306,9 @@ def start_nats(workdir: str, jetstream: bool) -> Target:
         cmd += ["-js", "-sd", store]
     name = "nats-jetstream" if jetstream else "nats-core"
     proc = spawn(name, cmd, log_path=os.path.join(workdir, f"{name}.log"))
-    target = Target(name, "NATS JetStream" if jetstream else "NATS core", "nats-js" if jetstream else "nats-core",
-                    workdir, [proc], [f"nats://127.0.0.1:{port}"])
-    try:
-        wait_port(port, proc, 20)
-    except BaseException:
-        target.stop()
-        raise
-    return target
+    return _listening(Target(name, "NATS JetStream" if jetstream else "NATS core",
+                             "nats-js" if jetstream else "nats-core", workdir, [proc],
+                             [f"nats://127.0.0.1:{port}"]), port, proc)
 
 
 def new_workdir() -> str:
