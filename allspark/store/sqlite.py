@@ -209,13 +209,19 @@ def _session(row: tuple[Any, ...]) -> SessionRecord:
     return SessionRecord(row[0], row[1], row[2], json.loads(row[3]))
 
 
+def _duplicate(prior: tuple[int, Any, bytes] | None, now_ms: int, window_ms: int) -> AppendResult | None:
+    """The first attempt's result when ``prior`` (a de-dup row: created_at,
+    seqs as stored or as a dict, answer) is inside the window, else None."""
+    if prior is None or now_ms - prior[0] >= window_ms:
+        return None
+    seqs = dict(prior[1]) if isinstance(prior[1], dict) else orjson.loads(prior[1])
+    return AppendResult(True, seqs, bytes(prior[2]))
+
+
 def _seen(
     cur: sqlite3.Cursor, sender_id: str, dedup_id: str, now_ms: int, window_ms: int
 ) -> AppendResult | None:
-    row = cur.execute(_DEDUP_GET, (sender_id, dedup_id)).fetchone()
-    if row is None or now_ms - row[0] >= window_ms:
-        return None
-    return AppendResult(True, json.loads(row[1]), bytes(row[2]))
+    return _duplicate(cur.execute(_DEDUP_GET, (sender_id, dedup_id)).fetchone(), now_ms, window_ms)
 
 
 def _op_remember_node(cur: sqlite3.Cursor, node_id: str, client_id: str | None, now: int) -> None:
@@ -267,10 +273,9 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
     results: list[AppendResult] = []
     for sender, dedup_id, recipients, body, answer, now_ms, window_ms in appends:
         if dedup_id is not None:
-            prior = known.get((sender, dedup_id))
-            if prior is not None and now_ms - prior[0] < window_ms:
-                seqs = dict(prior[1]) if isinstance(prior[1], dict) else orjson.loads(prior[1])
-                results.append(AppendResult(True, seqs, bytes(prior[2])))
+            duplicate = _duplicate(known.get((sender, dedup_id)), now_ms, window_ms)
+            if duplicate is not None:
+                results.append(duplicate)
                 continue
         seqs = {}
         for node_id in recipients:
@@ -479,7 +484,7 @@ def _op_append_session(
     seq = row[0]
     seqs = {session_id: seq}
     if dedup_id is not None:
-        cur.execute(_DEDUP_PUT, (sender_id, dedup_id, now_ms, json.dumps(seqs), answer))
+        cur.execute(_DEDUP_PUT, (sender_id, dedup_id, now_ms, orjson.dumps(seqs), answer))
     return AppendResult(False, seqs, answer)
 
 
