@@ -614,7 +614,9 @@ class SQLiteStore:
         try:
             cur.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            if getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            # the primary code is the low byte: SQLITE_BUSY_RECOVERY,
+            # SQLITE_BUSY_SNAPSHOT... are busy too
+            if getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                 return None
             failure = Failure()
             log.failure("store batch could not begin", failure, size=len(batch))
