@@ -29,6 +29,10 @@ DEST_FIELDS = ("dest_id", "dest_client_id", "dest_session_id")
 DEST_SET = frozenset(DEST_FIELDS)
 MESSAGE_FIELDS = frozenset(("id", "ephemeral") + DEST_FIELDS + CONTENT_FIELDS)
 MAX_FRAME_ID_LENGTH = 64
+#: Deepest nesting of arrays and objects a message's content may have.  The
+#: server's encoder (``orjson.dumps``) refuses values nested more than about
+#: 250 levels, so deeper content could be accepted but never delivered.
+MAX_CONTENT_DEPTH = 128
 MAX_SYNC_LIMIT = 1000
 DEFAULT_SYNC_LIMIT = 100
 
@@ -171,8 +175,28 @@ def parse_frame(data: bytes, is_binary: bool = False) -> Message | Control:
         raise FrameError("bad_frame", "a frame must be a JSON object")
     frame_id = _frame_id(frame)
     if not DEST_SET.isdisjoint(frame):
+        # only a frame with that many brackets can nest that deep: the walk is
+        # skipped for nearly every frame
+        if data.count(b"[") + data.count(b"{") > MAX_CONTENT_DEPTH and _nested_deeper(frame, MAX_CONTENT_DEPTH):
+            raise FrameError(
+                "bad_frame", f"the content is nested more than {MAX_CONTENT_DEPTH} levels deep", frame_id
+            )
         return _parse_message(frame, frame_id)
     return _parse_control(frame, frame_id)
+
+
+def _nested_deeper(frame: dict[str, Any], limit: int) -> bool:
+    """Whether a content field of ``frame`` nests arrays and objects more
+    than ``limit`` levels deep (a scalar is level 0, ``[1]`` level 1)."""
+    stack = [(frame[name], 0) for name in CONTENT_FIELDS if name in frame]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            if depth >= limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _parse_message(frame: dict[str, Any], frame_id: str | None) -> Message:

@@ -106,6 +106,24 @@ class ParseTests(unittest.SynchronousTestCase):
     def test_long_unknown_op_is_not_echoed_whole(self) -> None:
         self.assertLess(len(self.refused({"op": "x" * 10_000}, "unknown_op").message), 200)
 
+    def test_content_nested_deeper_than_the_server_can_encode_is_refused(self) -> None:
+        """Found by tests/fuzz: content nested ~254 levels parsed, then the
+        delivered copy could not be encoded (internal_error, a traceback)."""
+
+        def nested(depth: int, opener: str, closer: str) -> bytes:
+            return (opener * depth + "1" + closer * depth).encode()
+
+        for opener, closer in (("[", "]"), ('{"a":', "}")):
+            for field in (b"payload", b"payload1", b"payload2"):
+                deepest = b'{"dest_id":"bob","id":"d1","%s":%s}' % (field, nested(128, opener, closer))
+                msg = parse_frame(deepest)
+                assert isinstance(msg, Message)
+                orjson.loads(addressed(delivery_body(msg, "alice", None, 1), "bob", 1))
+                too_deep = b'{"dest_id":"bob","id":"d1","%s":%s}' % (field, nested(300, opener, closer))
+                self.assertEqual(self.refused(too_deep).frame_id, "d1")
+        # brackets inside strings and in ignored fields are not nesting
+        parse_frame(b'{"dest_id":"bob","payload":"%s","extra":%s}' % (b"[" * 500, nested(300, "[", "]")))
+
 
 class OutputTests(unittest.SynchronousTestCase):
     def test_delivery_body_is_stamped_by_the_server(self) -> None:
