@@ -29,11 +29,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from allspark.store import (
     AppendResult,
     DuplicateSession,
+    InboxFull,
     InboxPage,
+    InboxQuota,
     MemberRecord,
+    SessionFull,
     SessionRecord,
     Store,
     StoreError,
+    StreamQuota,
     open_store,
 )
 from allspark.store.memory import MemoryStore
@@ -95,9 +99,21 @@ class StoreContract:
         dedup_id: str | None = None,
         answer: bytes = b"",
         window: int = WINDOW,
+        quota: InboxQuota | None = None,
     ) -> AppendResult:
         """``append_inbox`` with defaults."""
-        return await self.store.append_inbox(sender, dedup_id, recipients, body, answer, now, window)
+        return await self.store.append_inbox(
+            sender, dedup_id, recipients, body, answer, now, window, quota
+        )
+
+    async def refused(self, recipients: list[str], quota: InboxQuota, sender: str = "sender",
+                      dedup_id: str | None = None) -> InboxFull:
+        """``append_inbox`` that must fail with :class:`InboxFull`; the error."""
+        try:
+            result = await self.append(recipients, sender=sender, dedup_id=dedup_id, quota=quota)
+        except InboxFull as e:
+            return e
+        raise AssertionError(f"append to {recipients} by {sender} was not refused: {result}")
 
     async def session_with(self, session_id: str = "s1", owner: str = "owner") -> SessionRecord:
         """Create a session with the usual options."""
@@ -290,6 +306,124 @@ class StoreContract:
         self.assertEqual(await self.store.inbox_state("a"), (0, 0))
         page = await self.store.fetch_session("s1", "reader", 0, 10)
         self.assertEqual((seqs_of(page), page.last_seq), ([1], 1))
+
+    # -- quotas ---------------------------------------------------------------------
+    @inline
+    async def test_inbox_quota_per_sender_and_per_inbox(self) -> None:
+        """Over a sender's share of an inbox, or over the inbox's total, an
+        append is refused and stores nothing; other senders still get in, and
+        an ack makes room again."""
+        quota = InboxQuota(per_sender=3, per_inbox=5)
+        for _ in range(3):
+            await self.append(["a"], sender="x", quota=quota)
+        error = await self.refused(["a"], quota, sender="x")
+        self.assertEqual((error.node_ids, error.per_sender), (("a",), True))
+        self.assertEqual(await self.store.inbox_state("a"), (3, 0))  # no seq was taken
+        self.assertEqual((await self.append(["a"], sender="y", quota=quota)).seqs, {"a": 4})
+        self.assertEqual((await self.append(["a"], sender="y", quota=quota)).seqs, {"a": 5})
+        error = await self.refused(["a"], quota, sender="z")
+        self.assertEqual((error.node_ids, error.per_sender), (("a",), False))
+        # Without a quota nothing is refused (and the message still counts).
+        self.assertEqual((await self.append(["a"], sender="x")).seqs, {"a": 6})
+        self.assertEqual(await self.store.ack_inbox("a", 3), 3)  # x's first three
+        # a holds x:1 (seq 6) and y:2: x may add two, then its share is used up
+        for seq in (7, 8):
+            self.assertEqual((await self.append(["a"], sender="x", quota=quota)).seqs, {"a": seq})
+        self.assertEqual(await self.store.ack_inbox("a", 4), 1)  # y's first: a holds 4
+        self.assertTrue((await self.refused(["a"], quota, sender="x")).per_sender)
+        self.assertEqual((await self.append(["a"], sender="z", quota=quota)).seqs, {"a": 9})
+        self.assertFalse((await self.refused(["a"], quota, sender="z")).per_sender)
+        self.assertEqual(seqs_of(await self.store.fetch_inbox("a", 0, 10)), [5, 6, 7, 8, 9])
+        # another inbox is not affected
+        self.assertEqual((await self.append(["b"], sender="x", quota=quota)).seqs, {"b": 1})
+
+    @inline
+    async def test_inbox_quota_refuses_a_multi_recipient_message_whole(self) -> None:
+        """One full recipient refuses the whole message: no copy is stored for anyone."""
+        quota = InboxQuota(per_sender=2, per_inbox=10)
+        await self.append(["a"], sender="x", quota=quota)
+        await self.append(["a"], sender="x", quota=quota)
+        error = await self.refused(["b", "a", "c"], quota, sender="x")
+        self.assertEqual(error.node_ids, ("a",))
+        for node in ("b", "c"):
+            self.assertEqual(await self.store.inbox_state(node), (0, 0))
+        self.assertEqual((await self.append(["b", "c"], sender="x", quota=quota)).seqs, {"b": 1, "c": 1})
+
+    @inline
+    async def test_inbox_quota_retry_of_a_stored_message_gets_its_answer(self) -> None:
+        """De-duplication comes first: the retry of a stored message is a
+        duplicate even when the inbox is full now; a refused message is not
+        remembered, so its retry after an ack is stored."""
+        quota = InboxQuota(per_sender=2, per_inbox=10)
+        await self.append(["a"], sender="x", dedup_id="m1", answer=b"one", quota=quota)
+        await self.append(["a"], sender="x", dedup_id="m2", answer=b"two", quota=quota)
+        retry = await self.append(["a"], sender="x", dedup_id="m1", answer=b"no", now=1001, quota=quota)
+        self.assertEqual(retry, AppendResult(True, {"a": 1}, b"one"))
+        await self.refused(["a"], quota, sender="x", dedup_id="m3")
+        await self.store.ack_inbox("a", 1)
+        third = await self.append(["a"], sender="x", dedup_id="m3", answer=b"three", now=1002, quota=quota)
+        self.assertEqual(third, AppendResult(False, {"a": 3}, b"three"))
+
+    @inline
+    async def test_inbox_quota_holds_within_one_turn(self) -> None:
+        """Appends submitted together (one batch) count against each other."""
+        quota = InboxQuota(per_sender=3, per_inbox=4)
+        pending = [self.store.append_inbox("x", None, ["a"], b"m", b"", 1000, WINDOW, quota)
+                   for _ in range(5)]
+        pending.append(self.store.append_inbox("y", None, ["a"], b"m", b"", 1000, WINDOW, quota))
+        pending.append(self.store.append_inbox("y", None, ["a"], b"m", b"", 1000, WINDOW, quota))
+        outcomes = []
+        for d in pending:
+            try:
+                outcomes.append((await d).seqs["a"])
+            except InboxFull as e:
+                outcomes.append("per_sender" if e.per_sender else "per_inbox")
+        self.assertEqual(outcomes, [1, 2, 3, "per_sender", "per_sender", 4, "per_inbox"])
+
+    @inline
+    async def test_inbox_quota_counts_what_retention_removed(self) -> None:
+        """Rows removed by retention no longer count."""
+        quota = InboxQuota(per_sender=2, per_inbox=10)
+        await self.append(["a"], sender="x", now=1000, quota=quota)
+        await self.append(["a"], sender="x", now=2000, quota=quota)
+        await self.refused(["a"], quota, sender="x")
+        await self.store.purge(1500, 0)
+        self.assertEqual((await self.append(["a"], sender="x", now=3000, quota=quota)).seqs, {"a": 3})
+        await self.refused(["a"], quota, sender="x")
+
+    @inline
+    async def test_session_stream_quota_per_window(self) -> None:
+        """A stream takes at most per_session rows per window, per_sender of
+        them from one sender; refused rows do not count, the next window
+        starts again, a retry of a stored row gets its answer."""
+        await self.session_with()
+        quota = StreamQuota(per_sender=2, per_session=3, window_ms=1000)
+
+        async def say(sender: str, now: int, dedup_id: str | None = None) -> int | str:
+            try:
+                result = await self.store.append_session("s1", sender, dedup_id, b"m", b"ok",
+                                                         now, WINDOW, quota)
+            except SessionFull as e:
+                self.assertEqual(e.session_id, "s1")
+                return "per_sender" if e.per_sender else "per_session"
+            return result.seqs["s1"]
+
+        self.assertEqual([await say("x", 1000, "m1"), await say("x", 1100), await say("x", 1200)],
+                         [1, 2, "per_sender"])
+        self.assertEqual([await say("y", 1300), await say("z", 1400)], [3, "per_session"])
+        self.assertEqual(await say("x", 1500, "m1"), 1)  # the retry: its first answer
+        page = await self.store.fetch_session("s1", "reader", 0, 10)
+        self.assertEqual((seqs_of(page), page.last_seq), ([1, 2, 3], 3))
+        # the next window (2000-2999)
+        self.assertEqual([await say("x", 2000), await say("z", 2999), await say("x", 2500)], [4, 5, 6])
+        self.assertEqual(await say("y", 2600), "per_session")
+        # without a quota nothing is refused
+        result = await self.store.append_session("s1", "x", None, b"m", b"", 2700, WINDOW)
+        self.assertEqual(result.seqs, {"s1": 7})
+        # a session deleted and created again starts with a fresh window
+        await self.store.delete_session("s1")
+        await self.session_with()
+        self.assertEqual(await say("x", 2800), 1)
 
     # -- ordering -----------------------------------------------------------------
     @inline
@@ -590,7 +724,7 @@ class SQLiteStoreTests(TestCase):
 
         @sqlite_store._multi
         def half_then_fail(cur: sqlite3.Cursor) -> None:
-            sqlite_store._append_many(cur, [("s", None, ["a"], b"half", b"", 1, WINDOW)])
+            sqlite_store._append_many(cur, [("s", None, ["a"], b"half", b"", 1, WINDOW, None)])
             raise StoreError("boom")
 
         first = store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
@@ -623,6 +757,53 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual(seqs_of(page), list(range(1, 2 * count + 1)))
         self.assertEqual(page.last_seq, 2 * count)
         self.assertEqual(await two.inbox_state("y"), (count, 0))
+
+    @inline
+    async def test_inbox_quota_holds_across_two_stores_on_one_file(self) -> None:
+        """Two stores on one file (as two processes would) flooding one inbox
+        store exactly the quota between them: the check is atomic with the append."""
+        path = self.new_path()
+        one, two = await self.opened(path), await self.opened(path)
+        quota = InboxQuota(per_sender=100, per_inbox=1000)
+        pending = [store.append_inbox("s", None, ["x"], b"m", b"", 1, WINDOW, quota)
+                   for _ in range(150) for store in (one, two)]
+        outcomes = await defer.DeferredList(pending, consumeErrors=True)
+        stored = [value.seqs["x"] for ok, value in outcomes if ok]
+        refused = [value for ok, value in outcomes if not ok]
+        self.assertEqual(sorted(stored), list(range(1, 101)))
+        self.assertEqual({type(f.value) for f in refused}, {InboxFull})
+        self.assertEqual(await one.inbox_state("x"), (100, 0))
+
+    @inline
+    async def test_version_2_file_migrates_with_its_unacked_counts(self) -> None:
+        """Migrating a version-2 file counts the rows already there against
+        their inbox (under no sender), and acks take them off again."""
+        from allspark.store.sqlite import MIGRATIONS
+
+        path = self.new_path()
+        os.makedirs(os.path.dirname(path))
+        with sqlite3.connect(path) as conn:
+            for statement in MIGRATIONS[0] + MIGRATIONS[1]:
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = 2")
+            conn.executemany("INSERT INTO inbox (node_id, seq, stored_at, body) VALUES ('a', ?, 1, 'b')",
+                             [(1,), (2,), (3,)])
+            conn.execute("INSERT INTO inbox_state (node_id, last_seq) VALUES ('a', 3)")
+        store = await self.opened(path)
+        self.assertEqual(store.migrations_applied, [3])
+        quota = InboxQuota(per_sender=10, per_inbox=4)
+        self.assertEqual((await store.append_inbox("s", None, ["a"], b"m", b"", 2, WINDOW, quota)).seqs,
+                         {"a": 4})
+        with self.assertRaises(InboxFull):
+            await store.append_inbox("s", None, ["a"], b"m", b"", 2, WINDOW, quota)
+        self.assertEqual(await store.ack_inbox("a", 2), 2)
+        self.assertEqual((await store.append_inbox("t", None, ["a"], b"m", b"", 2, WINDOW, quota)).seqs,
+                         {"a": 5})
+        await store.close()
+        with sqlite3.connect(path) as conn:
+            counts = conn.execute("SELECT sender_id, pending FROM inbox_senders ORDER BY sender_id").fetchall()
+            pending = conn.execute("SELECT pending FROM inbox_state WHERE node_id = 'a'").fetchone()[0]
+        self.assertEqual((counts, pending), ([("", 1), ("s", 1), ("t", 1)], 3))
 
     def test_two_processes_on_one_file(self) -> None:
         """Two OS processes appending to one node at once: every seq 1..N exactly once."""
