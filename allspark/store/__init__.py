@@ -44,6 +44,66 @@ class DuplicateSession(StoreError):
     """``create_session`` was given an id that exists already."""
 
 
+class InboxFull(StoreError):
+    """``append_inbox`` refused a message: a recipient's inbox is at its quota.
+
+    ``node_ids`` are the recipients that were full (nothing was stored for
+    any recipient).  ``per_sender`` is true when at least one of them was
+    full only of the sender's own unacked messages, false when the inbox as
+    a whole was full.
+    """
+
+    def __init__(self, node_ids: Sequence[str], per_sender: bool) -> None:
+        super().__init__(f"inbox full: {', '.join(node_ids)}")
+        self.node_ids = tuple(node_ids)
+        self.per_sender = per_sender
+
+
+class SessionFull(StoreError):
+    """``append_session`` refused a message: the session stream's quota for
+    the current window is used up (by this sender when ``per_sender``, by
+    all senders together otherwise); nothing was stored."""
+
+    def __init__(self, session_id: str, per_sender: bool) -> None:
+        super().__init__(f"session stream full: {session_id}")
+        self.session_id = session_id
+        self.per_sender = per_sender
+
+
+@dataclass(frozen=True)
+class InboxQuota:
+    """Bounds on unacked inbox messages, checked by :meth:`Store.append_inbox`.
+
+    An inbox holds at most ``per_inbox`` unacked (not deleted) messages, and
+    at most ``per_sender`` of them from any one sender.  An ack or retention
+    frees room.
+    """
+
+    per_sender: int
+    per_inbox: int
+
+
+@dataclass(frozen=True)
+class StreamQuota:
+    """Bounds on session stream rows, checked by :meth:`Store.append_session`.
+
+    Time is cut into fixed windows of ``window_ms`` (``[k * window_ms,
+    (k + 1) * window_ms)``); within one window a session stream takes at most
+    ``per_session`` rows, and at most ``per_sender`` of them from any one
+    sender.  Stream rows are not deleted by acks, so a count of stored rows
+    would never go down before retention: a rate is the bound that fits.
+    """
+
+    per_sender: int
+    per_session: int
+    window_ms: int
+
+
+def quota_window_end(now_ms: int, window_ms: int) -> int:
+    """The end (exclusive, ms) of the fixed quota window holding ``now_ms``."""
+    return (now_ms // window_ms + 1) * window_ms
+
+
 @dataclass(frozen=True)
 class AppendResult:
     """What :meth:`Store.append_inbox` / :meth:`Store.append_session` did.
@@ -161,6 +221,7 @@ class Store(Protocol):
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: InboxQuota | None = None,
     ) -> Deferred[AppendResult]:
         """Store ``body`` once per recipient, each with its next seq.
 
@@ -170,6 +231,16 @@ class Store(Protocol):
         ``dedup_window_ms`` before ``now_ms`` (to an inbox or a session
         stream), nothing is stored and the first attempt's seqs and answer
         are returned with ``duplicate=True``.
+
+        With a ``quota``, a message that would take any recipient's inbox
+        beyond ``quota.per_inbox`` unacked messages, or beyond
+        ``quota.per_sender`` unacked messages from ``sender_id``, fails with
+        :class:`InboxFull` and nothing is stored for any recipient.  The check
+        is atomic with the append (across processes sharing the store), and
+        comes after de-duplication: a retry of a stored message gets its
+        first answer even when the inbox is full now.  Every backend counts
+        unacked messages per inbox and per (inbox, sender) whether or not a
+        quota is given; acks and retention lower the counts.
         """
 
     def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
@@ -189,7 +260,9 @@ class Store(Protocol):
         """Remove inbox and session-stream rows stored before
         ``stored_before_ms`` (advancing ``purged_upto``) and de-duplication
         entries older than ``dedup_before_ms``.  Returns how many message rows
-        went.
+        went.  Removed inbox rows no longer count against an
+        :class:`InboxQuota`; stream quota windows that ended before
+        ``dedup_before_ms`` are forgotten.
         """
 
     # -- sessions ---------------------------------------------------------
@@ -248,12 +321,17 @@ class Store(Protocol):
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: StreamQuota | None = None,
     ) -> Deferred[AppendResult]:
         """Append one row to the session stream; ``seqs == {session_id: seq}``.
 
         De-duplication as in :meth:`append_inbox` (the key is shared: a retry
         is recognised whichever of the two appends it was).
-        :class:`StoreError` if the session does not exist.
+        :class:`StoreError` if the session does not exist.  With a ``quota``,
+        a row beyond the window's ``per_session`` rows, or beyond
+        ``per_sender`` rows of ``sender_id``, fails with :class:`SessionFull`
+        (after de-duplication, atomically with the append); nothing is
+        stored.  Refused rows do not count.
         """
 
     def fetch_session(

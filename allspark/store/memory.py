@@ -18,11 +18,16 @@ from twisted.python.failure import Failure
 from allspark.store import (
     AppendResult,
     DuplicateSession,
+    InboxFull,
     InboxPage,
+    InboxQuota,
     MemberRecord,
+    SessionFull,
     SessionRecord,
     StoredMessage,
     StoreError,
+    StreamQuota,
+    quota_window_end,
 )
 
 _T = TypeVar("_T")
@@ -36,6 +41,18 @@ class _Stream:
     purged_upto: int = 0
     #: seq -> (sender_id, message); dicts keep insertion order, which is seq order.
     rows: dict[int, tuple[str, StoredMessage]] = field(default_factory=dict)
+    #: sender_id -> how many of ``rows`` it sent (inboxes only: their quota)
+    by_sender: dict[str, int] = field(default_factory=dict)
+
+    def forget(self, seqs: list[int]) -> None:
+        """Delete the rows ``seqs`` (all present), keeping ``by_sender`` true."""
+        for seq in seqs:
+            sender, _ = self.rows.pop(seq)
+            left = self.by_sender.get(sender, 0) - 1
+            if left > 0:
+                self.by_sender[sender] = left
+            else:
+                self.by_sender.pop(sender, None)
 
 
 @dataclass
@@ -79,6 +96,8 @@ class MemoryStore:
         self._inboxes: dict[str, _Stream] = {}
         self._dedup: dict[tuple[str, str], _Dedup] = {}
         self._sessions: dict[str, _Session] = {}
+        #: (session_id, sender_id or "" for the whole session) -> (window end, rows)
+        self._stream_quota: dict[tuple[str, str], tuple[int, int]] = {}
 
     @staticmethod
     def _run(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
@@ -140,20 +159,36 @@ class MemoryStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: InboxQuota | None = None,
     ) -> Deferred[AppendResult]:
         """Store one copy per (distinct) recipient; see :meth:`Store.append_inbox`."""
         seen = self._seen(sender_id, dedup_id, now_ms, dedup_window_ms)
         if seen is not None:
             return succeed(seen)
+        targets = list(dict.fromkeys(recipients))
+        if quota is not None:
+            full, per_sender = [], False
+            for node_id in targets:
+                inbox = self._inboxes.get(node_id)
+                if inbox is None:
+                    continue
+                if len(inbox.rows) >= quota.per_inbox:
+                    full.append(node_id)
+                elif inbox.by_sender.get(sender_id, 0) >= quota.per_sender:
+                    full.append(node_id)
+                    per_sender = True
+            if full:
+                return fail(InboxFull(full, per_sender))
         body = bytes(body)
         seqs: dict[str, int] = {}
-        for node_id in dict.fromkeys(recipients):
+        for node_id in targets:
             inbox = self._inboxes.get(node_id)
             if inbox is None:
                 inbox = self._inboxes[node_id] = _Stream()
             inbox.last_seq += 1
             seq = inbox.last_seq
             inbox.rows[seq] = (sender_id, StoredMessage(seq, body, now_ms))
+            inbox.by_sender[sender_id] = inbox.by_sender.get(sender_id, 0) + 1
             seqs[node_id] = seq
         self._remember(sender_id, dedup_id, seqs, answer, now_ms)
         return succeed(AppendResult(False, seqs, answer))
@@ -168,8 +203,7 @@ class MemoryStore:
         if inbox is None:
             return succeed(0)
         gone = [seq for seq in inbox.rows if seq <= upto]
-        for seq in gone:
-            del inbox.rows[seq]
+        inbox.forget(gone)
         return succeed(len(gone))
 
     def inbox_state(self, node_id: str) -> Deferred[tuple[int, int]]:
@@ -186,13 +220,14 @@ class MemoryStore:
         streams = list(self._inboxes.values()) + [s.stream for s in self._sessions.values()]
         for stream in streams:
             old = [seq for seq, (_, msg) in stream.rows.items() if msg.stored_at < stored_before_ms]
-            for seq in old:
-                del stream.rows[seq]
+            stream.forget(old)
             if old:
                 stream.purged_upto = max(stream.purged_upto, max(old))
             count += len(old)
         for key in [k for k, v in self._dedup.items() if v.created_at < dedup_before_ms]:
             del self._dedup[key]
+        for qkey in [k for k, (end, _) in self._stream_quota.items() if end < dedup_before_ms]:
+            del self._stream_quota[qkey]
         return succeed(count)
 
     # -- sessions ---------------------------------------------------------
@@ -228,8 +263,10 @@ class MemoryStore:
         return succeed(session.record)
 
     def delete_session(self, session_id: str) -> Deferred[None]:
-        """Remove the session, its members and its stream."""
+        """Remove the session, its members, its stream and its quota windows."""
         self._sessions.pop(session_id, None)
+        for key in [k for k in self._stream_quota if k[0] == session_id]:
+            del self._stream_quota[key]
         return succeed(None)
 
     def add_member(
@@ -303,11 +340,13 @@ class MemoryStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: StreamQuota | None = None,
     ) -> Deferred[AppendResult]:
-        """Append a stream row; :class:`StoreError` for an unknown session."""
+        """Append a stream row; :class:`StoreError` for an unknown session,
+        :class:`SessionFull` over the ``quota``."""
         return self._run(
             self._append_session,
-            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms,
+            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms, quota,
         )
 
     def _append_session(
@@ -319,11 +358,25 @@ class MemoryStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: StreamQuota | None,
     ) -> AppendResult:
         seen = self._seen(sender_id, dedup_id, now_ms, dedup_window_ms)
         if seen is not None:
             return seen
         stream = self._session(session_id).stream
+        if quota is not None:
+            end = quota_window_end(now_ms, quota.window_ms)
+            counts = []
+            for key, limit in (((session_id, ""), quota.per_session),
+                               ((session_id, sender_id), quota.per_sender)):
+                window_end, rows = self._stream_quota.get(key, (end, 0))
+                if window_end < end:  # a later window: start counting again
+                    window_end, rows = end, 0
+                if rows >= limit:
+                    raise SessionFull(session_id, per_sender=bool(key[1]))
+                counts.append((key, window_end, rows + 1))
+            for key, window_end, rows in counts:
+                self._stream_quota[key] = (window_end, rows)
         stream.last_seq += 1
         seq = stream.last_seq
         stream.rows[seq] = (sender_id, StoredMessage(seq, bytes(body), now_ms))

@@ -64,7 +64,7 @@ import sqlite3
 from typing import Any, Callable, Sequence
 
 import orjson
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -72,11 +72,16 @@ from allspark.logs import logger
 from allspark.store import (
     AppendResult,
     DuplicateSession,
+    InboxFull,
     InboxPage,
+    InboxQuota,
     MemberRecord,
+    SessionFull,
     SessionRecord,
     StoredMessage,
     StoreError,
+    StreamQuota,
+    quota_window_end,
 )
 
 log = logger(__name__)
@@ -160,6 +165,35 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # row.  Stop every process on a file before a version-2 one migrates it:
     # a version-1 process would keep counting on the trigger.
     ("DROP TRIGGER inbox_last_seq",),
+    # 3: quotas.  Each inbox row records its sender; inbox_state.pending and
+    # inbox_senders.pending count the unacked rows per inbox and per (inbox,
+    # sender), kept by appends, acks and retention (no triggers: appends move
+    # them once per node per batch).  Rows stored before version 3 count
+    # against their inbox under the sender ''.  stream_quota counts stream
+    # rows per (session, sender) in the current window, sender '' for the
+    # whole session.  As for version 2: stop every process on a file before
+    # a version-3 one migrates it.
+    (
+        "ALTER TABLE inbox ADD COLUMN sender_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE inbox_state ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
+        "UPDATE inbox_state SET pending = "
+        "(SELECT COUNT(*) FROM inbox WHERE inbox.node_id = inbox_state.node_id)",
+        """CREATE TABLE inbox_senders (
+            node_id TEXT NOT NULL,
+            sender_id TEXT NOT NULL,
+            pending INTEGER NOT NULL,
+            PRIMARY KEY (node_id, sender_id)
+        ) WITHOUT ROWID""",
+        "INSERT INTO inbox_senders (node_id, sender_id, pending) "
+        "SELECT node_id, '', COUNT(*) FROM inbox GROUP BY node_id",
+        """CREATE TABLE stream_quota (
+            session_id TEXT NOT NULL,
+            sender_id TEXT NOT NULL,
+            window_end INTEGER NOT NULL,
+            rows INTEGER NOT NULL,
+            PRIMARY KEY (session_id, sender_id)
+        ) WITHOUT ROWID""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -177,14 +211,23 @@ def _multi(fn: Callable[..., Any]) -> Callable[..., Any]:
 # Each takes the cursor first; the SQL strings are constants so that sqlite3's
 # statement cache keeps them prepared.
 
-_INSERT_INBOX = "INSERT INTO inbox (node_id, seq, stored_at, body) VALUES (?, ?, ?, ?)"
+_INSERT_INBOX = "INSERT INTO inbox (node_id, seq, stored_at, body, sender_id) VALUES (?, ?, ?, ?, ?)"
 _LAST_SEQS = (
-    "SELECT node_id, last_seq FROM inbox_state "
+    "SELECT node_id, last_seq, pending FROM inbox_state "
     "WHERE node_id IN (SELECT value FROM json_each(?))"
 )
 _SET_LAST_SEQ = (
-    "INSERT INTO inbox_state (node_id, last_seq) VALUES (?, ?) "
-    "ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq"
+    "INSERT INTO inbox_state (node_id, last_seq, pending) VALUES (?, ?, ?) "
+    "ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq, pending = excluded.pending"
+)
+_SENDER_PENDING = (
+    "SELECT node_id, sender_id, pending FROM inbox_senders "
+    "WHERE (node_id, sender_id) IN "
+    "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+)
+_SET_SENDER_PENDING = (
+    "INSERT INTO inbox_senders (node_id, sender_id, pending) VALUES (?, ?, ?) "
+    "ON CONFLICT (node_id, sender_id) DO UPDATE SET pending = excluded.pending"
 )
 _DEDUP_GET = "SELECT created_at, seqs, answer FROM dedup WHERE sender_id = ? AND dedup_id = ?"
 _DEDUP_GET_MANY = (
@@ -199,6 +242,26 @@ _DEDUP_PUT = (
 _MEMBER_COLS = (
     "session_id, node_id, client_id, anonymous, alias, joined_at, joined_seq, acked_seq"
 )
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    """Whether ``error`` means another connection holds a lock.  The primary
+    code is the low byte: SQLITE_BUSY_RECOVERY, SQLITE_BUSY_SNAPSHOT... are
+    busy too."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _owner_only(path: str) -> None:
+    """Take group and other permissions off ``path`` if it exists and has
+    any; a file this process may not chmod (another owner) is logged, not fatal."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+    except FileNotFoundError:
+        pass
+    except PermissionError as e:
+        log.warn("cannot make {path} private to its owner: {error}", path=path, error=str(e))
 
 
 def _member(row: tuple[Any, ...]) -> MemberRecord:
@@ -245,20 +308,24 @@ def _op_nodes_of_client(cur: sqlite3.Cursor, client_id: str) -> list[str]:
     return [r[0] for r in rows]
 
 
-_AppendArgs = tuple[str, "str | None", Sequence[str], bytes, bytes, int, int]
+_AppendArgs = tuple[str, "str | None", Sequence[str], bytes, bytes, int, int, "InboxQuota | None"]
 
 
-def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[AppendResult]:
+def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[AppendResult | InboxFull]:
     """Append many messages (the arguments of :meth:`SQLiteStore.append_inbox`)
     with a handful of statements, whatever their number.
 
     One query reads the de-duplication rows of every ``(sender, id)`` of the
-    run, one reads the ``last_seq`` of every recipient; copies are numbered in
-    Python (the transaction holds SQLite's write lock, so no other process can
-    number at the same time); then one ``executemany`` each inserts the copies,
-    stores the new ``last_seq`` per node and the de-duplication rows.  A
-    ``(sender, id)`` repeated inside the run is a duplicate of its first
-    occurrence.
+    run, one reads the ``last_seq`` and unacked count of every recipient, one
+    the unacked count of every (recipient, sender); copies are numbered and
+    counted in Python (the transaction holds SQLite's write lock, so no other
+    process can number or count at the same time), so a quota holds across
+    the run and across processes; then one ``executemany`` each inserts the
+    copies, stores the new ``last_seq`` and counts per node, the counts per
+    (node, sender) and the de-duplication rows.  A ``(sender, id)`` repeated
+    inside the run is a duplicate of its first occurrence.  A message over
+    its quota is an :class:`InboxFull` in the returned list (nothing of it is
+    written).
     """
     known: dict[tuple[str, str], tuple[int, Any, bytes]] = {}
     keys = [(a[0], a[1]) for a in appends if a[1] is not None]
@@ -266,16 +333,35 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
         for sender, dedup_id, created, seqs, answer in cur.execute(_DEDUP_GET_MANY, (orjson.dumps(keys),)):
             known[(sender, dedup_id)] = (created, seqs, answer)
     nodes = orjson.dumps(list({node for a in appends for node in a[2]}))
-    last: dict[str, int] = dict(cur.execute(_LAST_SEQS, (nodes,)).fetchall())
+    last: dict[str, int] = {}
+    pending: dict[str, int] = {}
+    for node_id, last_seq, count in cur.execute(_LAST_SEQS, (nodes,)):
+        last[node_id] = last_seq
+        pending[node_id] = count
+    pairs = orjson.dumps(list({(node, a[0]) for a in appends for node in a[2]}))
+    by_sender: dict[tuple[str, str], int] = {
+        (node_id, sender): count for node_id, sender, count in cur.execute(_SENDER_PENDING, (pairs,))
+    }
     touched: set[str] = set()
-    inbox_rows: list[tuple[str, int, int, bytes]] = []
+    touched_pairs: set[tuple[str, str]] = set()
+    inbox_rows: list[tuple[str, int, int, bytes, str]] = []
     dedup_rows: list[tuple[str, str, int, bytes, bytes]] = []
-    results: list[AppendResult] = []
-    for sender, dedup_id, recipients, body, answer, now_ms, window_ms in appends:
+    results: list[AppendResult | InboxFull] = []
+    for sender, dedup_id, recipients, body, answer, now_ms, window_ms, quota in appends:
         if dedup_id is not None:
             duplicate = _duplicate(known.get((sender, dedup_id)), now_ms, window_ms)
             if duplicate is not None:
                 results.append(duplicate)
+                continue
+        if quota is not None:
+            full = [
+                node_id for node_id in dict.fromkeys(recipients)
+                if pending.get(node_id, 0) >= quota.per_inbox
+                or by_sender.get((node_id, sender), 0) >= quota.per_sender
+            ]
+            if full:
+                per_sender = any(pending.get(node_id, 0) < quota.per_inbox for node_id in full)
+                results.append(InboxFull(full, per_sender))
                 continue
         seqs = {}
         for node_id in recipients:
@@ -283,14 +369,19 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
                 continue
             seq = last.get(node_id, 0) + 1
             last[node_id] = seqs[node_id] = seq
+            pending[node_id] = pending.get(node_id, 0) + 1
+            pair = (node_id, sender)
+            by_sender[pair] = by_sender.get(pair, 0) + 1
             touched.add(node_id)
-            inbox_rows.append((node_id, seq, now_ms, body))
+            touched_pairs.add(pair)
+            inbox_rows.append((node_id, seq, now_ms, body, sender))
         if dedup_id is not None:
             known[(sender, dedup_id)] = (now_ms, seqs, answer)
             dedup_rows.append((sender, dedup_id, now_ms, orjson.dumps(seqs), answer))
         results.append(AppendResult(False, seqs, answer))
     cur.executemany(_INSERT_INBOX, inbox_rows)
-    cur.executemany(_SET_LAST_SEQ, [(node_id, last[node_id]) for node_id in touched])
+    cur.executemany(_SET_LAST_SEQ, [(node_id, last[node_id], pending[node_id]) for node_id in touched])
+    cur.executemany(_SET_SENDER_PENDING, [(*pair, by_sender[pair]) for pair in touched_pairs])
     if dedup_rows:
         cur.executemany(_DEDUP_PUT, dedup_rows)
     return results
@@ -306,9 +397,13 @@ def _op_append_inbox(
     answer: bytes,
     now_ms: int,
     window_ms: int,
+    quota: InboxQuota | None,
 ) -> AppendResult:
     """One append on its own (batches of appends go through :func:`_append_many`)."""
-    return _append_many(cur, [(sender_id, dedup_id, recipients, body, answer, now_ms, window_ms)])[0]
+    result = _append_many(cur, [(sender_id, dedup_id, recipients, body, answer, now_ms, window_ms, quota)])[0]
+    if isinstance(result, InboxFull):
+        raise result
+    return result
 
 
 def _op_fetch_inbox(cur: sqlite3.Cursor, node_id: str, after: int, limit: int) -> InboxPage:
@@ -326,8 +421,24 @@ def _op_fetch_inbox(cur: sqlite3.Cursor, node_id: str, after: int, limit: int) -
     return InboxPage(messages, state[0], state[1], messages[-1].seq if messages else after)
 
 
+_ACK_INBOX = "DELETE FROM inbox WHERE node_id = ? AND seq <= ? RETURNING sender_id"
+_SENDER_ACKED = "UPDATE inbox_senders SET pending = pending - ? WHERE node_id = ? AND sender_id = ?"
+_SENDER_EMPTY = "DELETE FROM inbox_senders WHERE node_id = ? AND sender_id = ? AND pending <= 0"
+
+
+@_multi
 def _op_ack_inbox(cur: sqlite3.Cursor, node_id: str, upto: int) -> int:
-    return cur.execute("DELETE FROM inbox WHERE node_id = ? AND seq <= ?", (node_id, upto)).rowcount
+    """Delete the rows, and take them off the node's unacked counts."""
+    senders = [row[0] for row in cur.execute(_ACK_INBOX, (node_id, upto)).fetchall()]
+    if not senders:
+        return 0
+    gone: dict[str, int] = {}
+    for sender in senders:
+        gone[sender] = gone.get(sender, 0) + 1
+    cur.executemany(_SENDER_ACKED, [(count, node_id, sender) for sender, count in gone.items()])
+    cur.executemany(_SENDER_EMPTY, [(node_id, sender) for sender in gone])
+    cur.execute("UPDATE inbox_state SET pending = pending - ? WHERE node_id = ?", (len(senders), node_id))
+    return len(senders)
 
 
 def _op_inbox_state(cur: sqlite3.Cursor, node_id: str) -> tuple[int, int]:
@@ -345,6 +456,21 @@ def _op_purge(cur: sqlite3.Cursor, stored_before: int, dedup_before: int) -> int
         "WHERE inbox_state.node_id = gone.node_id AND gone.top > inbox_state.purged_upto",
         (stored_before,),
     )
+    # the unacked counts of the quotas lose the rows that go
+    cur.execute(
+        "UPDATE inbox_senders SET pending = pending - gone.n FROM "
+        "(SELECT node_id, sender_id, COUNT(*) AS n FROM inbox WHERE stored_at < ? "
+        "GROUP BY node_id, sender_id) AS gone "
+        "WHERE inbox_senders.node_id = gone.node_id AND inbox_senders.sender_id = gone.sender_id",
+        (stored_before,),
+    )
+    cur.execute("DELETE FROM inbox_senders WHERE pending <= 0")
+    cur.execute(
+        "UPDATE inbox_state SET pending = pending - gone.n FROM "
+        "(SELECT node_id, COUNT(*) AS n FROM inbox WHERE stored_at < ? GROUP BY node_id) AS gone "
+        "WHERE inbox_state.node_id = gone.node_id",
+        (stored_before,),
+    )
     count = cur.execute("DELETE FROM inbox WHERE stored_at < ?", (stored_before,)).rowcount
     cur.execute(
         "UPDATE sessions SET purged_upto = gone.top FROM "
@@ -355,6 +481,7 @@ def _op_purge(cur: sqlite3.Cursor, stored_before: int, dedup_before: int) -> int
     )
     count += cur.execute("DELETE FROM stream WHERE stored_at < ?", (stored_before,)).rowcount
     cur.execute("DELETE FROM dedup WHERE created_at < ?", (dedup_before,))
+    cur.execute("DELETE FROM stream_quota WHERE window_end < ?", (dedup_before,))
     return count
 
 
@@ -392,6 +519,7 @@ def _op_update_session(cur: sqlite3.Cursor, session_id: str, options: str) -> Se
 @_multi
 def _op_delete_session(cur: sqlite3.Cursor, session_id: str) -> None:
     cur.execute("DELETE FROM stream WHERE session_id = ?", (session_id,))
+    cur.execute("DELETE FROM stream_quota WHERE session_id = ?", (session_id,))
     cur.execute("DELETE FROM members WHERE session_id = ?", (session_id,))
     cur.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,))
 
@@ -467,11 +595,14 @@ def _op_append_session(
     answer: bytes,
     now_ms: int,
     window_ms: int,
+    quota: StreamQuota | None,
 ) -> AppendResult:
     if dedup_id is not None:
         seen = _seen(cur, sender_id, dedup_id, now_ms, window_ms)
         if seen is not None:
             return seen
+    if quota is not None:
+        _count_stream_row(cur, session_id, sender_id, now_ms, quota)
     # The stream_last_seq trigger moves sessions.last_seq up in the same statement.
     row = cur.execute(
         "INSERT INTO stream (session_id, seq, sender_id, stored_at, body) "
@@ -486,6 +617,39 @@ def _op_append_session(
     if dedup_id is not None:
         cur.execute(_DEDUP_PUT, (sender_id, dedup_id, now_ms, orjson.dumps(seqs), answer))
     return AppendResult(False, seqs, answer)
+
+
+_STREAM_QUOTA_GET = (
+    "SELECT sender_id, window_end, rows FROM stream_quota "
+    "WHERE session_id = ? AND sender_id IN (?, '')"
+)
+_STREAM_QUOTA_PUT = (
+    "INSERT INTO stream_quota (session_id, sender_id, window_end, rows) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (session_id, sender_id) DO UPDATE SET "
+    "window_end = excluded.window_end, rows = excluded.rows"
+)
+
+
+def _count_stream_row(
+    cur: sqlite3.Cursor, session_id: str, sender_id: str, now_ms: int, quota: StreamQuota
+) -> None:
+    """Count one more stream row of ``sender_id`` in the current window, or
+    raise :class:`SessionFull` (writing nothing) when it is over ``quota``.
+    Runs in the append's savepoint: a failed append counts nothing."""
+    end = quota_window_end(now_ms, quota.window_ms)
+    current = {
+        sender: (window_end, rows)
+        for sender, window_end, rows in cur.execute(_STREAM_QUOTA_GET, (session_id, sender_id))
+    }
+    counted = []
+    for sender, limit in (("", quota.per_session), (sender_id, quota.per_sender)):
+        window_end, rows = current.get(sender, (end, 0))
+        if window_end < end:  # a later window: count again
+            window_end, rows = end, 0
+        if rows >= limit:
+            raise SessionFull(session_id, per_sender=bool(sender))
+        counted.append((session_id, sender, window_end, rows + 1))
+    cur.executemany(_STREAM_QUOTA_PUT, counted)
 
 
 def _op_fetch_session(
@@ -557,6 +721,7 @@ class SQLiteStore:
         self._closing = False
         self._closed: Deferred[None] | None = None
         self._conn: sqlite3.Connection | None = None
+        self._opening = False
         self.migrations_applied: list[int] = []
 
     # -- plumbing -----------------------------------------------------------
@@ -614,9 +779,7 @@ class SQLiteStore:
         try:
             cur.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            # the primary code is the low byte: SQLITE_BUSY_RECOVERY,
-            # SQLITE_BUSY_SNAPSHOT... are busy too
-            if getattr(e, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            if _is_busy(e):
                 return None
             failure = Failure()
             log.failure("store batch could not begin", failure, size=len(batch))
@@ -688,7 +851,10 @@ class SQLiteStore:
             cur.execute("RELEASE run")
             return None
         cur.execute("RELEASE run")
-        return [(True, result) for result in appended]
+        return [
+            (False, Failure(result)) if isinstance(result, InboxFull) else (True, result)
+            for result in appended
+        ]
 
     @staticmethod
     def _abort(
@@ -705,44 +871,94 @@ class SQLiteStore:
                 log.failure("store rollback failed")
         return [(False, failure)] * len(batch)
 
-    def _open(self) -> list[int]:
-        """Open the connection, set pragmas, create or migrate the schema."""
+    #: Seconds between two attempts to open a file another process has locked.
+    open_retry_s = 0.005
+
+    def _connect(self) -> sqlite3.Connection:
+        """Make the directory and the file (mode 0600: it holds message
+        bodies; SQLite gives the -wal and -shm files the file's mode), and
+        open a connection whose lock waits last :attr:`busy_timeout_ms`."""
         if sqlite3.sqlite_version_info < (3, 35, 0):
             raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.35 or newer is needed (RETURNING)")
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(
-            self.path, isolation_level=None, cached_statements=256
-        )
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        for name in (self.path, self.path + "-wal", self.path + "-shm"):
+            _owner_only(name)  # also the files an older version made 0644
+        conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        return conn
+
+    def _set_pragmas(self, conn: sqlite3.Connection) -> None:
+        """Switch the file to WAL (needs the file's exclusive lock the first
+        time) and set this connection's pragmas."""
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"could not switch {self.path!r} to WAL mode (got {mode!r})")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        conn.execute("PRAGMA cache_size = -65536")
+        conn.execute("PRAGMA temp_store = MEMORY")
+
+    def _migrate(self, conn: sqlite3.Connection) -> list[int]:
+        """Create or migrate the schema in one transaction; the versions applied."""
+        applied: list[int] = []
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            # start-up may wait for other processes' batches (and migrations)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_give_up_s * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"could not switch {self.path!r} to WAL mode (got {mode!r})")
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute("PRAGMA cache_size = -65536")
-            conn.execute("PRAGMA temp_store = MEMORY")
-            applied: list[int] = []
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.path!r} has schema version {version}, newer than this "
-                        f"code's {SCHEMA_VERSION}"
-                    )
-                for number in range(version, SCHEMA_VERSION):
-                    for statement in MIGRATIONS[number]:
-                        conn.execute(statement)
-                    applied.append(number + 1)
-                if applied:
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path!r} has schema version {version}, newer than this "
+                    f"code's {SCHEMA_VERSION}"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[number]:
+                    conn.execute(statement)
+                applied.append(number + 1)
+            if applied:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
                 conn.execute("ROLLBACK")
-                raise
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            raise
+        return applied
+
+    async def _until_unlocked(self, conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``step(conn)``; while another process holds a lock it needs,
+        try again every :attr:`open_retry_s` (each attempt waits at most
+        :attr:`busy_timeout_ms`, the reactor keeps running in between), as a
+        batch does, and fail with :class:`StoreError` after
+        :attr:`busy_give_up_s`.  SQLite answers some conflicts (two processes
+        switching a new file to WAL at once) with an immediate SQLITE_BUSY
+        that no busy timeout waits for: only retrying gets past them."""
+        since = self._reactor.seconds()
+        attempts = 0
+        while True:
+            try:
+                return step(conn)
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e):
+                    raise
+                attempts += 1
+                if self._reactor.seconds() - since >= self.busy_give_up_s:
+                    raise StoreError(
+                        f"could not open {self.path!r}: locked by another process for "
+                        f"{self.busy_give_up_s:g}s"
+                    ) from e
+                if attempts == 1:
+                    log.info("store {path} is locked by another process; waiting", path=self.path,
+                             step=step.__name__)
+            await deferLater(self._reactor, self.open_retry_s, lambda: None)
+
+    async def _open(self) -> list[int]:
+        """Open the connection, set pragmas, create or migrate the schema,
+        each step retried while another process holds the file's lock."""
+        conn = self._connect()
+        try:
+            await self._until_unlocked(conn, self._set_pragmas)
+            applied: list[int] = await self._until_unlocked(conn, self._migrate)
+            if self._closing:
+                raise StoreError("store closed while it was opening")
         except BaseException:
             conn.close()
             raise
@@ -751,19 +967,24 @@ class SQLiteStore:
 
     # -- life cycle -------------------------------------------------------
     def start(self) -> Deferred[None]:
-        """Open the file, create or migrate the schema."""
-        if self._conn is not None:
+        """Open the file, create or migrate the schema.  Waits (without
+        blocking the reactor) for other processes that hold the file's
+        lock, for at most :attr:`busy_give_up_s`."""
+        if self._conn is not None or self._opening:
             return fail(StoreError("store already started"))
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        self._opening = True
         try:
-            self.migrations_applied = self._open()
-        except Exception:
-            return fail()
+            self.migrations_applied = await self._open()
+        finally:
+            self._opening = False
         if self.migrations_applied:
             log.info(
                 "store {path} migrated to schema version {version}",
                 path=self.path, version=SCHEMA_VERSION, applied=self.migrations_applied,
             )
-        return succeed(None)
 
     def close(self) -> Deferred[None]:
         """Run what was submitted, then close the connection."""
@@ -804,11 +1025,12 @@ class SQLiteStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: InboxQuota | None = None,
     ) -> Deferred[AppendResult]:
         """See :meth:`allspark.store.Store.append_inbox`."""
         return self._submit(
             _op_append_inbox,
-            sender_id, dedup_id, recipients, body, answer, now_ms, dedup_window_ms,
+            sender_id, dedup_id, recipients, body, answer, now_ms, dedup_window_ms, quota,
         )
 
     def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
@@ -887,11 +1109,12 @@ class SQLiteStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: StreamQuota | None = None,
     ) -> Deferred[AppendResult]:
         """See :meth:`allspark.store.Store.append_session`."""
         return self._submit(
             _op_append_session,
-            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms,
+            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms, quota,
         )
 
     def fetch_session(
