@@ -14,18 +14,22 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import uuid
 from typing import Any, Awaitable, Callable, Coroutine
 
+import orjson
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
+from allspark.inbox import send_page
 from allspark.store import (
     AppendResult,
     DuplicateSession,
@@ -41,9 +45,16 @@ from allspark.store import (
     open_store,
 )
 from allspark.store.memory import MemoryStore
+from tests.fakes import FakeConnection
+from tests.store import seq_writer
 
 WINDOW = 600_000  # the de-duplication window the router uses: 10 minutes
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SEQ_WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seq_writer.py")
+#: Bounds of the multi-process sync loop: pages per reader, and seconds.
+SYNC_STEPS = 200_000
+SYNC_DEADLINE_S = 180.0
+SYNC_PAGE = 50
 MONGO_SKIP = "MongoDB tests skipped: set ALLSPARK_TEST_MONGODB_URI=mongodb://host:port to run them"
 
 
@@ -581,6 +592,204 @@ class StoreContract:
         self.assertEqual(seqs_of(await fetched), [1])
         self.assertEqual(await acked, 0)  # "y" is not a member
 
+    # -- several writer processes: a reader never steps past an unreadable seq -------
+    def shared_url(self) -> str | None:
+        """A URL another process can open to reach this test's store, or None
+        for a backend that lives in this process only (the multi-process tests
+        then skip).  Every backend that can be shared overrides it."""
+        return None
+
+    def start_writer(self, url: str, name: str, rounds: int) -> tuple[subprocess.Popen[bytes], str]:
+        """Start ``tests/store/seq_writer.py`` as a process; it and the file
+        its acknowledged appends are printed to.  Killed at cleanup if alive."""
+        out_path = os.path.join(temp_dir(self), f"{name}.out")  # type: ignore[arg-type]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        with open(out_path, "wb") as out, open(out_path + ".err", "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, SEQ_WRITER, url, name, str(rounds)], stdout=out, stderr=err, env=env
+            )
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+
+        self.addCleanup(stop)  # type: ignore[attr-defined]
+        return proc, out_path
+
+    async def sync_while_writing(
+        self, writers: list[subprocess.Popen[bytes]], on_step: Callable[[], None] | None = None
+    ) -> dict[str, SyncReader]:
+        """Sync inboxes ``x`` and ``y`` and session ``s`` in a tight loop (each
+        reader checking after every page that its ``upto`` never passed a seq
+        it did not receive) until every writer has exited and every reader has
+        caught up.  Bounded by :data:`SYNC_STEPS` pages and :data:`SYNC_DEADLINE_S`."""
+        readers = {
+            "x": SyncReader(self, self.store, "x"),
+            "y": SyncReader(self, self.store, "y"),
+            "s": SyncReader(self, self.store, "s", session=True),
+        }
+        deadline = time.monotonic() + SYNC_DEADLINE_S
+        for _ in range(SYNC_STEPS):
+            if on_step is not None:
+                on_step()
+            finished = all(w.poll() is not None for w in writers)
+            caught_up = [await reader.step() for reader in readers.values()]
+            if finished and all(caught_up):
+                for w in writers:
+                    w.wait(timeout=30)
+                return readers
+            if time.monotonic() > deadline:
+                break
+        self.fail(  # type: ignore[attr-defined]
+            f"readers did not catch up: {[(n, r.after) for n, r in readers.items()]}, "
+            f"writers {[w.poll() for w in writers]}"
+        )
+        raise AssertionError  # not reached
+
+    def check_delivered(
+        self, readers: dict[str, SyncReader], outputs: list[str], complete: list[bool]
+    ) -> None:
+        """Nothing lost, nothing duplicated, multi-recipient appends all or nothing.
+
+        Every append a writer printed (the store acknowledged it) reached the
+        reader at the seq the store gave it; nothing reached a reader twice;
+        the store holds exactly what the readers got; a writer that ran to the
+        end (``complete``) stored nothing it did not print; a two-recipient
+        append is in both inboxes or in neither.
+        """
+        acknowledged: dict[str, dict[str, int]] = {}
+        for path, done in zip(outputs, complete):
+            with open(path) as f:
+                lines = [json.loads(line) for line in f if line.endswith("\n")]
+            if done:
+                self.assertEqual(len(lines) % (seq_writer.PER_ROUND + 1), 0)  # type: ignore[attr-defined]
+            for line in lines:
+                acknowledged[line["key"]] = line["seqs"]
+        by_key: dict[str, dict[str, int]] = {}
+        for name, reader in readers.items():
+            keys = list(reader.received.values())
+            self.assertEqual(len(keys), len(set(keys)), f"{name}: a message came twice")  # type: ignore[attr-defined]
+            for seq, key in reader.received.items():
+                by_key.setdefault(key, {})[name] = seq
+        for key, seqs in acknowledged.items():
+            self.assertEqual(by_key.get(key), seqs, f"acknowledged {key} lost or moved")  # type: ignore[attr-defined]
+        done_names = {path: done for path, done in zip(outputs, complete)}
+        for key, seqs in by_key.items():
+            writer, _, i = key.split(":")
+            if i != "s":
+                expected = {"x"} if int(i) % 3 == 2 else {"x", "y"}
+                self.assertEqual(set(seqs), expected, f"{key} stored in part")  # type: ignore[attr-defined]
+            if key not in acknowledged:
+                finished = [d for p, d in done_names.items() if os.path.basename(p) == f"{writer}.out"]
+                self.assertEqual(finished, [False], f"{key} stored but never acknowledged")  # type: ignore[attr-defined]
+
+    async def check_store_matches(self, readers: dict[str, SyncReader]) -> None:
+        """A fresh full read of the store holds exactly what the readers received."""
+        for name, reader in readers.items():
+            if reader.session:
+                page = await self.store.fetch_session("s", "someone-else", 0, 100_000)
+            else:
+                page = await self.store.fetch_inbox(name, 0, 100_000)
+            stored = {m.seq: m.body.decode() for m in page.messages}
+            self.assertEqual(stored, reader.received, f"{name}: the store differs from what was read")  # type: ignore[attr-defined]
+            self.assertEqual(page.last_seq, len(stored))  # type: ignore[attr-defined]
+
+    @inline
+    async def test_two_writer_processes_and_a_syncing_reader(self) -> None:
+        """Two processes append (batches of two-recipient, one-recipient and
+        session appends) while this process syncs ``x``, ``y`` and session
+        ``s`` in a tight loop through :func:`allspark.inbox.send_page`: no
+        page's ``upto`` passes a seq the reader did not get, and in the end
+        every acknowledged append arrived exactly once at its seq."""
+        url = self.shared_url()
+        if url is None:
+            raise SkipTest("this backend cannot be shared between processes")
+        await self.session_with("s")
+        rounds = 40
+        writers = [self.start_writer(url, name, rounds) for name in ("w1", "w2")]
+        readers = await self.sync_while_writing([proc for proc, _ in writers])
+        for proc, out in writers:
+            with open(out + ".err") as err:
+                self.assertEqual(proc.returncode, 0, err.read())  # type: ignore[attr-defined]
+        self.check_delivered(readers, [out for _, out in writers], [True, True])
+        per_writer = rounds * seq_writer.PER_ROUND
+        self.assertEqual(len(readers["x"].received), 2 * per_writer)  # type: ignore[attr-defined]
+        self.assertEqual(len(readers["s"].received), 2 * rounds)  # type: ignore[attr-defined]
+        await self.check_store_matches(readers)
+
+    @inline
+    async def test_writer_killed_in_the_middle_of_a_batch(self) -> None:
+        """As above, but one writer gets ``kill -9`` while it appends (a batch
+        in flight): the reader still skips no seq, every acknowledged append is
+        there once, a two-recipient append is in both inboxes or neither, and
+        the other writer carries on."""
+        url = self.shared_url()
+        if url is None:
+            raise SkipTest("this backend cannot be shared between processes")
+        await self.session_with("s")
+        victim, victim_out = self.start_writer(url, "w1", 400)
+        other, other_out = self.start_writer(url, "w2", 40)
+        killed: list[bool] = []
+
+        def kill_once_under_way() -> None:
+            if killed or victim.poll() is not None:
+                return
+            with open(victim_out, "rb") as f:
+                printed = f.read().count(b"\n")
+            if printed >= 5 * (seq_writer.PER_ROUND + 1):
+                os.kill(victim.pid, signal.SIGKILL)
+                killed.append(True)
+
+        readers = await self.sync_while_writing([victim, other], on_step=kill_once_under_way)
+        self.assertEqual(killed, [True])  # type: ignore[attr-defined]
+        self.assertEqual(victim.returncode, -signal.SIGKILL)  # type: ignore[attr-defined]
+        with open(other_out + ".err") as err:
+            self.assertEqual(other.returncode, 0, err.read())  # type: ignore[attr-defined]
+        self.check_delivered(readers, [victim_out, other_out], [False, True])
+        await self.check_store_matches(readers)
+
+
+class SyncReader:
+    """Reads one inbox (or session ``s``, as a non-member) the way the server
+    syncs a client: fetch a page after the cursor, write it with
+    :func:`allspark.inbox.send_page`, continue from the ``synced`` frame's
+    ``upto``.  ``received`` maps each seq to the body it carried."""
+
+    def __init__(self, case: Any, store: Store, target: str, session: bool = False) -> None:
+        self.case = case
+        self.store = store
+        self.target = target
+        self.session = session
+        self.conn = FakeConnection("reader")
+        self.after = 0
+        self.received: dict[int, str] = {}
+
+    async def step(self) -> bool:
+        """One page; whether the reader is at the end of what is readable."""
+        if self.session:
+            page = await self.store.fetch_session("s", "reader", self.after, SYNC_PAGE)
+        else:
+            page = await self.store.fetch_inbox(self.target, self.after, SYNC_PAGE)
+        synced = send_page(self.conn, page, self.after, 1 << 30, {},
+                           splice=lambda body, seq: orjson.dumps([seq, body.decode()]),
+                           limit=SYNC_PAGE)
+        for frame in self.conn.frames:
+            seq, key = orjson.loads(frame)
+            self.case.assertNotIn(seq, self.received, f"{self.target}: seq {seq} sent twice")
+            self.received[seq] = key
+        self.conn.frames.clear()
+        upto = synced["upto"]
+        # Nothing is acked or purged here, so after every page the reader must
+        # hold exactly the seqs 1..upto: upto never passes a seq not yet read.
+        self.case.assertEqual(
+            len(self.received), upto,
+            f"{self.target}: upto {upto} passed a seq not received "
+            f"(missing {sorted(set(range(1, upto + 1)) - set(self.received))[:5]})",
+        )
+        self.after = upto
+        return not synced["more"] and upto == page.last_seq
+
 
 # -- backends -----------------------------------------------------------------------
 
@@ -598,6 +807,9 @@ class SQLiteContractTests(StoreContract, TestCase):
     async def make_store(self) -> Store:
         self.path = os.path.join(temp_dir(self), "data", "allspark.db")
         return open_store(f"sqlite:///{os.path.abspath(self.path)}", reactor)
+
+    def shared_url(self) -> str | None:
+        return f"sqlite:///{os.path.abspath(self.path)}"
 
 
 class MongoContractTests(StoreContract, TestCase):
@@ -892,6 +1104,75 @@ class SQLiteStoreTests(TestCase):
             await store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
         other.execute("COMMIT")
         self.assertEqual((await store.append_inbox("s", None, ["a"], b"2", b"", 1, WINDOW)).seqs, {"a": 1})
+
+    def old_format_file(self) -> tuple[str, sqlite3.Connection]:
+        """A new file as another process would have it while it opens it
+        too: one table, still in the rollback journal mode; and a second
+        connection to it (closed after the test)."""
+        path = self.new_path()
+        os.makedirs(os.path.dirname(path))
+        other = sqlite3.connect(path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("CREATE TABLE other_process (x)")
+        return path, other
+
+    @inline
+    async def test_start_waits_while_another_process_reads_the_new_file(self) -> None:
+        """The CI race, made deterministic: another process holds a read lock
+        on a new file (it is opening it at the same moment).  Switching to
+        WAL needs the exclusive lock, and SQLite answers SQLITE_BUSY at once,
+        without a busy timeout; start() retries until the reader is done."""
+        from allspark.store.sqlite import SQLiteStore
+
+        path, other = self.old_format_file()
+        other.execute("BEGIN")
+        other.execute("SELECT COUNT(*) FROM other_process").fetchone()  # holds SHARED
+        store = SQLiteStore(path, reactor)
+        self.addCleanup(store.close)
+        starting = store.start()
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(starting.called)  # still waiting, and the reactor runs meanwhile
+        other.execute("COMMIT")
+        await starting
+        self.assertEqual(store.migrations_applied[0], 1)
+        self.assertEqual((await store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)).seqs, {"a": 1})
+        with sqlite3.connect(path) as fresh:
+            self.assertEqual(fresh.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+
+    @inline
+    async def test_start_waits_for_a_write_lock_without_blocking_the_reactor(self) -> None:
+        """Another process writing to the file while this one opens it: start()
+        waits for the lock in short attempts, so the reactor keeps running
+        (here: to release the lock) and the open then succeeds."""
+        from allspark.store.sqlite import SQLiteStore
+
+        path, other = self.old_format_file()
+        other.execute("BEGIN EXCLUSIVE")
+        store = SQLiteStore(path, reactor)
+        store.busy_give_up_s = 10.0
+        self.addCleanup(store.close)
+        starting = store.start()
+        await deferLater(reactor, 0.2, lambda: None)
+        self.assertFalse(starting.called)
+        other.execute("COMMIT")
+        await starting
+        self.assertEqual((await store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)).seqs, {"a": 1})
+
+    @inline
+    async def test_start_gives_up_on_a_lock_held_too_long(self) -> None:
+        """A file locked for longer than busy_give_up_s fails start() with a
+        StoreError that says so (the server then exits); nothing is left open."""
+        from allspark.store.sqlite import SQLiteStore
+
+        path, other = self.old_format_file()
+        other.execute("BEGIN EXCLUSIVE")
+        store = SQLiteStore(path, reactor)
+        store.busy_give_up_s = 0.3
+        with self.assertRaisesRegex(StoreError, "locked by another process"):
+            await store.start()
+        other.execute("COMMIT")
+        with self.assertRaises(StoreError):
+            await store.inbox_state("a")
 
 
 class OpenStoreTests(TestCase):
