@@ -23,11 +23,12 @@ from typing import Any, Callable, Sequence
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 from allspark.logs import logger
 
 from allspark.envelope import FrameError, addressed
 from allspark.registry import Connection, Registry
-from allspark.store import AppendResult, InboxPage, Store
+from allspark.store import AppendResult, InboxFull, InboxPage, InboxQuota, Store, StreamQuota
 
 log = logger(__name__)
 
@@ -41,6 +42,29 @@ class DeliveryConfig:
     retention_ms: int = 30 * DAY_MS
     dedup_window_ms: int = 10 * 60_000
     purge_interval_s: float = 3600.0
+    #: unacked messages one sender may have in one inbox (--max-inbox-per-sender)
+    max_inbox_per_sender: int = 10_000
+    #: unacked messages one inbox may hold (--max-inbox)
+    max_inbox: int = 100_000
+    #: session stream rows one sender may add to one session per quota window
+    #: (--max-session-rows-per-sender)
+    max_session_rows_per_sender: int = 10_000
+    #: session stream rows one session takes per quota window (--max-session-rows)
+    max_session_rows: int = 100_000
+    #: the session quota window in ms (--session-quota-window, in seconds)
+    session_quota_window_ms: int = 60_000
+
+    @property
+    def inbox_quota(self) -> InboxQuota:
+        """The inbox bounds as the store checks them."""
+        return InboxQuota(per_sender=self.max_inbox_per_sender, per_inbox=self.max_inbox)
+
+    @property
+    def stream_quota(self) -> StreamQuota:
+        """The session stream bounds as the store checks them."""
+        return StreamQuota(per_sender=self.max_session_rows_per_sender,
+                           per_session=self.max_session_rows,
+                           window_ms=self.session_quota_window_ms)
 
 
 def now_ms(clock: IReactorTime) -> int:
@@ -62,6 +86,7 @@ class Inbox:
         self.registry = registry
         self.clock = clock
         self.config = config
+        self._quota = config.inbox_quota
 
     def store_and_deliver(
         self,
@@ -74,7 +99,11 @@ class Inbox:
         """Append ``body`` to each recipient's inbox, then write each copy to
         the recipient's live connections here.  A duplicate is not delivered
         again.  Fires once stored, with ``answer`` (the first attempt's answer
-        for a duplicate)."""
+        for a duplicate).
+
+        Fails with ``inbox_full`` (a :class:`FrameError`), storing nothing for
+        any recipient, when a recipient's inbox holds ``max_inbox`` unacked
+        messages, or ``max_inbox_per_sender`` from this sender."""
         d = self.store.append_inbox(
             sender_id,
             dedup_id,
@@ -83,9 +112,29 @@ class Inbox:
             answer,
             now_ms(self.clock),
             self.config.dedup_window_ms,
+            self._quota,
         )
-        d.addCallback(self._deliver_stored, body)
+        d.addCallbacks(self._deliver_stored, self._refuse_full, callbackArgs=(body,),
+                       errbackArgs=(sender_id, dedup_id, len(recipients)))
         return d
+
+    def _refuse_full(
+        self, failure: Failure, sender_id: str, frame_id: str | None, recipients: int
+    ) -> Failure:
+        """Turn the store's :class:`InboxFull` into the sender's ``inbox_full``."""
+        if not failure.check(InboxFull):
+            return failure
+        error: InboxFull = failure.value
+        log.debug("refused a message from {sender_id}: inbox full", sender_id=sender_id,
+                  full=list(error.node_ids), per_sender=error.per_sender)
+        whose = "the recipient's inbox" if recipients == 1 else "a recipient's inbox"
+        if error.per_sender:
+            why = (f"{whose} holds {self.config.max_inbox_per_sender} unacked messages from you: "
+                   "nothing was stored; send again once it has acked some")
+        else:
+            why = (f"{whose} holds {self.config.max_inbox} unacked messages: nothing was stored; "
+                   "send again once it has acked some")
+        raise FrameError("inbox_full", why, frame_id)
 
     def _deliver_stored(self, result: AppendResult, body: bytes) -> bytes:
         if not result.duplicate:

@@ -94,7 +94,7 @@ from allspark.inbox import check_cursor, now_ms, send_page
 from allspark.logs import logger
 from allspark.registry import Connection
 from allspark.router import Sender, accepted_frame
-from allspark.store import DuplicateSession, MemberRecord, SessionRecord, StoreError
+from allspark.store import DuplicateSession, MemberRecord, SessionFull, SessionRecord, StoreError
 
 if TYPE_CHECKING:
     from allspark.server import Server
@@ -586,10 +586,21 @@ class Sessions:
             self.fan_out(body, online)
             return accepted_frame(msg, others, len(online))
         answer = accepted_frame(msg, others, len(online))
-        result = await self.store.append_session(
-            session_id, sender.node_id, msg.id, body, answer, now_ms(self.clock),
-            self.server.config.delivery.dedup_window_ms,
-        )
+        delivery = self.server.config.delivery
+        try:
+            result = await self.store.append_session(
+                session_id, sender.node_id, msg.id, body, answer, now_ms(self.clock),
+                delivery.dedup_window_ms, delivery.stream_quota,
+            )
+        except SessionFull as e:
+            if e.per_sender:
+                why = (f"you sent {delivery.max_session_rows_per_sender} messages to session "
+                       f"{session_id!r} in this quota window")
+            else:
+                why = f"session {session_id!r} took {delivery.max_session_rows} messages in this quota window"
+            seconds = delivery.session_quota_window_ms // 1000
+            raise FrameError("session_full", f"{why} ({seconds} s): nothing was stored; send again later",
+                             msg.id) from None
         seq = result.seqs.get(session_id)
         if seq is None:  # the id was first used for a message elsewhere: that one's answer
             return result.answer

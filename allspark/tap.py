@@ -68,6 +68,17 @@ class Options(usage.Options):
         ["retention-seconds", None, None, "seconds an unacked message is kept (overrides "
                                           "--retention-days; for tests)", _positive_float],
         ["purge-interval", None, 3600.0, "seconds between background retention purges", _positive_float],
+        ["max-inbox-per-sender", None, 10_000, "unacked messages one sender may have in one inbox; "
+                                               "more are refused with inbox_full", _positive_int],
+        ["max-inbox", None, 100_000, "unacked messages one inbox may hold; more are refused with inbox_full",
+         _positive_int],
+        ["max-session-rows-per-sender", None, 10_000, "messages one sender may add to one session's stream "
+                                                      "per --session-quota-window; more get session_full",
+         _positive_int],
+        ["max-session-rows", None, 100_000, "messages one session's stream takes per --session-quota-window "
+                                            "from all senders; more get session_full", _positive_int],
+        ["session-quota-window", None, 60.0, "seconds of the window the session quotas count in",
+         _positive_float],
     ]
 
     def __init__(self) -> None:
@@ -195,6 +206,11 @@ def makeService(options: Options) -> Any:
         delivery=DeliveryConfig(
             retention_ms=_retention_ms(options["retention-days"], options["retention-seconds"]),
             purge_interval_s=options["purge-interval"],
+            max_inbox_per_sender=options["max-inbox-per-sender"],
+            max_inbox=options["max-inbox"],
+            max_session_rows_per_sender=options["max-session-rows-per-sender"],
+            max_session_rows=options["max-session-rows"],
+            session_quota_window_ms=max(1, int(options["session-quota-window"] * 1000)),
         ),
     )
     secrets = options["auth-secrets"]

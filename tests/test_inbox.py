@@ -349,3 +349,42 @@ class ArrivalOrderTests(InboxTestCase):
                          ["stored", "stored"])
         page = self.successResultOf(self.store.fetch_inbox("bob", 0, 5000))
         self.assertEqual([orjson.loads(m.body)["payload"] for m in page.messages], list(range(5000)))
+
+
+class QuotaTests(InboxTestCase):
+    """--max-inbox-per-sender and --max-inbox through the router and inbox."""
+
+    config = DeliveryConfig(retention_ms=3_600_000, dedup_window_ms=600_000, purge_interval_s=60.0,
+                            max_inbox_per_sender=3, max_inbox=5)
+
+    def route(self, sender: str, frame: dict[str, Any]) -> Deferred[bytes]:
+        return self.router.route(Sender(sender, None), parse_frame(orjson.dumps(frame)))
+
+    def test_a_flooding_sender_gets_inbox_full_and_others_still_get_through(self) -> None:
+        bob = self.online("bob")
+        for n in range(3):
+            self.send("alice", {"dest_id": "bob", "id": f"a{n}", "payload": n})
+        error = self.refused(self.route("alice", {"dest_id": "bob", "id": "a3", "payload": 3}),
+                             "inbox_full")
+        self.assertEqual(error.frame_id, "a3")
+        self.assertIn("3 unacked messages from you", error.message)
+        self.assertEqual(len(bob.frames), 3)  # the refused message was neither stored nor delivered
+        self.assertEqual(self.send("carol", {"dest_id": "bob", "payload": "c"})["status"], "delivered")
+        self.assertEqual(self.send("carol", {"dest_id": "bob", "payload": "c"})["status"], "delivered")
+        error = self.refused(self.route("carol", {"dest_id": "bob", "payload": "c"}), "inbox_full")
+        self.assertIn("5 unacked messages", error.message)
+        # a retry of a stored message still gets its first answer
+        retry = self.send("alice", {"dest_id": "bob", "id": "a1", "payload": 1})
+        self.assertEqual(retry["id"], "a1")
+        # bob acks: alice may send again
+        self.assertEqual(self.done(self.inbox.ack("bob", 2))["removed"], 2)
+        self.assertEqual(self.send("alice", {"dest_id": "bob", "id": "a3", "payload": 3})["status"],
+                         "delivered")
+
+    def test_a_user_wide_message_is_refused_whole_when_one_device_is_full(self) -> None:
+        for node_id in ("phone", "laptop"):
+            self.store.remember_node(node_id, "dave", 0)
+        for n in range(3):
+            self.send("alice", {"dest_id": "phone", "payload": n})
+        self.refused(self.route("alice", {"dest_client_id": "dave", "payload": "x"}), "inbox_full")
+        self.assertEqual(self.successResultOf(self.store.inbox_state("laptop")), (0, 0))

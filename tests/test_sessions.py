@@ -9,6 +9,7 @@ against a real server process.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from twisted.trial import unittest
 from allspark import sessions as sessions_module
 from allspark.auth import AuthKeyVerifier, ValidationTokens
 from allspark.envelope import Control, FrameError, Message, parse_frame
+from allspark.inbox import DeliveryConfig
 from allspark.router import Sender
 from allspark.server import Server, ServerConfig
 from allspark.sessions import Sessions, http_args
@@ -258,6 +260,39 @@ class Stream(SessionsTestCase):
         self.assertEqual(self.done(self.sessions.ack(Sender("bob", None), "s1", 1))["upto"], 1)
         synced = self.done(self.sessions.sync(bob, "s1", None, 10, 10**6))
         self.assertEqual((synced["upto"], synced["more"]), (1, False))
+
+
+class SessionStreamQuotaTests(SessionsTestCase):
+    """--max-session-rows-per-sender and --max-session-rows: rows per quota window."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.server.config = replace(self.server.config, delivery=DeliveryConfig(
+            max_session_rows_per_sender=2, max_session_rows=3, session_quota_window_ms=60_000))
+        for node_id in ("alice", "bob", "carol"):
+            self.online(node_id)
+        self.op("alice", "create_session", session_id="s1")
+        for node_id in ("bob", "carol"):
+            self.op("alice", "join_session", session_id="s1", node_id=node_id)
+        self.clock.advance(60 - self.clock.seconds() % 60)  # the start of a window
+
+    def broadcast(self, node_id: str, frame_id: str) -> Any:
+        msg = parse_frame(orjson.dumps({"dest_session_id": "s1", "id": frame_id, "payload": 1}))
+        return self.server.router.route(Sender(node_id, None), msg)
+
+    def test_a_flooding_member_gets_session_full_for_the_rest_of_the_window(self) -> None:
+        self.send("alice", dest_session_id="s1", id="a1", payload=1)
+        self.send("alice", dest_session_id="s1", id="a2", payload=2)
+        error = self.refused(self.broadcast("alice", "a3"), "session_full")
+        self.assertEqual(error.frame_id, "a3")
+        self.assertIn("you sent 2 messages", error.message)
+        self.assertEqual(self.send("bob", dest_session_id="s1", id="b1", payload=1)["session_seq"], 3)
+        error = self.refused(self.broadcast("carol", "c1"), "session_full")
+        self.assertIn("took 3 messages", error.message)
+        self.assertEqual(len(self.messages("carol")), 3)  # refused rows were not delivered
+        self.assertEqual(self.send("alice", dest_session_id="s1", id="a1", payload=1)["session_seq"], 1)
+        self.clock.advance(60)
+        self.assertEqual(self.send("alice", dest_session_id="s1", id="a3", payload=3)["session_seq"], 4)
 
 
 class Games(SessionsTestCase):

@@ -49,3 +49,27 @@ class OptionsTests(unittest.SynchronousTestCase):
         del os.environ["ALLSPARK_AUTH_SECRET"]
         with self.assertRaises(usage.UsageError):
             self.parse()
+
+    def test_quota_options_reach_the_delivery_config(self) -> None:
+        """The inbox and session quota options (defaults and given values)
+        end up in the config the inbox and sessions read."""
+        from allspark.tap import makeService
+
+        defaults = makeService(self.parse("--store=memory:")).server.config.delivery
+        self.assertEqual(
+            (defaults.max_inbox_per_sender, defaults.max_inbox, defaults.max_session_rows_per_sender,
+             defaults.max_session_rows, defaults.session_quota_window_ms),
+            (10_000, 100_000, 10_000, 100_000, 60_000),
+        )
+        given = makeService(self.parse(
+            "--store=memory:", "--max-inbox-per-sender=3", "--max-inbox=7",
+            "--max-session-rows-per-sender=2", "--max-session-rows=5", "--session-quota-window=1.5",
+        )).server.config.delivery
+        self.assertEqual(
+            (given.inbox_quota.per_sender, given.inbox_quota.per_inbox, given.stream_quota.per_sender,
+             given.stream_quota.per_session, given.stream_quota.window_ms),
+            (3, 7, 2, 5, 1500),
+        )
+        for argv in (["--max-inbox=0"], ["--max-inbox-per-sender=-1"], ["--session-quota-window=0"]):
+            with self.assertRaises((usage.UsageError, ValueError)):
+                self.parse(*argv)
