@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from allspark.ids import is_valid_id
+from allspark.logs import logger
 
 __all__ = [
     "AUTH_SECRET_ENV",
@@ -73,6 +74,8 @@ _PUBLIC_KEY_ALGORITHMS = ("RS256", "ES256")
 _MINT_ALGORITHMS = _HMAC_ALGORITHMS + _PUBLIC_KEY_ALGORITHMS
 
 _TOKEN_KEY_LABEL = b"allspark validation token v1"
+
+log = logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,10 +132,14 @@ def _as_bytes(value: str | bytes, what: str) -> bytes:
 
 
 def _is_number(value: object) -> bool:
-    """True for a finite int/float that is not a bool."""
+    """True for a finite int/float that is not a bool (an int too large for a
+    float, such as a 400-digit ``exp``, is not a number here either)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    return math.isfinite(value)
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def mint_auth_key(
@@ -257,13 +264,31 @@ class AuthKeyVerifier:
         """Return the Identity proven by ``token`` or raise :class:`AuthError`.
 
         Refusals: ``missing_key`` (None or empty), ``malformed_key`` (not a str, not a
-        JWT, undecodable), ``bad_signature`` (forged, signed by an unknown key, or an
-        algorithm we do not accept for it, including ``none``), ``expired_key``
-        (``now >= exp + leeway``), ``bad_claims`` (no ``exp``, non-numeric time
-        claims, not yet valid by ``nbf``, missing/invalid ``sub`` or invalid
-        ``client_id``).  ``now`` defaults to the wall clock.  A ``client_id`` of
-        JSON null is treated as absent.
+        JWT, undecodable, a header that is not a JSON object, a ``kid`` that is not a
+        string, or any ``crit`` header: no critical extension is understood here, so
+        RFC 7515 says to refuse it), ``bad_signature`` (forged, signed by an unknown
+        key, or an algorithm we do not accept for it, including ``none`` and an
+        ``alg`` that is not a string), ``expired_key`` (``now >= exp + leeway``),
+        ``bad_claims`` (no ``exp``, time claims that are not finite numbers (strings,
+        booleans, NaN, infinity, integers too large for a float), not yet valid by
+        ``nbf``, missing/invalid ``sub`` or invalid ``client_id``).  ``now`` defaults
+        to the wall clock.  A ``client_id`` of JSON null is treated as absent.
+
+        Every refusal is an :class:`AuthError`, whatever the input: anything else
+        raised while looking at an unverified key (a parser error nobody foresaw) is
+        logged without a traceback and refused as ``malformed_key``, so hostile input
+        never becomes a 500.
         """
+        try:
+            return self._verify(token, now)
+        except AuthError:
+            raise
+        except Exception as exc:
+            log.warn("auth key refused, unexpected {error_type} while parsing it: {error}",
+                     error_type=type(exc).__name__, error=str(exc)[:200])
+            raise AuthError("malformed_key", "auth key cannot be decoded") from None
+
+    def _verify(self, token: object, now: float | None) -> Identity:
         if token is None or token == "":
             raise AuthError("missing_key", "no auth key given")
         if not isinstance(token, str):
@@ -274,8 +299,14 @@ class AuthKeyVerifier:
             raise AuthError("malformed_key", "auth key is not a JWT")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.exceptions.DecodeError:
-            raise AuthError("malformed_key", "auth key is not a JWT") from None
+        except jwt.exceptions.InvalidTokenError as exc:  # DecodeError, a bad kid or crit, ...
+            raise AuthError("malformed_key", f"auth key header refused: {exc}") from None
+        if not isinstance(header, dict):
+            raise AuthError("malformed_key", "auth key header is not a JSON object")
+        if "crit" in header:
+            raise AuthError("malformed_key", "auth key header has a critical extension (crit) we do not support")
+        if "kid" in header and not isinstance(header["kid"], str):
+            raise AuthError("malformed_key", "auth key header kid must be a string")
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in _MINT_ALGORITHMS:
             raise AuthError("bad_signature", f"algorithm {algorithm!r} is not accepted")
@@ -427,9 +458,28 @@ class ValidationTokens:
     ``twisted.internet.task.Clock`` in tests).  ``ttl`` is clamped to at most 60 s.
 
     Token format (not a JWT): ``base64url(JSON {"n": node_id, "s": server_id,
-    "e": expiry, "j": nonce}) "." base64url(HMAC-SHA256(key, first part))``.
-    Redeemed nonces are remembered until their token expires, then pruned, so memory
-    is bounded by the tokens redeemed within the last ttl.
+    "e": expiry, "i": issued_at, "p": issuing instance, "j": nonce}) "."
+    base64url(HMAC-SHA256(key, first part))``.  Redeemed nonces are remembered until
+    their token expires, then pruned, so memory is bounded by the tokens redeemed
+    within the last ttl.
+
+    **Restarts.**  The redeemed nonces live in memory only, so a process refuses every
+    token that an earlier process of this server could have redeemed: a token is
+    accepted only when this very process issued it (``"p"`` is this object's random
+    instance id, drawn at start), or when it was issued at least
+    :data:`VALIDATION_CLOCK_SKEW` seconds after this process started
+    (``i >= started_at + VALIDATION_CLOCK_SKEW``).  Another server of the cluster may
+    mint tokens for this one with its own clock; as long as the clocks agree within
+    the skew (the expiry check assumes it too), such a token was issued after this
+    process started, so no earlier process saw it.  Anything else, including a token
+    from before a restart or a crash, is ``expired_token``: the client asks for a new
+    one, as for any token refusal.  This was chosen over writing every redeemed nonce
+    to disk before accepting it: no I/O (no fsync per handshake, none in a reconnect
+    storm), nothing to prune or to lose, and nothing a cluster must share.  Its cost:
+    for the first 5 s after a start, tokens minted by other servers for this one are
+    refused once (the client asks again), and a host clock stepped back by more than
+    the skew across a restart would reopen the window.  Tokens without ``"i"`` (from
+    an older version) count as issued ``MAX_VALIDATION_TTL`` before their expiry.
     """
 
     def __init__(self, key: bytes, server_id: str, clock: _Clock, ttl: float = 60.0) -> None:
@@ -445,6 +495,9 @@ class ValidationTokens:
         self.ttl: float = min(float(ttl), MAX_VALIDATION_TTL)
         self._redeemed: dict[str, float] = {}
         self._expiries: list[tuple[float, str]] = []
+        #: When this process (this object) started; see "Restarts" above.
+        self.started_at: float = clock.seconds()
+        self._instance = _b64encode(_secrets.token_bytes(9))
 
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()
@@ -459,10 +512,13 @@ class ValidationTokens:
             raise ValueError(f"invalid node_id: {node_id!r}")
         if not is_valid_id(server_id):
             raise ValueError(f"invalid server_id: {server_id!r}")
+        now = self._clock.seconds()
         claims = {
             "n": node_id,
             "s": server_id,
-            "e": self._clock.seconds() + self.ttl,
+            "e": now + self.ttl,
+            "i": now,
+            "p": self._instance,
             "j": _b64encode(_secrets.token_bytes(16)),
         }
         payload = _b64encode(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
@@ -475,7 +531,8 @@ class ValidationTokens:
         Refusals: ``missing_token`` (None or empty), ``bad_token`` (wrong type,
         malformed, forged, or an expiry further ahead than any ttl allows),
         ``foreign_token`` (issued for another node_id or another server),
-        ``expired_token`` (now >= expiry), ``replayed_token`` (already redeemed).
+        ``expired_token`` (now >= expiry, or issued before this process started: see
+        "Restarts" in the class docstring), ``replayed_token`` (already redeemed).
         """
         if token is None or token == "":
             raise AuthError("missing_token", "no validation token given")
@@ -502,15 +559,21 @@ class ValidationTokens:
             raise AuthError("bad_token", "validation token is malformed")
         token_node, token_server = claims.get("n"), claims.get("s")
         expiry, nonce = claims.get("e"), claims.get("j")
+        issued_at, instance = claims.get("i"), claims.get("p")
         if (
             not isinstance(token_node, str)
             or not isinstance(token_server, str)
             or not isinstance(nonce, str)
             or not nonce
             or not _is_number(expiry)
+            or (issued_at is not None and not _is_number(issued_at))
+            or (instance is not None and not isinstance(instance, str))
         ):
             raise AuthError("bad_token", "validation token is malformed")
         assert isinstance(expiry, (int, float))
+        if issued_at is None:
+            issued_at = expiry - MAX_VALIDATION_TTL
+        assert isinstance(issued_at, (int, float))
 
         now = self._clock.seconds()
         self.prune(now)
@@ -522,6 +585,12 @@ class ValidationTokens:
             raise AuthError("expired_token", "validation token has expired")
         if expiry > now + MAX_VALIDATION_TTL + VALIDATION_CLOCK_SKEW:
             raise AuthError("bad_token", "validation token expiry is too far in the future")
+        if issued_at > now + VALIDATION_CLOCK_SKEW:
+            raise AuthError("bad_token", "validation token was issued in the future")
+        if instance != self._instance and issued_at < self.started_at + VALIDATION_CLOCK_SKEW:
+            raise AuthError(
+                "expired_token", "validation token was issued before this server started: ask for a new one"
+            )
         if nonce in self._redeemed:
             raise AuthError("replayed_token", "validation token was already used")
         self._redeemed[nonce] = expiry

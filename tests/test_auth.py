@@ -19,6 +19,7 @@ from allspark.auth import (
     AuthError,
     AuthKeyVerifier,
     Identity,
+    VALIDATION_CLOCK_SKEW,
     ValidationTokens,
     derive_token_key,
     load_secrets,
@@ -265,6 +266,82 @@ def test_missing_alg_refused() -> None:
     header = b64(json.dumps({"typ": "JWT"}).encode())
     payload = b64(json.dumps({"sub": "admin", "exp": NOW + 60}).encode())
     refused("bad_signature", AuthKeyVerifier([SECRET]).verify, f"{header}.{payload}.c2ln", now=NOW)
+
+
+def signed_raw(header: bytes, claims: bytes, secret: bytes = SECRET) -> str:
+    """A token whose header and claims are these raw bytes, correctly signed
+    with ``secret``: only the parsing of what is inside can refuse it."""
+    signing_input = f"{b64(header)}.{b64(claims)}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+GOOD_CLAIMS = json.dumps({"sub": "n", "exp": NOW + 60}).encode()
+
+
+@pytest.mark.parametrize(
+    ("header", "claims", "code"),
+    [
+        # headers PyJWT itself rejects with exceptions that used to escape as a 500
+        (b'{"alg":"HS256","crit":["exp"]}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","crit":"exp"}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","crit":[]}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","kid":5}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","kid":["a"]}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","kid":null}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","b64":false}', GOOD_CLAIMS, "malformed_key"),
+        (b"[1,2]", GOOD_CLAIMS, "malformed_key"),
+        (b'"HS256"', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","x":"\xff"}', GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":"HS256","x":' + b"[" * 2000 + b"]" * 2000 + b"}", GOOD_CLAIMS, "malformed_key"),
+        (b'{"alg":["HS256"]}', GOOD_CLAIMS, "bad_signature"),
+        (b'{"alg":{"HS256":1}}', GOOD_CLAIMS, "bad_signature"),
+        (b'{"alg":null}', GOOD_CLAIMS, "bad_signature"),
+        (b'{"alg":"none"}', GOOD_CLAIMS, "bad_signature"),
+        # claims that are not what they should be
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":"99999999999"}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":false}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":NaN}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":Infinity}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":-Infinity}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":1e400}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":' + b"9" * 400 + b"}", "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":' + b"9" * 5000 + b"}", "malformed_key"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":1e12,"nbf":' + b"9" * 400 + b"}", "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":1e12,"iat":NaN}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":["n"],"exp":1e12}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":{"n":1},"exp":1e12}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":true,"exp":1e12}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":1.5,"exp":1e12}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"\\ud800","exp":1e12}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","client_id":{"a":[]},"exp":1e12}', "bad_claims"),
+        (b'{"alg":"HS256"}', b'{"sub":"\xff","exp":1e12}', "malformed_key"),
+        (b'{"alg":"HS256"}', b"[1]", "malformed_key"),
+        (b'{"alg":"HS256"}', b"null", "malformed_key"),
+        (b'{"alg":"HS256"}', b'{"sub":"n","exp":1e12,"x":' + b"[" * 2000 + b"]" * 2000 + b"}", "malformed_key"),
+    ],
+)
+def test_hostile_headers_and_claims_are_refused_with_a_code(header: bytes, claims: bytes, code: str) -> None:
+    """Whatever a correctly signed key holds, the verifier answers with an
+    AuthError and its code (a 401), never another exception (a 500)."""
+    refused(code, AuthKeyVerifier([SECRET]).verify, signed_raw(header, claims), now=NOW)
+
+
+def test_hostile_header_needs_no_valid_signature() -> None:
+    """A crit header with a forged signature is refused like any malformed key."""
+    token = signed_raw(b'{"alg":"HS256","crit":["x"]}', GOOD_CLAIMS, OTHER_SECRET)
+    refused("malformed_key", AuthKeyVerifier([SECRET]).verify, token, now=NOW)
+
+
+def test_unforeseen_parser_error_is_malformed_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception nobody foresaw while parsing an unverified key is a
+    refusal, not a crash."""
+
+    def explode(token: str) -> dict[str, Any]:
+        raise RuntimeError("surprise")
+
+    monkeypatch.setattr(jwt, "get_unverified_header", explode)
+    refused("malformed_key", AuthKeyVerifier([SECRET]).verify, hs256({"sub": "n", "exp": NOW + 60}), now=NOW)
 
 
 def forge_hs256_with_key_bytes(key_bytes: bytes) -> str:
@@ -519,11 +596,79 @@ def test_foreign_node() -> None:
 def test_foreign_server_and_cross_server_issue() -> None:
     clock = Clock()
     a, b = tokens(clock, "srv-a"), tokens(clock, "srv-b")
+    clock.advance(VALIDATION_CLOCK_SKEW)  # srv-b has been up long enough to trust others' tokens
     # srv-a chooses srv-b as the least loaded server and issues a token for it.
     token, _ = a.issue("n", "srv-b")
     refused("foreign_token", a.redeem, token, "n")
     b.redeem(token, "n")
     refused("replayed_token", b.redeem, token, "n")
+
+
+def test_restart_refuses_a_token_the_previous_process_redeemed() -> None:
+    """A new process of the same server forgets what the old one redeemed, so
+    it refuses every token the old one could have seen, redeemed or not."""
+    clock = Clock()
+    clock.advance(1000)
+    before = tokens(clock)
+    redeemed, _ = before.issue("n", "srv-a")
+    unused, _ = before.issue("n", "srv-a")
+    before.redeem(redeemed, "n")
+    clock.advance(0.001)  # restarted at once: the tokens are far from expired
+    after = tokens(clock)
+    error = refused("expired_token", after.redeem, redeemed, "n")
+    assert "before this server started" in error.message
+    refused("expired_token", after.redeem, unused, "n")
+    fresh, _ = after.issue("n", "srv-a")  # its own tokens work at once
+    after.redeem(fresh, "n")
+
+
+def test_tokens_of_other_servers_count_from_start_plus_skew() -> None:
+    """A token another server minted for this one is trusted only when it was
+    issued at least VALIDATION_CLOCK_SKEW after this process started: with
+    clocks within that skew it cannot have reached an earlier process."""
+    clock = Clock()
+    clock.advance(1000)
+    other = tokens(clock, "srv-b")
+    this = tokens(clock, "srv-a")
+    clock.advance(VALIDATION_CLOCK_SKEW - 0.5)
+    early, _ = other.issue("n", "srv-a")
+    refused("expired_token", this.redeem, early, "n")
+    clock.advance(0.5)
+    token, _ = other.issue("n", "srv-a")
+    this.redeem(token, "n")
+    refused("replayed_token", this.redeem, token, "n")
+
+
+def signed_token(claims: dict[str, Any]) -> str:
+    payload = b64(json.dumps(claims).encode())
+    return f"{payload}.{b64(hmac.new(TOKEN_KEY, payload.encode(), hashlib.sha256).digest())}"
+
+
+def test_token_without_issue_time_counts_as_issued_a_full_ttl_before_expiry() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    vt = tokens(clock)
+    clock.advance(10)
+    # issued (by this rule) at 1000 + 10 + 59 - 60 = 1009 >= start + skew: accepted
+    vt.redeem(signed_token({"n": "n", "s": "srv-a", "e": clock.seconds() + 59, "j": "late"}), "n")
+    # issued at 1000 + 10 + 50 - 60 = 1000 < start + skew: refused
+    refused("expired_token", vt.redeem,
+            signed_token({"n": "n", "s": "srv-a", "e": clock.seconds() + 50, "j": "early"}), "n")
+
+
+def test_token_issued_in_the_future_or_with_a_bad_issue_time() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    vt = tokens(clock)
+    clock.advance(100)
+    now = clock.seconds()
+    future = {"n": "n", "s": "srv-a", "e": now + 30, "i": now + VALIDATION_CLOCK_SKEW + 1, "j": "f"}
+    refused("bad_token", vt.redeem, signed_token(future), "n")
+    for bad in ("x", True, [1], float("nan")):
+        refused("bad_token", vt.redeem, signed_token({"n": "n", "s": "srv-a", "e": now + 30, "i": bad, "j": "b"}),
+                "n")
+    refused("bad_token", vt.redeem, signed_token({"n": "n", "s": "srv-a", "e": now + 30, "i": now, "p": 7,
+                                                  "j": "b"}), "n")
 
 
 def test_other_cluster_key_refused() -> None:
