@@ -15,6 +15,7 @@ with an error frame and keep the connection open.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -33,6 +34,19 @@ MAX_FRAME_ID_LENGTH = 64
 #: server's encoder (``orjson.dumps``) refuses values nested more than about
 #: 250 levels, so deeper content could be accepted but never delivered.
 MAX_CONTENT_DEPTH = 128
+#: The integers a frame may hold anywhere (content and control arguments): what
+#: ``orjson`` reads exactly (int64 and uint64).  It reads a longer integer as a
+#: float without a word (2^64 became 1.8446744073709552e19), so such a frame is
+#: refused with ``bad_frame`` instead of being delivered changed.
+MIN_FRAME_INT = -(2**63)
+MAX_FRAME_INT = 2**64 - 1
+# Digits -> "0", every other byte -> " ".  An integer outside the range above has
+# at least 19 digits (JSON has no leading zeros), so a frame without a run of 19
+# digits needs no further look.  translate + find are two passes in C: measured
+# 0.3 us for a 114-byte frame (orjson.loads: 0.5 us) and 40 us for 60 KB of text
+# (orjson.loads: 20 us); a regular expression took 800 us for the 60 KB.
+_DIGIT_MASK = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_LONG_DIGIT_RUN = b"0" * 19
 MAX_SYNC_LIMIT = 1000
 DEFAULT_SYNC_LIMIT = 100
 
@@ -174,6 +188,8 @@ def parse_frame(data: bytes, is_binary: bool = False) -> Message | Control:
     if not isinstance(frame, dict):
         raise FrameError("bad_frame", "a frame must be a JSON object")
     frame_id = _frame_id(frame)
+    if _LONG_DIGIT_RUN in data.translate(_DIGIT_MASK):
+        _check_integers(data, frame_id)
     if not DEST_SET.isdisjoint(frame):
         # only a frame with that many brackets can nest that deep: the walk is
         # skipped for nearly every frame
@@ -183,6 +199,34 @@ def parse_frame(data: bytes, is_binary: bool = False) -> Message | Control:
             )
         return _parse_message(frame, frame_id)
     return _parse_control(frame, frame_id)
+
+
+class _IntegerOutOfRange(Exception):
+    """An integer literal outside ``MIN_FRAME_INT..MAX_FRAME_INT``."""
+
+
+def _exact_int(text: str) -> int:
+    value = int(text)
+    if not MIN_FRAME_INT <= value <= MAX_FRAME_INT:
+        raise _IntegerOutOfRange(text)
+    return value
+
+
+def _check_integers(data: bytes, frame_id: str | None) -> None:
+    """Refuse ``data`` (a frame ``orjson`` parsed, with a run of 19 or more
+    digits somewhere) when any integer literal in it lies outside
+    ``MIN_FRAME_INT..MAX_FRAME_INT``: it is read again by the standard
+    library's parser, which sees every integer literal exactly.  Only frames
+    with such a digit run (in a number or in a string) pay for it."""
+    try:
+        json.loads(data, parse_int=_exact_int)
+    except _IntegerOutOfRange:
+        raise FrameError(
+            "bad_frame", "integers must be from -2^63 to 2^64-1: a larger one would not arrive exactly", frame_id
+        ) from None
+    except (ValueError, RecursionError):  # over 4300 digits, or nesting the stdlib parser cannot follow
+        raise FrameError("bad_frame", "the frame holds a number or nesting too large to carry exactly",
+                         frame_id) from None
 
 
 def _nested_deeper(frame: dict[str, Any], limit: int) -> bool:

@@ -124,6 +124,46 @@ class ParseTests(unittest.SynchronousTestCase):
         # brackets inside strings and in ignored fields are not nesting
         parse_frame(b'{"dest_id":"bob","payload":"%s","extra":%s}' % (b"[" * 500, nested(300, "[", "]")))
 
+    def test_integers_beyond_64_bits_are_refused_not_turned_into_floats(self) -> None:
+        """orjson reads an integer outside int64/uint64 as a float, silently:
+        2^64 arrived as 1.8446744073709552e19.  Such a frame is bad_frame,
+        wherever the integer is."""
+        too_big = [2**64, -(2**63) - 1, 10**30, -(10**30), 2**64 + 1, 10**19 * 99]
+        for number in too_big:
+            text = str(number).encode()
+            for frame in (
+                b'{"dest_id":"bob","id":"i1","payload":%s}' % text,
+                b'{"dest_id":"bob","id":"i1","payload1":[1,"x",%s]}' % text,
+                b'{"dest_id":"bob","id":"i1","payload2":{"a":{"b":[{"c":%s}]}}}' % text,
+                b'{"dest_id":"bob","id":"i1","type":%s}' % text,
+                b'{"dest_id":"bob","id":"i1","payload":1,"extra":%s}' % text,  # even in a dropped field
+                b'{"op":"ack","id":"i1","upto":%s}' % text,
+                b'{"op":"sync","id":"i1","limit":%s}' % text,
+                b'{"op":"sync","id":"i1","after":%s,"session_id":"s"}' % text,
+            ):
+                error = self.refused(frame)
+                self.assertEqual(error.frame_id, "i1", frame)
+                self.assertIn("2^64", error.message)
+        self.refused(b'{"dest_id":"bob","payload":%s}' % (b"9" * 5000))  # past Python's int digit limit
+
+    def test_integers_within_64_bits_are_carried_exactly(self) -> None:
+        """Every integer orjson reads exactly (-2^63 .. 2^64-1) reaches the
+        recipient unchanged, at the edges too; digit runs in strings and
+        long fractions are no integers."""
+        for number in (2**64 - 1, 2**63, 2**63 - 1, -(2**63), 10**18, -(10**18), 0):
+            frame = b'{"dest_id":"bob","payload":{"n":[%d]},"payload1":%d}' % (number, number)
+            msg = parse_frame(frame)
+            assert isinstance(msg, Message)
+            delivered = addressed(delivery_body(msg, "alice", None, 1), "bob", 1)
+            self.assertIn(b'"payload":{"n":[%d]},"payload1":%d' % (number, number), delivered)
+        msg = parse_frame(b'{"dest_id":"bob","payload":"%s","payload1":1.%s5}' % (b"7" * 400, b"0" * 30))
+        assert isinstance(msg, Message)
+        self.assertEqual(msg.content, {"payload": "7" * 400, "payload1": 1.0})
+
+    def test_floats_beyond_double_range_are_refused(self) -> None:
+        for text in (b"1e400", b"-1e400", b"1E309", b"1" + b"0" * 400 + b".0"):
+            self.refused(b'{"dest_id":"bob","payload":%s}' % text)
+
 
 class OutputTests(unittest.SynchronousTestCase):
     def test_delivery_body_is_stamped_by_the_server(self) -> None:
