@@ -5,6 +5,9 @@ One small interface, :class:`Store`, with one contract test suite
 
 - ``memory``: a dict-backed store for unit tests and throwaway runs;
 - ``sqlite``: the embedded default (WAL, one transaction per reactor turn);
+- ``postgresql``: servers on several hosts sharing one database (psycopg
+  through ``twisted.enterprise.adbapi``, one transaction per batch), an
+  optional extra imported only when asked for;
 - ``mongodb``: txmongo, an optional extra, imported only when asked for.
 
 Every method returns a :class:`~twisted.internet.defer.Deferred`.  Operations
@@ -358,8 +361,9 @@ def open_store(url: str, reactor: Any) -> Store:
     ``reactor`` is the one the store schedules on (threads, timers).
 
     ``memory:`` (or ``memory://``), ``sqlite:///absolute/path.db`` or
-    ``sqlite:relative.db``, ``mongodb://...``.  Raises ``ValueError`` for
-    anything else.
+    ``sqlite:relative.db``, ``postgresql://user@host:port/db`` (or
+    ``postgres://``, any libpq URL), ``mongodb://...``.  Raises
+    ``ValueError`` for anything else.
     """
     if url in ("memory:", "memory://", "memory"):
         from allspark.store.memory import MemoryStore
@@ -380,4 +384,10 @@ def open_store(url: str, reactor: Any) -> Store:
         from allspark.store.mongo import MongoStore
 
         return MongoStore(url, reactor)
-    raise ValueError(f"unknown store URL {url!r}: use sqlite:///path, memory: or mongodb://")
+    if url.startswith(("postgresql://", "postgres://")):
+        from allspark.store.postgres import PostgresStore
+
+        return PostgresStore(url, reactor)
+    raise ValueError(
+        f"unknown store URL {url!r}: use sqlite:///path, memory:, postgresql://... or mongodb://"
+    )

@@ -45,6 +45,7 @@ from allspark.store import (
     open_store,
 )
 from allspark.store.memory import MemoryStore
+from tests.store.postgres_cluster import database_for
 from tests.fakes import FakeConnection
 from tests.store import seq_writer
 
@@ -832,6 +833,19 @@ class MongoContractTests(StoreContract, TestCase):
         return store
 
 
+
+class PostgresContractTests(StoreContract, TestCase):
+    """The contract against :class:`~allspark.store.postgres.PostgresStore`:
+    a new database per test on the throwaway cluster this test run starts
+    (``tests/store/postgres_cluster.py``)."""
+
+    async def make_store(self) -> Store:
+        self.url = database_for(self)
+        return open_store(self.url, reactor)
+
+    def shared_url(self) -> str | None:
+        return self.url
+
 # -- SQLite only ----------------------------------------------------------------------
 
 
@@ -1191,9 +1205,18 @@ class OpenStoreTests(TestCase):
         self.assertEqual(open_store("sqlite:data/a.db", reactor).path, "data/a.db")
 
     def test_bad_urls(self) -> None:
-        for url in ("sqlite:", "sqlite://host/a.db", "sqlite:///", "postgres://x/y", "", "mem"):
+        for url in ("sqlite:", "sqlite://host/a.db", "sqlite:///", "mysql://x/y", "postgresql:", "", "mem"):
             with self.assertRaises(ValueError, msg=url):
                 open_store(url, reactor)
+
+    def test_postgresql(self) -> None:
+        """postgresql:// and postgres:// URLs build (without connecting) the PostgreSQL store."""
+        from allspark.store.postgres import PostgresStore
+
+        for url in ("postgresql://allspark@db.example:5432/chat", "postgres://u:pw@h/db?sslmode=require"):
+            store = open_store(url, reactor)
+            self.assertIsInstance(store, PostgresStore)
+            self.assertEqual(store.url, url)
 
     def test_mongodb(self) -> None:
         """The MongoDB store is built lazily; the database comes from the path."""
