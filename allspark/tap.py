@@ -50,7 +50,7 @@ class Options(usage.Options):
                                       "or a URL such as wss://chat.example.com"],
         ["log_level", None, "info", "debug, info, warn or error"],
         ["store", None, None, "sqlite:///path/allspark.db (default: allspark.db in --data-dir), "
-                              "memory:, or mongodb://host/db"],
+                              "memory:, postgresql://user@host:port/db, or mongodb://host/db"],
         ["data-dir", None, "data", "directory for the default SQLite store and the identity claim"],
         ["server-id", None, None, "this server's node_id (default: host_address:port)"],
         ["auth-secret-file", None, None, "file of auth secrets, one per line, first one current "
