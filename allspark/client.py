@@ -12,14 +12,15 @@ What it does for you:
   to the ``ws_url`` it is given;
 - an ``id`` on every frame it sends, so each answer (``accepted``, ``acked``,
   ``synced``, ``error``...) fires the Deferred of the request it answers;
-- sync on connect: everything the node has not acked is fetched, page by page;
+- sync on connect: one ``sync`` brings everything the node has not acked,
+  its inbox and then every session it is a member of, each part ending with
+  its own ``synced`` and the whole with ``sync_done``;
 - de-duplication: a message whose ``seq`` was already handed to the app (live
   and again by a sync) is dropped;
 - automatic acks of what was handed to the app, batched (``ack_delay``);
 - sessions: :meth:`Client.create_session`, :meth:`Client.join_session`,
-  :meth:`Client.unjoin_session`, :meth:`Client.session_info`, ...; on connect
-  every session the node belongs to is synced too (``my_sessions``).  A
-  session broadcast carries ``session_seq`` (its place in the session stream),
+  :meth:`Client.unjoin_session`, :meth:`Client.session_info`, ...; the sync
+  on connect brings what every session sent meanwhile.  A session broadcast carries ``session_seq`` (its place in the session stream),
   de-duplicated and acked per session; a private message inside a session
   carries the inbox ``seq`` like any direct message;
 - user-wide sends (``send(dest_client_id=...)``): every device of that user
@@ -52,7 +53,7 @@ MAX_STALLED_PAGES = 200
 
 #: Answers the server sends to a request, matched by the request's id.
 ANSWER_OPS = frozenset({"accepted", "acked", "synced", "error", "pong", "session", "member",
-                        "left", "revealed", "master", "sessions"})
+                        "left", "revealed", "master", "sessions", "sync_done"})
 
 
 class AllsparkError(Exception):
@@ -139,6 +140,8 @@ class Client:
         self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
         self._hello: Deferred[dict[str, Any]] = Deferred()
         self._pending: dict[str, Deferred[dict[str, Any]]] = {}
+        # ids of full syncs in progress: their synced frames are parts, not answers
+        self._full_syncs: set[str] = set()
         self._counter = 0
         self._id_prefix = f"c-{secrets.token_hex(4)}-"
         self.received = 0
@@ -270,11 +273,19 @@ class Client:
         stream.acked = max(stream.acked, member.get("acked_seq", 0))
 
     async def sync(self, session_id: str | None = None, limit: int = 500) -> int:
-        """Fetch everything not yet handed over, page by page, into
-        :attr:`messages`; how many new messages arrived.
+        """Fetch everything not yet handed over into :attr:`messages`; how
+        many new messages arrived.
+
+        Without ``session_id``: one full ``sync``, the inbox after what was
+        handed over and then every session with rows past this member's
+        cursor; each part's ``synced`` moves that stream's position, and
+        ``sync_done`` ends it.  With ``session_id``: that session, page by
+        page (``limit`` rows each).
 
         A ``synced`` frame that reports a gap (messages removed by retention
         before this node acked them) is recorded in :attr:`gaps`."""
+        if session_id is None:
+            return await self._sync_everything(limit)
         stream = self._stream(session_id)
         received = self.received
         stalled = 0
@@ -288,12 +299,7 @@ class Client:
             if session_id is not None:
                 frame["session_id"] = session_id
             synced = await self.request(frame)
-            if "gap" in synced:
-                gap = dict(synced["gap"])
-                if session_id is not None:
-                    gap["session_id"] = session_id
-                self.gaps.append(gap)
-            stream.skip_to(synced["upto"])
+            self._synced(synced)
             if not synced["more"]:
                 return self.received - received
             if after is not None and synced["upto"] <= after:
@@ -306,6 +312,31 @@ class Client:
             else:
                 stalled = 0
             after = synced["upto"]
+
+    async def _sync_everything(self, limit: int) -> int:
+        received = self.received
+        frame_id = self._next_id()
+        self._full_syncs.add(frame_id)
+        try:
+            await self.request({"op": "sync", "after": self._stream(None).watermark, "limit": limit,
+                                "id": frame_id})
+        finally:
+            self._full_syncs.discard(frame_id)
+        return self.received - received
+
+    def _synced(self, synced: dict[str, Any]) -> None:
+        """A ``synced`` frame (a page, or a part of a full sync): everything
+        up to its ``upto`` was written before it; record a gap."""
+        session_id = synced.get("session_id")
+        if "gap" in synced:
+            gap = dict(synced["gap"])
+            if session_id is not None:
+                gap["session_id"] = session_id
+            self.gaps.append(gap)
+        stream = self._stream(session_id)
+        stream.skip_to(synced["upto"])
+        if self.auto_ack and stream.watermark > stream.acked:
+            self._schedule_ack()
 
     # -- receiving --------------------------------------------------------
     def next_message(self, timeout: float = 10.0) -> Deferred[dict[str, Any]]:
@@ -336,6 +367,9 @@ class Client:
             # the owner added this node: its stream cursor starts where it joined
             self._joined(frame["session_id"], frame["member"])
         frame_id = frame.get("id")
+        if op == "synced" and frame_id in self._full_syncs:
+            self._synced(frame)  # one part of a full sync; sync_done answers it
+            return
         if op in ANSWER_OPS and frame_id in self._pending:
             d = self._pending.pop(frame_id)
             if op == "error":
@@ -353,10 +387,15 @@ class Client:
         if seq is not None:
             if not stream.accept(seq):
                 return
-            if self.auto_ack and self._ack_call is None:
-                self._ack_call = self.reactor.callLater(self.ack_delay, self._auto_ack)
+            if self.auto_ack:
+                self._schedule_ack()
         self.received += 1
         self.messages.put(frame)
+
+    def _schedule_ack(self) -> None:
+        """Ack what was handed over ``ack_delay`` s from now (batched)."""
+        if self._ack_call is None:
+            self._ack_call = self.reactor.callLater(self.ack_delay, self._auto_ack)
 
     def _auto_ack(self) -> None:
         self._ack_call = None
@@ -440,6 +479,5 @@ async def connect(
     client = await open_socket(reactor, info["node"]["ws_url"], **options)
     if sync:
         await client.sync()
-        await client.sync_sessions()
     return client
 

@@ -18,6 +18,7 @@ The rules (``docs/protocol.md`` has the user-facing version):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -33,6 +34,10 @@ from allspark.store import AppendResult, InboxFull, InboxPage, InboxQuota, Store
 log = logger(__name__)
 
 DAY_MS = 86_400_000
+
+#: Bytes of stored messages one sync reads from the store at once, counted
+#: at the largest message size (``--max-message-size``): 16 rows of 64 KiB.
+SYNC_FETCH_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -143,16 +148,29 @@ class Inbox:
                 send(node_id, addressed(body, node_id, seq))
         return result.answer
 
-    async def sync(self, conn: Connection, after: int, limit: int, max_queued: int) -> dict[str, Any]:
-        """Send ``conn`` up to ``limit`` stored messages after ``after``.
+    async def sync(
+        self, conn: Connection, after: int, limit: int, max_queued: int, rows: int | None = None
+    ) -> dict[str, Any]:
+        """Send ``conn`` up to ``limit`` stored messages after ``after``,
+        read from the store ``rows`` at a time (default: all at once).
 
         Stops early when the connection's send queue holds more than
         ``max_queued`` bytes, so that a sync never overflows a slow reader.
         Returns the ``synced`` frame (not yet sent).
         """
-        page: InboxPage = await self.store.fetch_inbox(conn.node_id, after, limit)
-        check_cursor("after", after, page.last_seq, "this inbox")
-        return send_page(conn, page, after, max_queued, {}, limit=limit)
+        return await write_rows(
+            conn, partial(self.store.fetch_inbox, conn.node_id), after, limit=limit,
+            rows=rows or limit, max_queued=max_queued, where="this inbox",
+        )
+
+    async def sync_all(self, conn: Connection, after: int, rows: int, max_queued: int) -> dict[str, Any]:
+        """Send ``conn`` every stored message after ``after``, read from the
+        store ``rows`` at a time; while more than ``max_queued`` bytes wait
+        for the socket, wait for it to drain.  Returns the ``synced`` frame."""
+        return await write_rows(
+            conn, partial(self.store.fetch_inbox, conn.node_id), after, limit=None,
+            rows=rows, max_queued=max_queued, where="this inbox",
+        )
 
     async def ack(self, node_id: str, upto: int) -> dict[str, Any]:
         """Delete ``node_id``'s inbox up to ``upto``; the ``acked`` frame.
@@ -194,6 +212,93 @@ def check_cursor(name: str, value: int, last_seq: int, where: str) -> None:
     """Refuse (``bad_cursor``) a cursor beyond the last seq ever assigned."""
     if value > last_seq:
         raise FrameError("bad_cursor", f"{name} {value} is beyond the last seq of {where} ({last_seq})")
+
+
+def fetch_rows(limit: int, max_message_size: int) -> int:
+    """How many rows a sync reads from the store at once: at most ``limit``,
+    and no more than :data:`SYNC_FETCH_BYTES` worth of the largest message."""
+    return max(1, min(limit, SYNC_FETCH_BYTES // max(1, max_message_size)))
+
+
+async def write_rows(
+    conn: Connection,
+    fetch: Callable[[int, int], Deferred[InboxPage]],
+    after: int,
+    *,
+    limit: int | None,
+    rows: int,
+    max_queued: int,
+    extra: dict[str, Any] | None = None,
+    splice: Callable[[bytes, int], bytes] | None = None,
+    where: str | None = None,
+) -> dict[str, Any]:
+    """Write stored rows after ``after`` to ``conn``; their ``synced`` frame.
+
+    ``fetch(after, n)`` reads up to ``n`` rows (an inbox or a member's view of
+    a session stream); it is called with at most ``rows`` at a time, so a
+    sync holds at most one such batch in memory.  ``splice`` makes a stored
+    body the frame to send (by default: addressed to ``conn``'s node with its
+    inbox ``seq``); ``extra`` fields (a ``session_id``) go into ``synced``.
+    ``where`` names the stream for a ``bad_cursor`` refusal of an ``after``
+    beyond its last seq (None: not checked).
+
+    Two ways to respect the socket's bound (more than ``max_queued`` bytes
+    waiting for it):
+
+    - ``limit`` given (one page): at most ``limit`` messages; the page stops
+      early when the socket is behind, and ``synced`` says ``more``;
+    - ``limit`` None (everything): the sync waits until the socket has
+      drained to half of ``max_queued``, then goes on, until the stream's end
+      (``more`` is false).  A connection that closes meanwhile fails the wait
+      (:meth:`Connection.when_drained`).
+    """
+    if splice is None:
+        node_id = conn.node_id
+
+        def splice(body: bytes, seq: int) -> bytes:
+            return addressed(body, node_id, seq)
+
+    cursor = after
+    sent = 0
+    gap_upto = 0
+    page: InboxPage | None = None
+    while True:
+        want = rows if limit is None else min(rows, limit - sent)
+        if want <= 0:
+            break
+        if conn.queued_bytes > max_queued and page is not None:
+            if limit is not None:
+                break
+            await conn.when_drained(max_queued // 2)
+        page = await fetch(cursor, want)
+        if where is not None and sent == 0 and cursor == after:
+            check_cursor("after", after, page.last_seq, where)
+        if cursor < page.purged_upto:
+            gap_upto = max(gap_upto, page.purged_upto)
+        stopped = False
+        for message in page.messages:
+            if conn.queued_bytes > max_queued:
+                if limit is not None:
+                    stopped = True
+                    break
+                await conn.when_drained(max_queued // 2)
+            conn.send(splice(message.body, message.seq))
+            cursor = message.seq
+            sent += 1
+        if stopped:
+            break
+        cursor = max(cursor, page.scanned_upto)
+        if len(page.messages) < want:
+            # the end of what is stored: nothing left up to last_seq (rows
+            # were acked, or are this member's own)
+            cursor = max(cursor, page.last_seq)
+            break
+    assert page is not None
+    synced: dict[str, Any] = {"op": "synced", **(extra or {}), "upto": cursor,
+                              "more": cursor < page.last_seq, "last_seq": page.last_seq}
+    if gap_upto:
+        synced["gap"] = {"after": after, "upto": gap_upto}
+    return synced
 
 
 def send_page(

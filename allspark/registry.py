@@ -8,7 +8,10 @@ The registry knows nothing about sockets: a connection is anything with the
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 
 class Connection(Protocol):
@@ -24,6 +27,12 @@ class Connection(Protocol):
     @property
     def queued_bytes(self) -> int:
         """Bytes accepted by :meth:`send` and not yet handed to the kernel."""
+
+    def when_drained(self, below: int) -> Deferred[None]:
+        """Fires once at most ``below`` bytes wait in the send queue (at once
+        when that is already so); fails with
+        :class:`~twisted.internet.error.ConnectionDone` if the connection
+        closes first."""
 
 
 class Registry:

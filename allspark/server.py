@@ -19,13 +19,14 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from allspark.logs import logger
 
 from allspark.auth import AuthKeyVerifier, ValidationTokens
-from allspark.envelope import DEFAULT_SYNC_LIMIT, Control, FrameError
-from allspark.inbox import DeliveryConfig, Inbox, now_ms
+from allspark.envelope import DEFAULT_SYNC_LIMIT, Control, FrameError, encode
+from allspark.inbox import DeliveryConfig, Inbox, fetch_rows, now_ms
 from allspark.registry import Registry
 from allspark.router import Router
 from allspark.store import Store
@@ -78,6 +79,8 @@ class Server:
         self.sessions: Any = None
         self.draining = False
         self.started_at = now_ms(clock)
+        # connections with a sync being answered (one at a time each)
+        self._syncing: set[Any] = set()
 
     # -- connections ------------------------------------------------------
     def on_connected(self, conn: "ClientProtocol") -> None:
@@ -97,17 +100,51 @@ class Server:
         if op == "ping":
             return {"op": "pong", "timestamp": now_ms(self.clock)}
         if op == "sync":
-            limit = args.get("limit", DEFAULT_SYNC_LIMIT)
-            after = args.get("after", 0)
-            max_queued = self.config.limits.max_queue_bytes // 2
-            if "session_id" in args:
-                return await self._sessions().sync(conn, args["session_id"], args.get("after"), limit, max_queued)
-            return await self.inbox.sync(conn, after, limit, max_queued)
+            return await self._sync(conn, frame)
         if op == "ack":
             if "session_id" in args:
                 return await self._sessions().ack(conn.sender, args["session_id"], args["upto"])
             return await self.inbox.ack(conn.node_id, args["upto"])
         return await self._sessions().control(conn.sender, frame)
+
+    async def _sync(self, conn: "ClientProtocol", frame: Control) -> dict[str, Any] | None:
+        """Answer ``sync``; at most one per connection at a time (another one
+        meanwhile is refused with ``sync_in_progress``).
+
+        With ``session_id``: one page of that session's stream (``synced``,
+        ``more`` when it stopped early).  Without: everything the node
+        missed, in parts: its inbox after ``after``, then every session with
+        rows past the member's cursor, each part ending with its ``synced``
+        (with ``session_id`` for sessions; all carry the request's ``id``),
+        and the answer is ``sync_done``.  It waits for a socket that is
+        behind to drain instead of stopping (see :func:`allspark.inbox.write_rows`);
+        a connection that closes meanwhile ends it without an answer.
+        """
+        if conn in self._syncing:
+            raise FrameError("sync_in_progress",
+                             "this connection's previous sync is still being answered: wait for its answer")
+        self._syncing.add(conn)
+        try:
+            args = frame.args
+            limits = self.config.limits
+            limit = args.get("limit", DEFAULT_SYNC_LIMIT)
+            max_queued = limits.max_queue_bytes // 2
+            rows = fetch_rows(limit, limits.max_message_size)
+            if "session_id" in args:
+                return await self._sessions().sync(conn, args["session_id"], args.get("after"), limit,
+                                                   max_queued, rows)
+            synced = await self.inbox.sync_all(conn, args.get("after", 0), rows, max_queued)
+            if frame.id is not None:
+                synced["id"] = frame.id
+            conn.send(encode(synced))
+            parts = 0
+            if self.sessions is not None:
+                parts = await self.sessions.sync_all(conn, rows, max_queued, frame.id)
+            return {"op": "sync_done", "upto": synced["upto"], "sessions": parts}
+        except ConnectionDone:
+            return None  # nobody to answer
+        finally:
+            self._syncing.discard(conn)
 
     def _sessions(self) -> Any:
         if self.sessions is None:

@@ -90,7 +90,7 @@ from allspark.envelope import (
     encode,
 )
 from allspark.ids import new_id
-from allspark.inbox import check_cursor, now_ms, send_page
+from allspark.inbox import check_cursor, now_ms, write_rows
 from allspark.logs import logger
 from allspark.registry import Connection
 from allspark.router import Sender, accepted_frame
@@ -613,20 +613,47 @@ class Sessions:
         return _answer_with_session_seq(result.answer, seq)
 
     async def sync(
-        self, conn: Connection, session_id: str, after: int | None, limit: int, max_queued: int
+        self, conn: Connection, session_id: str, after: int | None, limit: int, max_queued: int,
+        rows: int | None = None,
     ) -> dict[str, Any]:
         """Send ``conn`` up to ``limit`` stream rows after ``after`` (default:
-        the member's acked cursor), each with ``session_seq``; the ``synced``
-        frame with ``session_id``."""
+        the member's acked cursor), each with ``session_seq``, read from the
+        store ``rows`` at a time (default: all at once); the ``synced`` frame
+        with ``session_id``.  Stops early (``more``) while more than
+        ``max_queued`` bytes wait for the socket."""
         sender = Sender(conn.node_id, conn.client_id)
         _, me = await self._membership(sender, session_id)
         if after is None:
             after = me.acked_seq
-        page = await self.store.fetch_session(session_id, conn.node_id, max(after, me.joined_seq), limit)
-        check_cursor("after", after, page.last_seq, f"session {session_id!r}")
-        after = max(after, me.joined_seq)
-        return send_page(conn, page, after, max_queued, {"session_id": session_id},
-                         splice=with_session_seq, limit=limit)
+        # (an after below joined_seq starts there; one above it is checked as is)
+        return await write_rows(
+            conn, partial(self.store.fetch_session, session_id, conn.node_id), max(after, me.joined_seq),
+            limit=limit, rows=rows or limit, max_queued=max_queued, extra={"session_id": session_id},
+            splice=with_session_seq, where=f"session {session_id!r}",
+        )
+
+    async def sync_all(self, conn: Connection, rows: int, max_queued: int, frame_id: str | None) -> int:
+        """The sessions' part of a full ``sync``: for every session ``conn``'s
+        node is a member of with rows past its cursor (its acked seq, or
+        where it joined), write those rows and then their ``synced`` frame
+        (with ``session_id`` and ``frame_id``), waiting for the socket to
+        drain while it is behind.  How many sessions had rows."""
+        parts = 0
+        memberships = sorted(await self.store.sessions_of_node(conn.node_id), key=lambda m: m.session_id)
+        for m in memberships:
+            after = max(m.acked_seq, m.joined_seq)
+            synced = await write_rows(
+                conn, partial(self.store.fetch_session, m.session_id, conn.node_id), after, limit=None,
+                rows=rows, max_queued=max_queued, extra={"session_id": m.session_id},
+                splice=with_session_seq,
+            )
+            if synced["last_seq"] <= after and "gap" not in synced:
+                continue  # nothing past the cursor
+            if frame_id is not None:
+                synced["id"] = frame_id
+            conn.send(encode(synced))
+            parts += 1
+        return parts
 
     async def ack(self, sender: Sender, session_id: str, upto: int) -> dict[str, Any]:
         """Move the member's cursor up to ``upto`` (never down); the ``acked``

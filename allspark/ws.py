@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -76,6 +77,8 @@ class ClientProtocol(WebSocketServerProtocol):
         self._tokens = -1.0  # a full bucket at the first frame (see _take_token)
         self._refilled = 0.0
         self._refusal: tuple[str, str] | None = None
+        # (bytes, Deferred): fired once the send queue holds at most that many
+        self._drain_waiters: list[tuple[int, Deferred[None]]] = []
 
     # -- handshake ----------------------------------------------------------
     def onConnect(self, request: ConnectionRequest) -> None:
@@ -169,6 +172,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self._unregister()
         self._queue.clear()
         self._queued = 0
+        self._fail_drain_waiters()
 
     def _unregister(self) -> None:
         """Leave the registry once: nothing is routed to this connection any more."""
@@ -245,9 +249,21 @@ class ClientProtocol(WebSocketServerProtocol):
         return self._queued
 
     def send(self, frame: bytes) -> None:
-        """Write ``frame`` now, or queue it while the transport is full."""
+        """Write ``frame`` now, or queue it while the transport is full.
+
+        A frame over ``max_message_size`` is never sent (a client may not be
+        able to take it): the server refuses messages whose delivered copy
+        would be larger, and pages answers, so only a row stored under a
+        larger limit can get here; it is logged and replaced by a
+        ``too_large`` error frame, so that nothing behind it is held up."""
         if self.state != WebSocketServerProtocol.STATE_OPEN:
             return
+        limit = self.factory.limits.max_message_size
+        if len(frame) > limit:
+            log.error("not sending {size} bytes to {node_id}: over the frame limit of {limit}",
+                      size=len(frame), node_id=self.node_id, limit=limit)
+            frame = error_frame("too_large", f"a frame of {len(frame)} bytes for you was over the "
+                                f"limit of {limit} bytes and was not sent")
         if not self._paused and not self._queue:
             self.sendMessage(frame)
             return
@@ -264,6 +280,7 @@ class ClientProtocol(WebSocketServerProtocol):
         )
         self._queue.clear()
         self._queued = 0
+        self._fail_drain_waiters()
         # nothing more is routed here: later messages are stored (or, when
         # ephemeral, reported as dropped) instead of vanishing into a socket
         # that is closing
@@ -282,10 +299,37 @@ class ClientProtocol(WebSocketServerProtocol):
             frame = queue.popleft()
             self._queued -= len(frame)
             self.sendMessage(frame)
+        if self._drain_waiters:
+            self._wake_drain_waiters()
 
     def stopProducing(self) -> None:
         self._queue.clear()
         self._queued = 0
+        self._fail_drain_waiters()
+
+    def when_drained(self, below: int) -> Deferred[None]:
+        """Fires once at most ``below`` bytes wait in the send queue (at once
+        when that is already so); fails with :class:`ConnectionDone` when
+        the connection closes or overflows first.  A sync that must not
+        outrun its reader waits on it."""
+        if self._queued <= below:
+            return succeed(None)
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return fail(ConnectionDone("the connection closed"))
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append((below, d))
+        return d
+
+    def _wake_drain_waiters(self) -> None:
+        ready = [d for below, d in self._drain_waiters if self._queued <= below]
+        self._drain_waiters = [(b, d) for b, d in self._drain_waiters if self._queued > b]
+        for d in ready:
+            d.callback(None)
+
+    def _fail_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for _, d in waiters:
+            d.errback(ConnectionDone("the connection closed"))
 
     def going_away(self, reason: str) -> None:
         """Close with 1001 (going away), which Autobahn's ``sendClose`` does

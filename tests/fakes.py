@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from twisted.internet.defer import Deferred, succeed
 
 
 class FakeConnection:
@@ -22,6 +23,9 @@ class FakeConnection:
     @property
     def queued_bytes(self) -> int:
         return 0
+
+    def when_drained(self, below: int) -> Deferred[None]:
+        return succeed(None)
 
     def decoded(self) -> list[dict[str, Any]]:
         """Every frame sent, parsed."""

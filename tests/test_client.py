@@ -95,6 +95,7 @@ class DeduplicationTests(ClientTestCase):
         for seq in (1, 2, 3, 4):
             self.deliver(seq)
         self.answer(op="synced", upto=4, more=False, last_seq=4)
+        self.answer(op="sync_done", upto=4, sessions=0)
         self.assertEqual(self.successResultOf(d), 3)
         self.assertEqual(self.handed(), [4, 1, 2, 3])
 
@@ -110,6 +111,7 @@ class DeduplicationTests(ClientTestCase):
         for seq in (5, 6):
             self.deliver(seq)
         self.answer(op="synced", upto=6, more=False, last_seq=6)
+        self.answer(op="sync_done", upto=6, sessions=0)
         self.successResultOf(d)
         self.assertEqual(self.handed(), [6])
 
@@ -163,35 +165,61 @@ class ManualAckTests(ClientTestCase):
 class SyncTests(ClientTestCase):
     auto_ack = False
 
-    def test_pages_until_more_is_false(self) -> None:
-        d = defer.ensureDeferred(self.client.sync(limit=2))
+    def deliver_row(self, session_id: str, session_seq: int) -> None:
+        self.client._frame({"src_id": "alice", "payload": session_seq, "session_seq": session_seq,
+                            "dest_session_id": session_id})
+
+    def test_a_session_pages_until_more_is_false(self) -> None:
+        self.client._joined("s1", {"joined_seq": 0, "acked_seq": 0})
+        d = defer.ensureDeferred(self.client.sync("s1", limit=2))
         for upto, more in ((2, True), (4, True), (5, False)):
             request = self.proto.sent[-1]
-            self.assertEqual((request["op"], request["limit"]), ("sync", 2))
-            for seq in range(request["after"] + 1, upto + 1):
-                self.deliver(seq)
-            self.answer(op="synced", upto=upto, more=more, last_seq=5)
+            self.assertEqual((request["op"], request["limit"], request["session_id"]), ("sync", 2, "s1"))
+            for seq in range(request.get("after", 0) + 1, upto + 1):
+                self.deliver_row("s1", seq)
+            self.answer(op="synced", session_id="s1", upto=upto, more=more, last_seq=5)
         self.assertEqual(self.successResultOf(d), 5)
-        self.assertEqual([f["after"] for f in self.proto.sent], [0, 2, 4])
-        self.assertEqual(self.handed(), [1, 2, 3, 4, 5])
+        self.assertEqual([f.get("after") for f in self.proto.sent], [None, 2, 4])
+        self.assertEqual(len(self.client.messages.pending), 5)
+
+    def test_one_sync_brings_the_inbox_and_every_session_part(self) -> None:
+        d = defer.ensureDeferred(self.client.sync())
+        request = self.proto.sent[-1]
+        self.assertEqual((request["op"], request["after"]), ("sync", 0))
+        self.assertNotIn("session_id", request)
+        self.deliver(1)
+        self.answer(op="synced", upto=1, more=False, last_seq=1)
+        self.deliver_row("s1", 4)  # rows 1-3 were acked before, or are this node's own
+        self.answer(op="synced", session_id="s1", upto=5, more=False, last_seq=5)
+        self.deliver_row("s2", 1)
+        self.answer(op="synced", session_id="s2", upto=1, more=False, last_seq=1)
+        self.assertNoResult(d)  # the parts do not answer the request
+        self.deliver_row("s1", 4)  # a live copy of something synced: a duplicate
+        self.answer(op="sync_done", upto=1, sessions=2)
+        self.assertEqual(self.successResultOf(d), 3)
+        self.assertEqual({k: v.watermark for k, v in self.client._streams.items()},
+                         {None: 1, "s1": 5, "s2": 1})
+        self.assertEqual(len(self.proto.sent), 1)  # one request: no my_sessions, no per-session sync
 
     def test_a_gap_is_recorded_and_skipped(self) -> None:
         d = defer.ensureDeferred(self.client.sync())
         self.deliver(6)
         self.answer(op="synced", upto=6, more=False, last_seq=6, gap={"after": 0, "upto": 5})
+        self.answer(op="sync_done", upto=6, sessions=0)
         self.successResultOf(d)
         self.assertEqual(self.client.gaps, [{"after": 0, "upto": 5}])
         self.deliver(3)  # a late copy from below the gap is not handed over
         self.assertEqual(self.handed(), [6])
 
     def test_a_page_without_progress_waits_then_retries_and_gives_up_bounded(self) -> None:
-        d = defer.ensureDeferred(self.client.sync())
-        self.answer(op="synced", upto=0, more=True, last_seq=3)  # the server's queue is full
+        self.client._joined("s1", {"joined_seq": 2, "acked_seq": 2})
+        d = defer.ensureDeferred(self.client.sync("s1"))
+        self.answer(op="synced", session_id="s1", upto=2, more=True, last_seq=3)  # the server's queue is full
         self.assertEqual(len(self.proto.sent), 1)  # it waits before asking again
         self.clock.advance(0.05)
         self.assertEqual(len(self.proto.sent), 2)
         for _ in range(MAX_STALLED_PAGES):
-            self.answer(op="synced", upto=0, more=True, last_seq=3)
+            self.answer(op="synced", session_id="s1", upto=2, more=True, last_seq=3)
             self.clock.advance(0.05)
         failure = self.failureResultOf(d, AllsparkError)
         self.assertEqual(failure.value.code, "sync_stalled")

@@ -143,3 +143,94 @@ def run_to_exit(data_dir: str, port: int, *args: str, timeout: float = 20.0) -> 
            f"--data-dir={data_dir}", *args]
     return subprocess.run(cmd, env=env, cwd=data_dir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           timeout=timeout)
+
+
+def raw_socket(server: ServerProcess, auth_key: str, rcvbuf: int | None = None,
+               timeout: float = IO_TIMEOUT) -> socket.socket:
+    """An open WebSocket to ``server`` for ``auth_key`` over a plain socket,
+    after pre-connection and the opening handshake, with nothing read past
+    the 101 answer.  ``rcvbuf`` shrinks the kernel's receive buffer (set
+    before connecting), for a client that reads slowly or never.  The caller
+    closes it."""
+    info = pre_connect(server, {"auth_key": auth_key}).json()
+    path = ws_path_and_query(info["node"]["ws_url"])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall((
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode())
+    head = b""
+    for _ in range(10_000):  # byte by byte: leave the first frame in the kernel buffer
+        if head.endswith(b"\r\n\r\n"):
+            break
+        byte = sock.recv(1)
+        if not byte:
+            break
+        head += byte
+    if not head.startswith(b"HTTP/1.1 101"):
+        sock.close()
+        raise AssertionError(f"handshake refused: {head[:200]!r}")
+    return sock
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """``payload`` as one masked WebSocket text frame, as a client sends it."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        head = bytes([0x81, 0x80 | length])
+    elif length < 65536:
+        head = bytes([0x81, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/<pid>/status`` (``VmRSS``, ``VmHWM``)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def ws_read_frames(sock: socket.socket, done: Callable[[list[bytes]], bool],
+                   timeout: float = 30.0) -> list[bytes]:
+    """Read the server's (unmasked) frames from ``sock`` until ``done(frames)``
+    is true; their payloads.  Raises ``AssertionError`` after ``timeout`` s
+    or when the server closes the connection first."""
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    frames: list[bytes] = []
+    for _ in range(1_000_000):
+        while len(buffer) >= 2:
+            length, start = buffer[1] & 0x7F, 2
+            if length == 126:
+                length, start = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                length, start = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < start + length:
+                break
+            frames.append(buffer[start:start + length])
+            buffer = buffer[start + length:]
+        if done(frames):
+            return frames
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(1 << 20)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        buffer += chunk
+    raise AssertionError(f"not done after {len(frames)} frames: {[f[:80] for f in frames[-3:]]}")

@@ -258,6 +258,14 @@ class BadCursorTests(unittest.TestCase):
             self.fail(f"{frame} was answered with {answer}")
         self.assertEqual((await client.ping())["op"], "pong")
 
+    async def full_sync(self, client: Client, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send a sync without session_id as a raw request: its first part
+        (the inbox's ``synced``) answers it; wait for its ``sync_done``."""
+        synced = await client.request(frame)
+        done = await client.next_event()
+        self.assertEqual((done["op"], done["id"]), ("sync_done", synced["id"]))
+        return synced
+
     async def test_bad_sync_and_ack_cursors(self) -> None:
         await meet(self, self.server, "bob-phone")
         alice = await client_for(self, self.server, "alice-laptop")
@@ -277,15 +285,15 @@ class BadCursorTests(unittest.TestCase):
         await self.expect_error(bob, {"op": "sync", "after": 4}, "bad_cursor")
         await self.expect_error(bob, {"op": "sync", "after": 2**62}, "bad_cursor")
         # nothing was deleted by the refused acks
-        synced = await bob.request({"op": "sync", "after": 0, "limit": 1000})
+        synced = await self.full_sync(bob, {"op": "sync", "after": 0, "limit": 1000})
         self.assertEqual((synced["upto"], synced["more"], synced["last_seq"]), (3, False, 3))
         # an integer JSON cannot even hold is a frame error without an id
         bob.send_raw('{"op": "ack", "upto": 1' + "0" * 40 + ', "id": "huge"}')
         event = await bob.next_event()
         self.assertEqual((event["op"], event["code"]), ("error", "bad_frame"))
         # limits at the edges are fine
-        self.assertFalse((await bob.request({"op": "sync", "limit": 1}))["more"] is None)
-        self.assertEqual((await bob.request({"op": "sync", "after": 3, "limit": 1000}))["more"], False)
+        self.assertFalse((await self.full_sync(bob, {"op": "sync", "limit": 1}))["more"] is None)
+        self.assertEqual((await self.full_sync(bob, {"op": "sync", "after": 3, "limit": 1000}))["more"], False)
         self.assertEqual((await bob.ack(3))["removed"], 3)
         self.assertEqual((await bob.ack(3))["removed"], 0)  # acking again is harmless
 
