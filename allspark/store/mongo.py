@@ -6,19 +6,23 @@ This module is imported only by :func:`allspark.store.open_store` for a
 Collections (in the database named by the URL path, default ``allspark``):
 
 ``nodes``        ``{_id: node_id, client_id, seen_at}``; index ``client_id``.
-``inbox_state``  ``{_id: node_id, last_seq, purged_upto}``: the per-node counter,
-                 bumped with ``find_one_and_update({$inc})``, upserted.
-``inbox``        ``{node_id, seq, stored_at, body}``; unique ``(node_id, seq)``,
+``inbox_state``  ``{_id: node_id, last_seq, purged_upto, lock}``: the per-node
+                 counter (``last_seq`` is the *readable* watermark, see below)
+                 and, while an append is in flight, its ``lock``.
+``inbox``        ``{node_id, seq, stored_at, body, txn}``; unique ``(node_id, seq)``,
                  index ``stored_at``.
 ``sessions``     ``{_id: session_id, owner_id, created_at, options, last_seq,
-                 purged_upto}``: the stream counter lives in the session.
+                 purged_upto, lock}``: the stream counter lives in the session.
 ``members``      ``{session_id, node_id, client_id, anonymous, alias, joined_at,
                  joined_seq, acked_seq}``; unique ``(session_id, node_id)``,
                  indexes for both listing orders.
-``stream``       ``{session_id, seq, sender_id, stored_at, body}``; unique
+``stream``       ``{session_id, seq, sender_id, stored_at, body, txn}``; unique
                  ``(session_id, seq)``, index ``stored_at``.
-``dedup``        ``{sender_id, dedup_id, created_at, pending, seqs, answer}``;
-                 unique ``(sender_id, dedup_id)``, index ``created_at``.
+``txns``         ``{_id: txn, state, at, seqs, answer}``: one outcome per append,
+                 ``committed`` or ``aborted``, written once (unique ``_id``).
+``dedup``        ``{sender_id, dedup_id, created_at, pending, txn, lease_until,
+                 seqs, answer}``; unique ``(sender_id, dedup_id)``, index
+                 ``created_at``.
 
 Ordering.  The contract says one process's operations apply in submission
 order.  Most operations here are several round trips, so this store runs its
@@ -27,32 +31,61 @@ its throughput is bounded by round-trip latency.  SQLite's group commit is the
 fast path; a keyed scheduler (order per node/session) is the next step here if
 MongoDB throughput matters.
 
-Atomicity without transactions.  A standalone MongoDB has no multi-document
-transactions, so:
+Appends without multi-document transactions.  A standalone MongoDB has no
+multi-document transactions, and several servers may append to one inbox at
+once, so every append (inbox or session stream) is a small transaction of its
+own, built on single-document atomicity:
 
-- a multi-recipient append allocates every seq, then inserts every copy with
-  one ordered ``insert_many``; if that fails, the copies already inserted are
-  deleted before the error is returned (seqs may then have gaps, which the
-  contract allows: seqs only grow);
-- de-duplication claims ``(sender_id, dedup_id)`` first with an upsert on the
-  unique index (a ``pending`` entry), so that two processes retrying the same
-  message store it once; the second waits for the first's answer.
+1. **Lock** each target (every recipient's ``inbox_state``, or the session),
+   in sorted order, by setting its ``lock`` ``{txn, until}`` where there is
+   none.  The lock has a lease (:attr:`MongoStore.lease_ms`, wall clock): a
+   lock whose lease ran out is *recovered* by the next writer (step 5).  The
+   target's next seq is ``last_seq + 1``: under the lock nobody else numbers.
+2. **Insert** every copy, tagged with ``txn``.  Rows above ``last_seq`` are
+   invisible: readers only read ``seq <= last_seq``.
+3. **Commit**: insert ``{_id: txn, state: committed, seqs, answer}`` into
+   ``txns``.  That one insert is the commit point of the whole append.
+4. **Release** each lock and move ``last_seq`` to the new seq in one
+   conditional update (``lock.txn == txn``), so it happens once.
+5. **Recovery** of a lock whose txn has no outcome yet: insert
+   ``{_id: txn, state: aborted}``; the unique ``_id`` means exactly one of
+   commit and abort wins.  Committed: roll forward (step 4); aborted: delete
+   the txn's rows and drop the lock.  A writer whose own commit loses to an
+   abort fails with :class:`StoreError` and stored nothing visible.
 
-Known limit: between two *processes*, a reader can page past a seq that a
-concurrent append has allocated but not inserted yet.  Within one process the
-FIFO rules that out.
+So a reader never steps past a seq that was allocated but is not readable:
+``last_seq`` (and every page's ``last_seq``) only covers committed copies, a
+multi-recipient append becomes visible in every inbox at its commit point or
+never, and a crash leaves nothing visible that a retry would store again.  A
+reader that finds a lock whose txn committed reads through it (and rolls it
+forward).
+
+De-duplication.  A first attempt claims ``(sender_id, dedup_id)`` by
+inserting a ``pending`` entry naming its ``txn``, with a lease.  A retry that
+finds it pending asks the txn's outcome: committed means a duplicate (answered
+with the committed seqs and answer, even when the first attempt's settle
+failed); aborted, or a lease run out (the retry then aborts the txn, see step
+5), means the retry takes the claim over.  Otherwise it waits, at most about
+one lease.  Settling the entry after the commit is only a shortcut.
+
+Leases use the wall clock (:attr:`MongoStore.lease_ms`, default 10 s): servers
+sharing a database need clocks within a small fraction of that.
+:meth:`MongoStore.start` gives up after :attr:`MongoStore.start_timeout_s`
+when the server does not answer.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from bson.binary import Binary
 from pymongo.collection import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.python.failure import Failure
 from txmongo import filter as qf
 from txmongo.connection import ConnectionPool
@@ -61,11 +94,16 @@ from allspark.logs import logger
 from allspark.store import (
     AppendResult,
     DuplicateSession,
+    InboxFull,
     InboxPage,
+    InboxQuota,
     MemberRecord,
+    SessionFull,
     SessionRecord,
     StoredMessage,
     StoreError,
+    StreamQuota,
+    quota_window_end,
 )
 
 log = logger(__name__)
@@ -74,11 +112,23 @@ _T = TypeVar("_T")
 
 DEFAULT_DATABASE = "allspark"
 
-#: How long a retry waits for a concurrent first attempt (another process) to finish.
-PENDING_WAIT_S = 5.0
-_PENDING_POLL_S = 0.05
+#: The lease of an append's locks and of a first attempt's de-dup claim (wall clock, ms).
+LEASE_MS = 10_000
+#: How often a writer looks again at a lock (or a pending claim) held by another process.
+_POLL_S = 0.02
+#: How long start() waits for the server before failing.
+START_TIMEOUT_S = 10.0
 
 _NO_ID = {"_id": False}
+#: A bound on the attempts of one lock or claim (the lease bounds their time).
+_LOCK_ATTEMPTS = 100_000
+
+# The two kinds of append: where the lock and counter live, where rows go,
+# and the rows' key field.
+_INBOX, _SESSION = "inbox", "session"
+_STATE = {_INBOX: "inbox_state", _SESSION: "sessions"}
+_ROWS = {_INBOX: "inbox", _SESSION: "stream"}
+_KEY = {_INBOX: "node_id", _SESSION: "session_id"}
 
 
 def database_name(url: str) -> str:
@@ -127,6 +177,10 @@ class MongoStore:
 
     #: txmongo connections; operations run one at a time, so one is plenty.
     pool_size = 1
+    #: The lease of an append's locks (ms); a lapsed lock is recovered by the next writer.
+    lease_ms = LEASE_MS
+    #: How long :meth:`start` waits for the server to answer before failing.
+    start_timeout_s = START_TIMEOUT_S
 
     def __init__(self, url: str, reactor: Any) -> None:
         self.url = url
@@ -163,12 +217,32 @@ class MongoStore:
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> Deferred[None]:
-        """Connect and create the indexes."""
+        """Connect and create the indexes.  Fails with :class:`StoreError` when
+        the server has not answered within :attr:`start_timeout_s`."""
         return ensureDeferred(self._start())
+
+    @property
+    def server(self) -> str:
+        """The URL's host part, without credentials (for messages and logs)."""
+        return urlsplit(self.url).netloc.rpartition("@")[2]
 
     async def _start(self) -> None:
         self._pool = ConnectionPool(self.url, pool_size=self.pool_size)
         self._db = self._pool[self.database_name]
+        ready = ensureDeferred(self._create_indexes())
+        ready.addTimeout(self.start_timeout_s, self._reactor)
+        try:
+            await ready
+        except DeferredTimeout:
+            pool, self._pool, self._db = self._pool, None, None
+            await pool.disconnect()
+            raise StoreError(
+                f"MongoDB at {self.server} did not answer within {self.start_timeout_s:g} s"
+            ) from None
+        log.info("store connected to MongoDB database {database}", database=self.database_name,
+                 server=self.server)
+
+    async def _create_indexes(self) -> None:
         indexes: list[tuple[str, Any, dict[str, Any]]] = [
             ("nodes", _by("client_id", "_id"), {}),
             ("inbox", _by("node_id", "seq"), {"unique": True}),
@@ -180,10 +254,10 @@ class MongoStore:
             ("members", _by("node_id", "joined_at", "session_id"), {}),
             ("dedup", _by("sender_id", "dedup_id"), {"unique": True}),
             ("dedup", _by("created_at"), {}),
+            ("txns", _by("at"), {}),
         ]
         for collection, spec, options in indexes:
             await self._c(collection).create_index(spec, **options)
-        log.info("store connected to MongoDB database {database}", database=self.database_name)
 
     def close(self) -> Deferred[None]:
         """Let submitted operations finish, then disconnect."""
@@ -235,52 +309,286 @@ class MongoStore:
         docs = await self._c("nodes").find({"client_id": client_id}, {"_id": True}, sort=_by("_id"))
         return [d["_id"] for d in docs]
 
+    # -- appends: locks, commit markers, recovery (see the module docstring) ------
+    def _wall_ms(self) -> int:
+        """The wall clock in ms (leases), not the caller's ``now_ms``."""
+        return int(self._reactor.seconds() * 1000)
+
+    async def _wait(self) -> None:
+        await task.deferLater(self._reactor, _POLL_S, lambda: None)
+
+    async def _outcome(self, txn: str) -> dict[str, Any]:
+        """The txn's outcome, deciding it (aborted) when it has none yet."""
+        txns = self._c("txns")
+        try:
+            await txns.insert_one({"_id": txn, "state": "aborted", "at": self._wall_ms()})
+            return {"_id": txn, "state": "aborted"}
+        except DuplicateKeyError:
+            found = await txns.find_one({"_id": txn})
+            if found is None:  # pragma: no cover - purged between the two calls
+                raise StoreError(f"append {txn} has no outcome") from None
+            return found
+
+    async def _release(self, kind: str, target: str, txn: str) -> None:
+        """Roll a committed txn's lock on ``target`` forward: ``last_seq`` moves
+        to the txn's seq and the lock goes, once (conditional on the lock)."""
+        await self._c(_STATE[kind]).update_one(
+            {"_id": target, "lock.txn": txn}, {"$inc": {"last_seq": 1}, "$unset": {"lock": ""}}
+        )
+
+    async def _roll_back(self, kind: str, target: str, txn: str) -> None:
+        """Remove an aborted txn's rows on ``target`` and its lock."""
+        await self._c(_ROWS[kind]).delete_many({_KEY[kind]: target, "txn": txn})
+        await self._c(_STATE[kind]).update_one(
+            {"_id": target, "lock.txn": txn}, {"$unset": {"lock": ""}}
+        )
+
+    async def _recover(self, kind: str, target: str, txn: str) -> None:
+        """Finish a txn whose lock on ``target`` outlived its lease."""
+        outcome = await self._outcome(txn)
+        if outcome["state"] == "committed":
+            await self._release(kind, target, txn)
+        else:
+            await self._roll_back(kind, target, txn)
+        log.info("recovered a lapsed append lock", kind=kind, target=target, txn=txn,
+                 outcome=outcome["state"])
+
+    async def _lock(self, kind: str, target: str, txn: str) -> int:
+        """Lock ``target`` for ``txn``; the seq its copy gets (``last_seq + 1``).
+
+        Waits while another live txn holds the lock, recovers one whose lease
+        ran out.  An inbox's state is created on first use; a session must
+        exist (:class:`StoreError`).
+        """
+        states = self._c(_STATE[kind])
+        give_up = self._wall_ms() + 3 * self.lease_ms
+        for _ in range(_LOCK_ATTEMPTS):
+            if self._wall_ms() > give_up:
+                break
+            lock = {"txn": txn, "until": self._wall_ms() + self.lease_ms}
+            doc = await states.find_one_and_update(
+                {"_id": target, "lock": None}, {"$set": {"lock": lock}},
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is not None:
+                return int(doc["last_seq"]) + 1
+            if kind == _INBOX:
+                try:
+                    await states.insert_one(
+                        {"_id": target, "last_seq": 0, "purged_upto": 0, "lock": lock}
+                    )
+                    return 1
+                except DuplicateKeyError:
+                    pass  # it exists and is locked (or was just created): look at it
+            held = await states.find_one({"_id": target})
+            if held is None:
+                if kind == _SESSION:
+                    raise StoreError(f"no such session: {target!r}")
+                continue
+            holder = held.get("lock")
+            if holder is None:
+                continue
+            if holder["until"] < self._wall_ms():
+                await self._recover(kind, target, holder["txn"])
+            else:
+                await self._wait()
+        raise StoreError(f"could not lock {target!r}: busy")
+
+    async def _readable(self, kind: str, state: dict[str, Any]) -> int:
+        """The readable watermark of an inbox/session state document: its
+        ``last_seq``, or one more when its lock belongs to a committed txn
+        (which is then rolled forward)."""
+        last = int(state["last_seq"])
+        holder = state.get("lock")
+        if holder is not None:
+            marker = await self._c("txns").find_one({"_id": holder["txn"]})
+            if marker is not None and marker["state"] == "committed":
+                await self._release(kind, state["_id"], holder["txn"])
+                return last + 1
+        return last
+
+    async def _append(
+        self,
+        kind: str,
+        sender_id: str,
+        dedup_id: str | None,
+        targets: list[str],
+        body: bytes,
+        answer: bytes,
+        now_ms: int,
+        window_ms: int,
+        quota: InboxQuota | StreamQuota | None = None,
+    ) -> AppendResult:
+        """One append (inbox copies or a stream row) as a txn: claim, lock,
+        check the quota, insert, commit, release, settle."""
+        txn = uuid.uuid4().hex
+        if dedup_id is not None:
+            seen = await self._claim(sender_id, dedup_id, now_ms, window_ms, txn)
+            if seen is not None:
+                return seen
+        seqs: dict[str, int] = {}
+        try:
+            for target in sorted(targets):  # one order everywhere: no deadlock
+                seqs[target] = await self._lock(kind, target, txn)
+            if isinstance(quota, InboxQuota):
+                await self._check_inbox_quota(quota, sender_id, seqs)
+            elif isinstance(quota, StreamQuota):
+                await self._check_stream_quota(quota, sender_id, targets[0], now_ms)
+            blob = Binary(body)
+            if kind == _INBOX:
+                rows = [{"node_id": t, "seq": s, "sender_id": sender_id, "stored_at": now_ms,
+                         "body": blob, "txn": txn} for t, s in seqs.items()]
+            else:
+                rows = [{"session_id": t, "seq": s, "sender_id": sender_id, "stored_at": now_ms,
+                         "body": blob, "txn": txn} for t, s in seqs.items()]
+            try:
+                await self._c(_ROWS[kind]).insert_many(rows, ordered=True)
+            except DuplicateKeyError:
+                # Debris at our seqs: rows of an aborted txn whose writer
+                # outlived its lease.  Under our locks, nothing above
+                # last_seq is anyone else's: clear it and insert again.
+                for t, seq in seqs.items():
+                    await self._c(_ROWS[kind]).delete_many({_KEY[kind]: t, "seq": {"$gte": seq}})
+                await self._c(_ROWS[kind]).insert_many(rows, ordered=True)
+            await self._c("txns").insert_one({
+                "_id": txn, "state": "committed", "at": self._wall_ms(),
+                "seqs": list(seqs.items()), "answer": Binary(answer),
+            })
+        except Exception as error:
+            if not await self._settle_failure(kind, txn, seqs, sender_id, dedup_id, error):
+                raise
+        result = AppendResult(False, {t: seqs[t] for t in dict.fromkeys(targets)}, answer)
+        for target in seqs:
+            await self._release(kind, target, txn)
+        if dedup_id is not None:
+            await self._settle(sender_id, dedup_id, txn, result.seqs, answer)
+        return result
+
+    async def _check_inbox_quota(
+        self, quota: InboxQuota, sender_id: str, seqs: dict[str, int]
+    ) -> None:
+        """:class:`InboxFull` when a locked recipient holds ``per_inbox``
+        unacked messages, or ``per_sender`` of ``sender_id``'s.  Under the
+        locks nobody else adds rows, so the counts hold until the commit."""
+        inbox = self._c("inbox")
+        full: list[str] = []
+        per_sender = False
+        for node_id, seq in seqs.items():
+            below = {"node_id": node_id, "seq": {"$lt": seq}}
+            if await inbox.count_documents(below) >= quota.per_inbox:
+                full.append(node_id)
+            elif await inbox.count_documents({**below, "sender_id": sender_id}) >= quota.per_sender:
+                full.append(node_id)
+                per_sender = True
+        if full:
+            raise InboxFull(sorted(full), per_sender)
+
+    async def _check_stream_quota(
+        self, quota: StreamQuota, sender_id: str, session_id: str, now_ms: int
+    ) -> None:
+        """:class:`SessionFull` when the session's rows stored in the quota
+        window holding ``now_ms`` reach ``per_session``, or ``sender_id``'s
+        reach ``per_sender`` (the session is locked: counts hold)."""
+        end = quota_window_end(now_ms, quota.window_ms)
+        window = {"session_id": session_id, "stored_at": {"$gte": end - quota.window_ms, "$lt": end}}
+        stream = self._c("stream")
+        if await stream.count_documents(window) >= quota.per_session:
+            raise SessionFull(session_id, per_sender=False)
+        if await stream.count_documents({**window, "sender_id": sender_id}) >= quota.per_sender:
+            raise SessionFull(session_id, per_sender=True)
+
+    async def _settle_failure(
+        self,
+        kind: str,
+        txn: str,
+        seqs: dict[str, int],
+        sender_id: str,
+        dedup_id: str | None,
+        error: Exception,
+    ) -> bool:
+        """After an append failed: whether it committed after all (the commit's
+        answer was lost).  When not, roll its rows and locks back and drop its
+        de-dup claim.  When even that fails, the leases let others finish it."""
+        try:
+            outcome = await self._outcome(txn)
+            if outcome["state"] == "committed":
+                return True
+            for target in seqs:
+                await self._roll_back(kind, target, txn)
+            if dedup_id is not None:
+                await self._c("dedup").delete_one(
+                    {"sender_id": sender_id, "dedup_id": dedup_id, "txn": txn, "pending": True}
+                )
+        except Exception as cleanup:
+            log.error("append failed and could not be cleaned up; leases will: {error}",
+                      error=repr(cleanup), txn=txn, cause=repr(error))
+        return False
+
     # -- de-duplication -----------------------------------------------------------
     async def _claim(
-        self, sender_id: str, dedup_id: str, now_ms: int, window_ms: int
+        self, sender_id: str, dedup_id: str, now_ms: int, window_ms: int, txn: str
     ) -> AppendResult | None:
-        """Claim ``(sender_id, dedup_id)`` for a new append, or the first attempt's result."""
+        """Claim ``(sender_id, dedup_id)`` for ``txn``, or the first attempt's result.
+
+        A pending claim of another txn is a duplicate once that txn committed,
+        is taken over once it aborted or its lease ran out, and is waited for
+        otherwise (about one lease at most).
+        """
         dedup = self._c("dedup")
         key = {"sender_id": sender_id, "dedup_id": dedup_id}
-        fresh = {"created_at": now_ms, "pending": True, "seqs": [], "answer": Binary(b"")}
-        waited = 0.0
-        while True:
+        give_up = self._wall_ms() + 3 * self.lease_ms
+        for _ in range(_LOCK_ATTEMPTS):
+            if self._wall_ms() > give_up:
+                break
+            fresh = {"created_at": now_ms, "pending": True, "txn": txn,
+                     "lease_until": self._wall_ms() + 2 * self.lease_ms,
+                     "seqs": [], "answer": Binary(b"")}
             try:
-                before = await dedup.find_one_and_update(
-                    key, {"$setOnInsert": fresh}, upsert=True,
-                    return_document=ReturnDocument.BEFORE,
-                )
-            except DuplicateKeyError:
-                continue  # another process inserted it at the same moment: read it
-            if before is None:
+                await dedup.insert_one({**key, **fresh})
                 return None  # ours
+            except DuplicateKeyError:
+                before = await dedup.find_one(key)
+            if before is None:
+                continue  # expired and purged meanwhile: claim again
+            take_over = False
             if now_ms - before["created_at"] >= window_ms:
+                take_over = True
+            elif not before.get("pending"):
+                return AppendResult(True, {k: v for k, v in before["seqs"]}, bytes(before["answer"]))
+            else:
+                marker = await self._c("txns").find_one({"_id": before["txn"]})
+                if marker is None and before["lease_until"] < self._wall_ms():
+                    marker = await self._outcome(before["txn"])
+                if marker is None:
+                    await self._wait()
+                    continue
+                if marker["state"] == "committed":
+                    seqs = {k: v for k, v in marker["seqs"]}
+                    await self._settle(sender_id, dedup_id, before["txn"], seqs, bytes(marker["answer"]))
+                    return AppendResult(True, seqs, bytes(marker["answer"]))
+                take_over = True
+            if take_over:
                 taken = await dedup.find_one_and_update(
-                    {**key, "created_at": before["created_at"]}, {"$set": fresh}
+                    {**key, "txn": before.get("txn"), "created_at": before["created_at"]},
+                    {"$set": fresh},
                 )
                 if taken is not None:
-                    return None  # the old entry expired and is ours now
-                continue
-            if not before.get("pending"):
-                seqs = {k: v for k, v in before["seqs"]}
-                return AppendResult(True, seqs, bytes(before["answer"]))
-            if waited >= PENDING_WAIT_S:
-                raise StoreError(f"first attempt of {dedup_id!r} by {sender_id!r} is still pending")
-            await task.deferLater(self._reactor, _PENDING_POLL_S, lambda: None)
-            waited += _PENDING_POLL_S
+                    return None
+        raise StoreError(f"first attempt of {dedup_id!r} by {sender_id!r} is still pending")
 
     async def _settle(
-        self, sender_id: str, dedup_id: str, seqs: dict[str, int], answer: bytes
+        self, sender_id: str, dedup_id: str, txn: str, seqs: dict[str, int], answer: bytes
     ) -> None:
-        await self._c("dedup").update_one(
-            {"sender_id": sender_id, "dedup_id": dedup_id},
-            {"$set": {"pending": False, "seqs": list(seqs.items()), "answer": Binary(answer)}},
-        )
-
-    async def _release(self, sender_id: str, dedup_id: str) -> None:
-        await self._c("dedup").delete_one(
-            {"sender_id": sender_id, "dedup_id": dedup_id, "pending": True}
-        )
+        """Record a committed first attempt's answer in its claim (a shortcut
+        for retries: the txn's outcome says the same)."""
+        try:
+            await self._c("dedup").update_one(
+                {"sender_id": sender_id, "dedup_id": dedup_id, "txn": txn},
+                {"$set": {"pending": False, "seqs": list(seqs.items()), "answer": Binary(answer)}},
+            )
+        except Exception as e:
+            log.warn("could not settle a de-dup entry (a retry reads the txn): {error}",
+                     error=repr(e), txn=txn)
 
     # -- inbox ------------------------------------------------------------------
     def append_inbox(
@@ -292,63 +600,14 @@ class MongoStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: InboxQuota | None = None,
     ) -> Deferred[AppendResult]:
         """See :meth:`allspark.store.Store.append_inbox`."""
         return self._run(
-            self._append_inbox,
-            sender_id, dedup_id, list(recipients), body, answer, now_ms, dedup_window_ms,
+            self._append,
+            _INBOX, sender_id, dedup_id, list(dict.fromkeys(recipients)), body, answer, now_ms,
+            dedup_window_ms, quota,
         )
-
-    async def _append_inbox(
-        self,
-        sender_id: str,
-        dedup_id: str | None,
-        recipients: list[str],
-        body: bytes,
-        answer: bytes,
-        now_ms: int,
-        window_ms: int,
-    ) -> AppendResult:
-        if dedup_id is not None:
-            seen = await self._claim(sender_id, dedup_id, now_ms, window_ms)
-            if seen is not None:
-                return seen
-        try:
-            seqs: dict[str, int] = {}
-            for node_id in dict.fromkeys(recipients):
-                state = await self._c("inbox_state").find_one_and_update(
-                    {"_id": node_id},
-                    {"$inc": {"last_seq": 1}, "$setOnInsert": {"purged_upto": 0}},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                )
-                seqs[node_id] = state["last_seq"]
-            blob = Binary(body)
-            docs = [
-                {"node_id": n, "seq": s, "stored_at": now_ms, "body": blob} for n, s in seqs.items()
-            ]
-            if docs:
-                try:
-                    await self._c("inbox").insert_many(docs, ordered=True)
-                except Exception:
-                    await self._undo_copies(seqs)
-                    raise
-            if dedup_id is not None:
-                await self._settle(sender_id, dedup_id, seqs, answer)
-        except Exception:
-            if dedup_id is not None:
-                await self._release(sender_id, dedup_id)
-            raise
-        return AppendResult(False, seqs, answer)
-
-    async def _undo_copies(self, seqs: dict[str, int]) -> None:
-        """Delete the copies of a failed multi-recipient append that did go in."""
-        try:
-            await self._c("inbox").delete_many(
-                {"$or": [{"node_id": n, "seq": s} for n, s in seqs.items()]}
-            )
-        except Exception as e:  # the original error matters more; log this one
-            log.error("could not undo a partial append: {error}", error=repr(e), copies=len(seqs))
 
     def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
         """See :meth:`allspark.store.Store.fetch_inbox`."""
@@ -358,12 +617,14 @@ class MongoStore:
         state = await self._c("inbox_state").find_one({"_id": node_id})
         if state is None:
             return InboxPage([], 0, 0, after)
+        readable = await self._readable(_INBOX, state)
         docs = await self._c("inbox").find(
-            {"node_id": node_id, "seq": {"$gt": after}}, _NO_ID, limit=limit, sort=_by("seq")
-        ) if limit > 0 else []
+            {"node_id": node_id, "seq": {"$gt": after, "$lte": readable}}, _NO_ID,
+            limit=limit, sort=_by("seq"),
+        ) if limit > 0 and after < readable else []
         messages = [_message(d) for d in docs]
         return InboxPage(
-            messages, state["last_seq"], state.get("purged_upto", 0),
+            messages, readable, state.get("purged_upto", 0),
             messages[-1].seq if messages else after,
         )
 
@@ -383,7 +644,7 @@ class MongoStore:
         state = await self._c("inbox_state").find_one({"_id": node_id})
         if state is None:
             return (0, 0)
-        return (state["last_seq"], state.get("purged_upto", 0))
+        return (await self._readable(_INBOX, state), state.get("purged_upto", 0))
 
     # -- retention --------------------------------------------------------------
     def purge(self, stored_before_ms: int, dedup_before_ms: int) -> Deferred[int]:
@@ -391,6 +652,13 @@ class MongoStore:
         return self._run(self._purge, stored_before_ms, dedup_before_ms)
 
     async def _purge(self, stored_before: int, dedup_before: int) -> int:
+        # Finish appends whose locks lapsed (a crashed writer's) first: their
+        # txn outcomes may then go with the old de-dup entries below.
+        now = self._wall_ms()
+        for kind in (_INBOX, _SESSION):
+            lapsed = await self._c(_STATE[kind]).find({"lock.until": {"$lt": now}}, {"lock": True})
+            for doc in lapsed:
+                await self._recover(kind, doc["_id"], doc["lock"]["txn"])
         count = 0
         for rows, key, states in (
             ("inbox", "node_id", "inbox_state"),
@@ -406,6 +674,7 @@ class MongoStore:
                 )
             count += int((await self._c(rows).delete_many(old)).deleted_count)
         await self._c("dedup").delete_many({"created_at": {"$lt": dedup_before}})
+        await self._c("txns").delete_many({"at": {"$lt": dedup_before}})
         return count
 
     # -- sessions ---------------------------------------------------------------
@@ -565,52 +834,14 @@ class MongoStore:
         answer: bytes,
         now_ms: int,
         dedup_window_ms: int,
+        quota: StreamQuota | None = None,
     ) -> Deferred[AppendResult]:
         """See :meth:`allspark.store.Store.append_session`."""
         return self._run(
-            self._append_session,
-            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms,
+            self._append,
+            _SESSION, sender_id, dedup_id, [session_id], body, answer, now_ms, dedup_window_ms,
+            quota,
         )
-
-    async def _append_session(
-        self,
-        session_id: str,
-        sender_id: str,
-        dedup_id: str | None,
-        body: bytes,
-        answer: bytes,
-        now_ms: int,
-        window_ms: int,
-    ) -> AppendResult:
-        if dedup_id is not None:
-            seen = await self._claim(sender_id, dedup_id, now_ms, window_ms)
-            if seen is not None:
-                return seen
-        try:
-            session = await self._c("sessions").find_one_and_update(
-                {"_id": session_id}, {"$inc": {"last_seq": 1}},
-                return_document=ReturnDocument.AFTER,
-            )
-            if session is None:
-                raise StoreError(f"no such session: {session_id!r}")
-            seq = session["last_seq"]
-            await self._c("stream").insert_one(
-                {
-                    "session_id": session_id,
-                    "seq": seq,
-                    "sender_id": sender_id,
-                    "stored_at": now_ms,
-                    "body": Binary(body),
-                }
-            )
-            seqs = {session_id: seq}
-            if dedup_id is not None:
-                await self._settle(sender_id, dedup_id, seqs, answer)
-        except Exception:
-            if dedup_id is not None:
-                await self._release(sender_id, dedup_id)
-            raise
-        return AppendResult(False, seqs, answer)
 
     def fetch_session(
         self, session_id: str, reader_id: str, after: int, limit: int
@@ -624,24 +855,26 @@ class MongoStore:
         session = await self._c("sessions").find_one({"_id": session_id})
         if session is None:
             return InboxPage([], 0, 0, after)
+        readable = await self._readable(_SESSION, session)
         member = await self._c("members").find_one({"session_id": session_id, "node_id": reader_id})
         if member is not None and member["joined_seq"] > after:
             after = member["joined_seq"]
         stream = self._c("stream")
+        seqs = {"$gt": after, "$lte": readable}
         docs = await stream.find(
-            {"session_id": session_id, "seq": {"$gt": after}, "sender_id": {"$ne": reader_id}},
+            {"session_id": session_id, "seq": seqs, "sender_id": {"$ne": reader_id}},
             _NO_ID, limit=limit, sort=_by("seq"),
-        ) if limit > 0 else []
+        ) if limit > 0 and after < readable else []
         messages = [_message(d) for d in docs]
         if len(messages) >= limit:
             scanned = messages[-1].seq if messages else after
         else:
             top = await stream.find(
-                {"session_id": session_id, "seq": {"$gt": after}}, {"seq": True, "_id": False},
+                {"session_id": session_id, "seq": seqs}, {"seq": True, "_id": False},
                 limit=1, sort=qf.sort(qf.DESCENDING("seq")),
-            )
+            ) if after < readable else []
             scanned = top[0]["seq"] if top else after
-        return InboxPage(messages, session["last_seq"], session.get("purged_upto", 0), scanned)
+        return InboxPage(messages, readable, session.get("purged_upto", 0), scanned)
 
     def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
         """See :meth:`allspark.store.Store.ack_session`."""
