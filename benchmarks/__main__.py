@@ -4,6 +4,7 @@ them, stop them, and report.
     python -m benchmarks                 the full run (about 2-4 minutes)
     python -m benchmarks --quick         everything at a tiny size, in seconds
     python -m benchmarks --scenarios direct_durable --profile
+    python -m benchmarks --scenarios direct_durable --stores sqlite,postgresql
 
 Writes ``OUT/bench-<time>.json``, ``OUT/latest.json``, ``OUT/latest.md`` and
 ``OUT/performance.png`` (OUT defaults to benchmarks/results, which git
@@ -30,6 +31,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", "--tiny", action="store_true", help="tiny sizes; Node, NATS, matplotlib optional")
     p.add_argument("--scenarios", default=",".join(suite.SCENARIOS),
                    help=f"comma-separated, from {', '.join(suite.SCENARIOS)}")
+    p.add_argument("--stores", "--store", default="sqlite",
+                   help="Allspark's stores for direct_durable, comma-separated: sqlite, postgresql "
+                        "(a throwaway PostgreSQL cluster is started for it); default sqlite")
     p.add_argument("--clients", type=int, help="clients of the direct scenarios (half send to the other half)")
     p.add_argument("--messages", type=int, help="messages per direct run")
     p.add_argument("--window", type=int, help="unanswered messages per sender")
@@ -61,6 +65,9 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
     unknown = set(s.scenarios) - set(suite.SCENARIOS)
     if unknown:
         raise SystemExit(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    s.stores = tuple(x.strip() for x in args.stores.split(",") if x.strip())
+    if not s.stores or set(s.stores) - {"sqlite", "postgresql"}:
+        raise SystemExit(f"--stores: sqlite and/or postgresql, not {args.stores!r}")
     s.references = not args.no_references
     s.profile = args.profile
     s.repeat = max(1, args.repeat)

@@ -50,6 +50,7 @@ class Settings:
     repeat: int = 1                   # direct runs: repeat and keep the median (the machine is shared)
     quick: bool = False
     scenarios: tuple[str, ...] = SCENARIOS
+    stores: tuple[str, ...] = ("sqlite",)  # Allspark's stores in direct_durable: sqlite, postgresql
     out_dir: str = ""
     log: Callable[[str], None] = print
     node_missing: str | None = None   # why Node (relays, Socket.IO, NATS client) cannot run
@@ -62,6 +63,8 @@ def _starter(system: str, s: Settings) -> Callable[[str], Target]:
     """A function that starts ``system`` in a work dir; raises Unavailable."""
     if system == "allspark":
         return lambda wd: procs.start_allspark(wd)
+    if system == "allspark-postgresql":
+        return _start_allspark_postgresql
     if system == "autobahn-relay":
         return procs.start_autobahn_relay
     if system in ("node-ws-relay", "socketio-relay"):
@@ -77,6 +80,22 @@ def _starter(system: str, s: Settings) -> Callable[[str], Target]:
             raise Unavailable("the NATS client needs the Node load generator")
         return lambda wd: procs.start_nats(wd, system == "nats-jetstream")
     raise ValueError(system)
+
+
+def _start_allspark_postgresql(workdir: str) -> Target:
+    """Allspark on a new database of the throwaway PostgreSQL cluster (started
+    once per benchmark run with PostgreSQL's default durability, fsync on;
+    stopped when the run exits: ``tests/store/postgres_cluster.py``)."""
+    from tests.store.postgres_cluster import ClusterUnavailable, shared_cluster
+
+    try:
+        cluster = shared_cluster(durable=True)
+    except ClusterUnavailable as e:
+        raise Unavailable(str(e)) from None
+    url = cluster.create_database("allspark_bench")
+    target = procs.start_allspark(workdir, extra_args=(f"--store={url}",))
+    target.name, target.label = "allspark-postgresql", "Allspark (PostgreSQL)"
+    return target
 
 
 def _direct_load(target: Target, s: Settings, durable: bool, rate: float = 0.0, ids: bool = True,
@@ -156,7 +175,9 @@ def _median_of(runs: int, measure: Callable[[], dict[str, Any]]) -> dict[str, An
 def direct(s: Settings, durable: bool, profiler: Any = None) -> list[dict[str, Any]]:
     scenario = "direct_durable" if durable else "direct_ephemeral"
     if durable:
-        systems = ["allspark", "nats-jetstream"] if s.references else ["allspark"]
+        systems = [name for store, name in (("sqlite", "allspark"), ("postgresql", "allspark-postgresql"))
+                   if store in s.stores]
+        systems += ["nats-jetstream"] if s.references else []
     else:
         systems = ["allspark", "autobahn-relay", "node-ws-relay", "socketio-relay", "nats-core"]
         if not s.references:
@@ -165,7 +186,7 @@ def direct(s: Settings, durable: bool, profiler: Any = None) -> list[dict[str, A
     for system in systems:
         rows.append(_median_of(s.repeat, lambda: _measure(scenario, system, s, lambda t: _direct_load(t, s, durable),
                                                          durable=durable, clients=s.clients, messages=s.messages)))
-    if durable:
+    if durable and "sqlite" in s.stores:
         # the store's fast path: messages without an id skip the de-duplication record
         row = _median_of(s.repeat, lambda: _measure(scenario, "allspark", s,
                                                    lambda t: _direct_load(t, s, durable, ids=False),

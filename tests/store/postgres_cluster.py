@@ -75,8 +75,9 @@ class PostgresCluster:
     removes the directory.
     """
 
-    def __init__(self, bin_dir: str, port: int | None = None) -> None:
+    def __init__(self, bin_dir: str, port: int | None = None, durable: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.durable = durable
         self.port = port or _free_port()
         self.base_dir = ""
         self.data_dir = ""
@@ -124,8 +125,7 @@ class PostgresCluster:
                 "listen_addresses = '127.0.0.1'\n"
                 f"port = {self.port}\n"
                 "unix_socket_directories = ''\n"
-                "fsync = off\n"
-                "full_page_writes = off\n"
+                + ("" if self.durable else "fsync = off\nfull_page_writes = off\n") +
                 "max_connections = 200\n"
                 "shared_buffers = 128MB\n"
             )
@@ -171,8 +171,12 @@ _shared: PostgresCluster | None = None
 _failure: str | None = None
 
 
-def shared_cluster() -> PostgresCluster:
+def shared_cluster(durable: bool = False) -> PostgresCluster:
     """This process's cluster, started on first use and stopped at exit.
+
+    ``durable`` (for benchmarks; the first call decides) keeps PostgreSQL's
+    defaults, ``fsync = on``: a commit waits for its WAL flush.  Tests use
+    ``fsync = off``.
 
     Raises :class:`ClusterUnavailable` (every time, with the first reason)
     when PostgreSQL is not installed or does not start.
@@ -195,7 +199,7 @@ def shared_cluster() -> PostgresCluster:
     except ImportError:
         _failure = "psycopg is not installed: pip install -e '.[test]' (./dev test does)"
         raise ClusterUnavailable(_failure) from None
-    cluster = PostgresCluster(bin_dir)
+    cluster = PostgresCluster(bin_dir, durable=durable)
     atexit.register(cluster.stop)
     try:
         cluster.start()
