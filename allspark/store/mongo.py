@@ -427,6 +427,7 @@ class MongoStore:
             if seen is not None:
                 return seen
         seqs: dict[str, int] = {}
+        committing = False
         try:
             for target in sorted(targets):  # one order everywhere: no deadlock
                 seqs[target] = await self._lock(kind, target, txn)
@@ -450,12 +451,18 @@ class MongoStore:
                 for t, seq in seqs.items():
                     await self._c(_ROWS[kind]).delete_many({_KEY[kind]: t, "seq": {"$gte": seq}})
                 await self._c(_ROWS[kind]).insert_many(rows, ordered=True)
+            committing = True
             await self._c("txns").insert_one({
                 "_id": txn, "state": "committed", "at": self._wall_ms(),
                 "seqs": list(seqs.items()), "answer": Binary(answer),
             })
         except Exception as error:
             if not await self._settle_failure(kind, txn, seqs, sender_id, dedup_id, error):
+                if committing and isinstance(error, DuplicateKeyError):
+                    raise StoreError(
+                        "append aborted by another writer: its locks' lease ran out before it "
+                        "committed; nothing was stored"
+                    ) from None
                 raise
         result = AppendResult(False, {t: seqs[t] for t in dict.fromkeys(targets)}, answer)
         for target in seqs:
