@@ -9,11 +9,13 @@ the store.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
+import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from twisted.application import service
 from twisted.internet import defer
@@ -22,6 +24,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.python.failure import Failure
 from allspark.logs import logger
 
 from allspark.auth import AuthKeyVerifier, ValidationTokens
@@ -188,7 +191,7 @@ class IdentityClaim:
                 held = json.load(f)
         except FileNotFoundError:
             held = None
-        except (OSError, ValueError):
+        except ValueError:  # unreadable content: a claim nobody can be holding
             held = {"pid": None}
         if held is not None:
             pid = held.get("pid")
@@ -203,10 +206,13 @@ class IdentityClaim:
                     f"cleanly); start with --force to take it back"
                 )
             log.warn("taking back server identity {server_id} (--force)", server_id=self.server_id)
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        # the data dir, when made here, and the claim are the service user's alone
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
         tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
             json.dump({"pid": os.getpid(), "server_id": self.server_id}, f)
+        os.chmod(tmp, 0o600)  # a .tmp left by an older version keeps its mode through O_CREAT
         os.replace(tmp, self.path)
         self.held = True
 
@@ -258,6 +264,55 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+class StartFailed(Exception):
+    """A start step that failed, with the operator's one-line reason."""
+
+
+def _one_line(error: BaseException) -> str:
+    """``error`` as one line: its message, or its type when it has none."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _start_failure_reason(failure: Failure) -> str:
+    """The one-line reason of a failed start."""
+    value = failure.value
+    if isinstance(value, StartFailed):
+        return str(value)
+    return _one_line(value) if isinstance(value, BaseException) else str(value)
+
+
+def say_on_stderr(line: str) -> None:
+    """Write ``line`` to the process's real stderr: twistd sends
+    ``sys.stderr`` to its log, which goes to stdout in the foreground."""
+    stream = sys.__stderr__ or sys.stderr
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):
+        pass  # stderr closed (a daemon): the log has the reason
+
+
+def exit_status_after_twistd(status: int) -> None:
+    """Make the process exit with ``status`` once twistd is done.
+
+    twistd returns normally (status 0) after its reactor stops, however it
+    stopped; it has no way to return a status.  An :mod:`atexit` hook runs
+    after twistd has cleaned up (the pid file removed, the log closed) and
+    ends the process with ``status``, after flushing stdout and stderr.
+    """
+
+    def exit_now() -> None:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
+
+    atexit.register(exit_now)
+
+
 class ServerService(service.Service):
     """Starts and stops one :class:`Server` inside twistd."""
 
@@ -271,26 +326,73 @@ class ServerService(service.Service):
         )
         self._retention: LoopingCall | None = None
         self._ready: Deferred[None] | None = None
+        #: called with the exit status when a start fails after the reactor started
+        self.exit_status_on_failure: Callable[[int], None] = exit_status_after_twistd
 
     def startService(self) -> None:
-        """Claim the identity (synchronously: twistd is not running its
-        reactor yet, so a refusal ends the process with status 1 and the
-        reason on stderr), then start the store and listen."""
+        """Claim the identity, open the store and listen.
+
+        A start that fails ends the process with exit status 1 and one line
+        on stderr (``allspark: cannot start: <reason>``), so that a
+        supervisor (systemd's ``Restart=on-failure``) sees it.  twistd calls
+        this before it runs its reactor: what fails at once (identity
+        claim, unwritable data dir, port in use, TLS key file missing, a
+        store that cannot be opened) raises :class:`SystemExit` here, after
+        giving back what was taken.  What fails later (a store that stays
+        locked by another process, a database server that does not answer)
+        stops the reactor, which releases everything, and twistd's exit
+        status is then made 1 (:func:`exit_status_after_twistd`).
+        """
         try:
             self.claim.claim(self.server.config.force)
-        except (RuntimeError, OSError) as e:
-            log.error("cannot start: {reason}", reason=str(e))
-            raise SystemExit(f"allspark: cannot start: {e}") from None
+        except RuntimeError as e:
+            self._refuse(str(e))
+        except OSError as e:
+            self._refuse(f"cannot use the data dir {self.server.config.data_dir!r} for the identity "
+                         f"claim: {_one_line(e)}")
         super().startService()
         self._ready = defer.ensureDeferred(self._start())
-        self._ready.addErrback(self._failed_start)
+        if not self._ready.called:  # waiting for the store: fails later, if at all
+            self._ready.addErrback(self._failed_start)
+            return
+        failed: list[Failure] = []
+        self._ready.addErrback(failed.append)
+        if failed:
+            self._give_back()
+            self._refuse(_start_failure_reason(failed[0]), failed[0])
+
+    @staticmethod
+    def _refuse(reason: str, failure: Failure | None = None) -> NoReturn:
+        """End a start that failed before the reactor ran: the reason in the
+        log and on stderr (one line), exit status 1."""
+        if failure is not None and not failure.check(StartFailed):
+            log.failure("cannot start: {reason}", failure, reason=reason)
+        else:
+            log.error("cannot start: {reason}", reason=reason)
+        say_on_stderr(f"allspark: cannot start: {reason}")
+        raise SystemExit(1)
+
+    def _give_back(self) -> None:
+        """Undo a start that failed before the reactor ran: stop listening,
+        close the store, release the identity claim."""
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+        self.server.store.close().addErrback(lambda f: log.failure("closing the store failed", f))
+        self.claim.release()
 
     async def _start(self) -> None:
         config = self.server.config
-        await self.server.store.start()
+        try:
+            await self.server.store.start()
+        except Exception as e:
+            raise StartFailed(f"cannot open the store: {_one_line(e)}") from e
         for description in config.listen:
-            endpoint = serverFromString(self.reactor, description)
-            port = await endpoint.listen(self.site_factory)
+            try:
+                endpoint = serverFromString(self.reactor, description)
+                port = await endpoint.listen(self.site_factory)
+            except Exception as e:
+                raise StartFailed(f"cannot listen on {description}: {_one_line(e)}") from e
             self.ports.append(port)
             log.info("listening on {description}", description=description)
         self._retention = self.server.inbox.retention_loop()
@@ -298,12 +400,22 @@ class ServerService(service.Service):
         tune_gc()
         log.info("server {server_id} is live", server_id=config.server_id)
 
-    def _failed_start(self, failure: Any) -> None:
+    def _failed_start(self, failure: Failure) -> None:
+        """A start that failed while the reactor ran: say why, stop (which
+        releases the claim and closes the store) and exit with status 1."""
         if failure.check(defer.CancelledError):
             return  # stopped while starting: stopService does the rest
-        log.failure("could not start the server", failure)
+        reason = _start_failure_reason(failure)
+        if failure.check(StartFailed):
+            log.error("cannot start: {reason}", reason=reason)
+        else:
+            log.failure("cannot start: {reason}", failure, reason=reason)
+        say_on_stderr(f"allspark: cannot start: {reason}")
+        self.exit_status_on_failure(1)
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -1,15 +1,22 @@
-"""The identity claim: one running server per (host_address, port) and data dir."""
+"""The identity claim (one running server per (host_address, port) and data
+dir) and what a failed start does."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import stat
 import tempfile
+from types import SimpleNamespace
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 
-from allspark.server import IdentityClaim
+from allspark import server as server_module
+from allspark.server import IdentityClaim, ServerService
+from allspark.store import StoreError
 
 
 class IdentityClaimTests(unittest.SynchronousTestCase):
@@ -43,3 +50,98 @@ class IdentityClaimTests(unittest.SynchronousTestCase):
             claim.claim(force=False)
         self.assertIn("--force", str(refused.exception))
         claim.claim(force=True)
+
+
+class FakeReactor:
+    """The parts of the reactor ServerService uses when a start fails."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self.stops = 0
+
+    def stop(self) -> None:
+        self.stops += 1
+
+    def callWhenRunning(self, fn: Any) -> None:
+        fn()
+
+
+class SlowStore:
+    """A store whose start() the test fails or finishes by hand."""
+
+    def __init__(self) -> None:
+        self.starting: Deferred[None] = Deferred()
+        self.closed = 0
+
+    def start(self) -> Deferred[None]:
+        return self.starting
+
+    def close(self) -> Deferred[None]:
+        self.closed += 1
+        return succeed(None)
+
+
+class FailedStartTests(unittest.SynchronousTestCase):
+    """A start that fails exits with status 1 and one line on stderr, having
+    given back the identity claim (e2e: tests/e2e/test_operator.py)."""
+
+    def service(self) -> tuple[ServerService, SlowStore, FakeReactor, list[int], list[str]]:
+        data_dir = tempfile.mkdtemp(prefix="allspark-start-")
+        self.addCleanup(shutil.rmtree, data_dir)
+        store = SlowStore()
+        config = SimpleNamespace(data_dir=data_dir, host="127.0.0.1", port=8080, server_id="127.0.0.1:8080",
+                                 force=False, listen=("tcp:8080:interface=127.0.0.1",))
+        reactor = FakeReactor()
+        service = ServerService(SimpleNamespace(config=config, store=store), None, reactor)  # type: ignore[arg-type]
+        statuses: list[int] = []
+        service.exit_status_on_failure = statuses.append
+        said: list[str] = []
+        self.patch(server_module, "say_on_stderr", said.append)
+        return service, store, reactor, statuses, said
+
+    def test_a_store_failing_later_stops_the_reactor_with_status_1(self) -> None:
+        service, store, reactor, statuses, said = self.service()
+        service.startService()
+        self.assertTrue(os.path.exists(service.claim.path))
+        store.starting.errback(StoreError("could not open 'x.db': locked by another process for 30s"))
+        self.assertEqual(said, ["allspark: cannot start: cannot open the store: could not open 'x.db': "
+                                "locked by another process for 30s"])
+        self.assertEqual(statuses, [1])
+        self.assertEqual(reactor.stops, 1)  # stopping runs stopService, which releases the claim
+
+    def test_a_store_failing_at_once_raises_system_exit_and_gives_the_claim_back(self) -> None:
+        service, store, reactor, statuses, said = self.service()
+        store.starting.errback(StoreError("'x.db' has schema version 999, newer than this code's 3"))
+        with self.assertRaises(SystemExit) as exited:
+            service.startService()
+        self.assertEqual(exited.exception.code, 1)
+        self.assertEqual(said, ["allspark: cannot start: cannot open the store: 'x.db' has schema version "
+                                "999, newer than this code's 3"])
+        self.assertFalse(os.path.exists(service.claim.path))
+        self.assertEqual(store.closed, 1)
+        self.assertEqual((statuses, reactor.stops), ([], 0))
+
+    def test_a_claim_held_by_a_crash_is_one_line_and_status_1(self) -> None:
+        service, store, reactor, statuses, said = self.service()
+        with open(service.claim.path, "w") as f:
+            json.dump({"pid": 2**22 + 12345, "server_id": "127.0.0.1:8080"}, f)
+        with self.assertRaises(SystemExit) as exited:
+            service.startService()
+        self.assertEqual(exited.exception.code, 1)
+        self.assertEqual(len(said), 1)
+        self.assertIn("start with --force", said[0])
+        self.assertTrue(os.path.exists(service.claim.path))  # the crashed server's claim stays
+
+
+class DataModeTests(unittest.SynchronousTestCase):
+    def test_claim_file_and_data_dir_are_private(self) -> None:
+        parent = tempfile.mkdtemp(prefix="allspark-claim-")
+        self.addCleanup(shutil.rmtree, parent)
+        previous = os.umask(0o022)
+        try:
+            claim = IdentityClaim(os.path.join(parent, "data"), "127.0.0.1", 8080, "127.0.0.1:8080")
+            claim.claim(force=False)
+        finally:
+            os.umask(previous)
+        self.assertEqual(stat.S_IMODE(os.stat(claim.path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(claim.path)).st_mode), 0o700)

@@ -867,7 +867,10 @@ class SQLiteStore:
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         for name in (self.path, self.path + "-wal", self.path + "-shm"):
             _owner_only(name)  # also the files an older version made 0644
-        conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open {self.path!r}: {e}") from e
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
         return conn
 
@@ -941,6 +944,9 @@ class SQLiteStore:
             applied: list[int] = await self._until_unlocked(conn, self._migrate)
             if self._closing:
                 raise StoreError("store closed while it was opening")
+        except sqlite3.Error as e:  # e.g. not a database: say which file
+            conn.close()
+            raise StoreError(f"cannot open {self.path!r}: {e}") from e
         except BaseException:
             conn.close()
             raise
