@@ -139,7 +139,11 @@ class InboxPage:
 
     ``messages`` are in ``seq`` order, all with ``seq > after``.
     ``last_seq`` is the highest seq ever assigned in this inbox/stream (0 when
-    none).  ``purged_upto`` is the highest seq removed by retention rather than
+    none) *whose message is readable*: every backend keeps a seq that a
+    writer (this process or another) has allocated but not yet made readable
+    out of it, so a reader that pages up to ``last_seq`` never steps past a
+    message it could still receive (``docs/delivery.md``, "Several writers").
+    ``purged_upto`` is the highest seq removed by retention rather than
     by an ack (0 when none): a reader whose cursor is below it has a gap that
     cannot be filled.  ``scanned_upto`` is the highest seq this page looked at
     (``after`` when it looked at nothing); a reader continues from it.  It may
