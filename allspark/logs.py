@@ -1,15 +1,32 @@
 """Logging: every Allspark module logs through :func:`logger`, whose level is
-set once by ``--log_level``; Twisted's and Autobahn's own logs are untouched."""
+set once by ``--log_level``; Twisted's and Autobahn's own logs are untouched.
+
+``--log-format=json`` writes every event (Allspark's, Twisted's, the access
+log) as one JSON object per line: ``time``, ``level``, ``namespace``,
+``message`` (the text the default format shows) and the event's own
+structured fields (``node_id``, ``client``, ``code``, ...); a failure adds
+its ``traceback``.
+"""
 
 from __future__ import annotations
 
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any
+
+import orjson
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
+    ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
     Logger,
+    formatEvent,
     globalLogPublisher,
 )
+from twisted.python.logfile import LogFile
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
           "warning": LogLevel.warn, "error": LogLevel.error, "critical": LogLevel.critical}
@@ -25,4 +42,70 @@ def logger(namespace: str) -> Logger:
 
 def set_level(name: str) -> None:
     """Set the level of every Allspark logger: debug, info, warn, error, critical."""
+    global _debug
     _predicate.setLogLevelForNamespace("", LEVELS[name])
+    _debug = LEVELS[name] <= LogLevel.debug
+
+
+_debug = False
+
+
+def debug_enabled() -> bool:
+    """Whether debug events are kept: hot paths check this before they build
+    a per-frame debug event at all."""
+    return _debug
+
+
+FORMATS = ("text", "json")
+
+#: Keys of Twisted's legacy (``twisted.python.log``) events that are
+#: bookkeeping, not fields.
+_LEGACY_KEYS = frozenset(("message", "isError", "system", "time", "format", "why", "failure", "printed"))
+
+
+def event_as_json(event: LogEvent) -> str:
+    """``event`` as one line of JSON (see the module docstring)."""
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": datetime.fromtimestamp(event.get("log_time") or 0.0, timezone.utc)
+        .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "level": getattr(level, "name", "info"),
+        "namespace": event.get("log_namespace", "-"),
+        "message": formatEvent(event),
+    }
+    for name, value in event.items():
+        if name.startswith("log_") or name in _LEGACY_KEYS or name in record:
+            continue
+        record[name] = _json_value(value)
+    failure = event.get("log_failure") or event.get("failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)
+    return orjson.dumps(record).decode() + "\n"
+
+
+def _json_value(value: Any) -> Any:
+    """``value`` as it goes into a JSON log line: JSON scalars as they are
+    (integers beyond 64 bits as text), anything else as its text."""
+    if value is None or isinstance(value, (str, float, bool)):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    return str(value)
+
+
+def json_observer(out: IO[Any]) -> ILogObserver:
+    """An observer that writes every event to ``out`` with :func:`event_as_json`."""
+    return FileLogObserver(out, event_as_json)
+
+
+def twistd_log_file(twistd_options: Any) -> IO[Any]:
+    """Where twistd would write its log: ``--logfile`` (``-`` is stdout), else
+    stdout in the foreground (``-n``) and ``twistd.log`` when daemonized."""
+    get = getattr(twistd_options, "get", None)
+    path = get("logfile") if get else None
+    if path == "-" or (not path and (get is None or get("nodaemon"))):
+        return sys.stdout
+    return LogFile.fromFullPath(path or "twistd.log")

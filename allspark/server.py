@@ -24,6 +24,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from allspark.logs import logger
 
@@ -55,6 +57,12 @@ class ServerConfig:
     data_dir: str = "data"
     force: bool = False
     max_connections: int = 10_000
+    #: connections one node may hold; one more closes its oldest with 4009
+    max_connections_per_node: int = 10
+    #: seconds a connection has to send a complete HTTP request (slowloris)
+    request_timeout: float = 10.0
+    #: peers (addresses or CIDR networks) whose X-Forwarded-For is believed
+    trusted_proxies: tuple[str, ...] = ()
     limits: SocketLimits = field(default_factory=SocketLimits)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     drain_timeout: float = 5.0
@@ -328,6 +336,17 @@ class ServerService(service.Service):
         self._ready: Deferred[None] | None = None
         #: called with the exit status when a start fails after the reactor started
         self.exit_status_on_failure: Callable[[int], None] = exit_status_after_twistd
+        #: set by ``--log-format=json``: the observer twistd logs to instead of its text one
+        self.log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Join twistd's application.  With a :attr:`log_observer`, it becomes
+        the application's log observer, which twistd starts logging to
+        (instead of its text format) right after this."""
+        super().setServiceParent(parent)
+        if self.log_observer is not None and isinstance(parent, Componentized) \
+                and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.log_observer)
 
     def startService(self) -> None:
         """Claim the identity, open the store and listen.

@@ -8,7 +8,9 @@ by the options, nothing else.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
 from typing import Any
 
 from twisted.python import usage
@@ -58,11 +60,20 @@ class Options(usage.Options):
         ["cluster-secret-file", None, None, "file holding the cluster secret "
                                             "(default: $ALLSPARK_CLUSTER_SECRET, else derived from the auth secret)"],
         ["max-connections", None, 10_000, "most client connections this server accepts", _positive_int],
+        ["max-connections-per-node", None, 10, "most connections one node_id may hold; one more closes "
+                                               "that node's oldest connection with 4009", _positive_int],
+        ["request-timeout", None, 10.0, "seconds a client has to send a complete HTTP request or WebSocket "
+                                        "handshake (and an idle keep-alive connection stays open)",
+         _positive_float],
+        ["log-format", None, "text", "text, or json (one JSON object per line, with structured fields)"],
         ["max-message-size", None, 64 * 1024, "largest frame in bytes; bigger closes with 1009", _positive_int],
         ["max-queue-bytes", None, 8 * 1024 * 1024, "send queue bound per connection in bytes", _positive_int],
         ["max-rate", None, 1000.0, "frames per second one connection may send, sustained", _positive_float],
         ["max-burst", None, 5000.0, "frames one connection may send at once before --max-rate applies",
          _positive_float],
+        ["max-refused", None, 50_000.0, "frames over the rate limit one connection may send (each refused "
+                                        "with rate_limited; drained at --max-rate per second) before it "
+                                        "is closed with 1008", _positive_float],
         ["heartbeat", None, 30.0, "seconds between WebSocket pings", _positive_float],
         ["retention-days", None, 30.0, "days an unacked message is kept", _positive_float],
         ["retention-seconds", None, None, "seconds an unacked message is kept (overrides "
@@ -85,6 +96,25 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["auth-public-key-file"] = []
+        self["trusted-proxy"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse the options.  Under twistd, a usage error is printed as one
+        short line (and a pointer to ``--help``) and exits with status 1;
+        twistd itself would print its whole help before the error."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            sys.stderr.write(f"twistd allspark: error: {e}\nRun 'twistd allspark --help' for the options.\n")
+            raise SystemExit(1) from None
+
+    def opt_trusted_proxy(self, network: str) -> None:
+        """address or CIDR network of a proxy (e.g. nginx) whose X-Forwarded-For
+        and X-Real-IP name the client, for logs (repeatable; default none:
+        the headers are never believed)"""
+        self["trusted-proxy"].append(network)
 
     def opt_listen(self, description: str) -> None:
         """endpoint to listen on, e.g. tcp:8080:interface=0.0.0.0 or
@@ -99,10 +129,18 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from allspark.auth import load_secrets
         from allspark.ids import is_valid_id
-        from allspark.logs import LEVELS
+        from allspark.logs import FORMATS, LEVELS
 
         if self["log_level"] not in LEVELS:
             raise usage.UsageError(f"--log_level must be one of {', '.join(sorted(LEVELS))}")
+        if self["log-format"] not in FORMATS:
+            raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}")
+        for network in self["trusted-proxy"]:
+            try:
+                ipaddress.ip_network(network.strip(), strict=False)
+            except ValueError:
+                raise usage.UsageError(
+                    f"--trusted-proxy {network!r} is not an IP address or CIDR network") from None
         if not 0 < self["port"] < 65536:
             raise usage.UsageError("--port must be 1-65535")
         ports = [_listen_port(d) for d in self["listen"]]
@@ -172,7 +210,7 @@ def makeService(options: Options) -> Any:
 
     from allspark.auth import AuthKeyVerifier, ValidationTokens, derive_token_key
     from allspark.inbox import DeliveryConfig
-    from allspark.logs import set_level
+    from allspark.logs import json_observer, set_level, twistd_log_file
     from allspark.server import Server, ServerConfig, ServerService
     from allspark.sessions import Sessions, session_resources
     from allspark.store import open_store
@@ -190,6 +228,7 @@ def makeService(options: Options) -> Any:
         heartbeat=options["heartbeat"],
         max_rate=options["max-rate"],
         max_burst=options["max-burst"],
+        max_refused=options["max-refused"],
         heartbeat_timeout=max(5.0, options["heartbeat"] * 2 / 3),
     )
     config = ServerConfig(
@@ -202,6 +241,9 @@ def makeService(options: Options) -> Any:
         data_dir=options["data-dir"],
         force=bool(options["force"]),
         max_connections=options["max-connections"],
+        max_connections_per_node=options["max-connections-per-node"],
+        request_timeout=options["request-timeout"],
+        trusted_proxies=tuple(options["trusted-proxy"]),
         limits=limits,
         delivery=DeliveryConfig(
             retention_ms=_retention_ms(options["retention-days"], options["retention-seconds"]),
@@ -222,4 +264,7 @@ def makeService(options: Options) -> Any:
     server.sessions = Sessions(server)
     server.router.sessions = server.sessions
     site = build_site(server, ClientFactory(server, limits), session_resources(server))
-    return ServerService(server, site, reactor)
+    service = ServerService(server, site, reactor)
+    if options["log-format"] == "json":
+        service.log_observer = json_observer(twistd_log_file(options.parent))
+    return service

@@ -17,14 +17,17 @@ Paths:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import ipaddress
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes, urlencode
 
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
 from allspark.logs import logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
 from allspark.auth import AuthError, Identity
@@ -270,8 +273,7 @@ def redact_uri(uri: bytes) -> bytes:
 def redacted_log_formatter(timestamp: str, request: IRequest) -> str:
     """twisted.web's combined log line, with credentials redacted from the
     request line and the referrer."""
-    ip = request.getClientAddress()
-    host = getattr(ip, "host", "-")
+    host = client_host(request)
     referrer = request.getHeader(b"referer")
     return '"%s" - - %s "%s %s %s" %d %s "%s" "%s"' % (
         _escape(host),
@@ -293,6 +295,226 @@ def _escape(value: str | bytes) -> str:
     return value.encode("unicode_escape").decode("ascii").replace('"', '\\"')
 
 
+#: The ``Server`` header of every answer: no software name or version.
+SERVER_NAME = b"Allspark"
+
+
+class TrustedProxies:
+    """The peers whose ``X-Forwarded-For`` and ``X-Real-IP`` headers are
+    believed (``--trusted-proxy``: addresses or CIDR networks).
+
+    A request from any other peer is that peer's, whatever its headers say.
+    From a trusted peer, ``X-Forwarded-For`` is read from the right (the hop
+    the nearest proxy saw) leftwards, skipping trusted proxies: the first
+    address that is not a trusted proxy is the client's.  Without
+    ``X-Forwarded-For``, a valid ``X-Real-IP`` is the client's.  An entry
+    that is not an IP address ends the walk at the hop before it.
+    """
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        self.networks = tuple(ipaddress.ip_network(n.strip(), strict=False) for n in networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, address: "ipaddress.IPv4Address | ipaddress.IPv6Address | None") -> bool:
+        """Whether ``address`` is one of the trusted proxies."""
+        return address is not None and any(address in network for network in self.networks)
+
+    def client_address(self, peer: str, forwarded_for: Iterable[str] = (), real_ip: str | None = None) -> str:
+        """The client's address for a connection from ``peer`` (an IP
+        address) with these header values."""
+        peer_ip = parse_ip(peer)
+        if not self.trusts(peer_ip):
+            return _show_ip(peer_ip) if peer_ip is not None else peer
+        hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
+        if not hops and real_ip:
+            hops = [real_ip.strip()]
+        client = peer_ip
+        for hop in reversed(hops):
+            hop_ip = parse_ip(hop)
+            if hop_ip is None:
+                break
+            client = hop_ip
+            if not self.trusts(hop_ip):
+                break
+        return _show_ip(client)
+
+
+def parse_ip(text: str) -> "ipaddress.IPv4Address | ipaddress.IPv6Address | None":
+    """``text`` as an IP address (an IPv4-mapped IPv6 address as IPv4; a
+    port, as some proxies add, is dropped), or None."""
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1:text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.partition(":")[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _show_ip(address: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> str:
+    return str(address)
+
+
+def client_host(request: IRequest) -> str:
+    """The address of the client that sent ``request``: the peer's, or what a
+    trusted proxy says it is (see :class:`TrustedProxies`)."""
+    peer = getattr(request.getClientAddress(), "host", None)
+    if peer is None:
+        return "-"
+    proxies: TrustedProxies | None = getattr(getattr(request, "site", None), "trusted_proxies", None)
+    if not proxies:
+        return peer
+    headers = request.requestHeaders
+    real_ip = headers.getRawHeaders(b"x-real-ip")
+    return proxies.client_address(
+        peer,
+        [v.decode("latin-1") for v in headers.getRawHeaders(b"x-forwarded-for") or ()],
+        real_ip[-1].decode("latin-1") if real_ip else None,
+    )
+
+
+class AllsparkRequest(server.Request):
+    """A twisted.web request whose answers say ``Server: Allspark``
+    (twisted.web would name itself and its version)."""
+
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        if (name.lower() if isinstance(name, bytes) else name.lower().encode()) == b"server":
+            value = SERVER_NAME
+        super().setHeader(name, value)
+
+
+#: Reason phrases twisted.web's table lacks (or spells the old way).
+_PHRASES = {408: b"Request Timeout", 426: b"Upgrade Required", 429: b"Too Many Requests"}
+
+
+def raw_json_answer(status: int, body: dict[str, Any], headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A complete HTTP/1.1 answer with a JSON ``body`` that closes the
+    connection, for the places that write to a socket themselves (refused
+    WebSocket handshakes, the request deadline)."""
+    data = orjson.dumps(body)
+    phrase = (_PHRASES.get(status) or http.RESPONSES.get(status, b"Error")).decode("latin-1")
+    head = [f"HTTP/1.1 {status} {phrase}", f"Server: {SERVER_NAME.decode()}",
+            f"Date: {http.datetimeToString().decode()}", "Content-Type: application/json",
+            f"Content-Length: {len(data)}", "Cache-Control: no-store", "Connection: close",
+            *(f"{name}: {value}" for name, value in headers)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + data
+
+
+class DeadlineChannel(http.HTTPChannel):
+    """twisted.web's HTTP channel with an absolute deadline for each request.
+
+    twisted.web's own timeout is an idle timeout, restarted by every byte: a
+    client that trickles one header byte a second (slowloris) would hold its
+    socket forever.  Here a connection must deliver a complete request (head
+    and body; for the WebSocket, the opening handshake) within the site's
+    ``request_timeout`` seconds of opening, or of the end of its previous
+    answer.  A request still incomplete then is answered 408
+    ``request_timeout``; an idle keep-alive connection is closed without a
+    word.  Either way the socket is cut 2 s later if it has not gone.
+    """
+
+    site: "AllsparkSite"
+    _deadline: IDelayedCall | None = None
+    _abort: IDelayedCall | None = None
+    _partial = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        self._stop_deadline()
+        self._partial = False
+        self._deadline = self.callLater(self.site.request_timeout, self._deadline_passed)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._partial = True
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        # the request is complete: handling it (or the WebSocket that takes
+        # the socket over) has no deadline here
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def requestDone(self, request: IRequest) -> None:
+        if self.persistent:  # the next request's clock starts now
+            self._start_deadline()
+        super().requestDone(request)
+
+    def _deadline_passed(self) -> None:
+        self._deadline = None
+        transport = self.transport
+        if transport is None:
+            return
+        log.debug("closing HTTP connection from {client}: no complete request within {timeout}s",
+                  client=getattr(transport.getPeer(), "host", "-"), timeout=self.site.request_timeout,
+                  partial=self._partial)
+        if self._partial:
+            transport.write(raw_json_answer(408, {"error": "request_timeout",
+                                                  "message": "the request did not arrive in time"}))
+        self.loseConnection()
+        self._abort = self.callLater(2.0, transport.abortConnection)
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_deadline()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        self._abort = None
+        super().connectionLost(reason)
+
+
+#: The HTTP access log: one event per answered request, with structured
+#: fields (``client``, ``method``, ``uri`` without credentials, ``status``,
+#: ``size``, ``user_agent``).  Not filtered by ``--log_level``, as before.
+access_log = Logger(namespace="allspark.access")
+
+
+class AllsparkSite(server.Site):
+    """The one site: ``Server: Allspark`` on every answer, a deadline for
+    every request (:class:`DeadlineChannel`), client addresses through
+    trusted proxies, and an access log without credentials."""
+
+    requestFactory = AllsparkRequest
+
+    def __init__(self, root: resource.Resource, request_timeout: float = 10.0,
+                 trusted_proxies: TrustedProxies | None = None) -> None:
+        super().__init__(root, logFormatter=redacted_log_formatter)
+        self.request_timeout = request_timeout
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
+
+    def protocol(self) -> DeadlineChannel:  # type: ignore[override]
+        return DeadlineChannel()
+
+    def log(self, request: IRequest) -> None:  # type: ignore[override]
+        """One access log event for ``request`` (the combined log format as
+        its text, the parts as fields)."""
+        line = redacted_log_formatter(self._logDateTime or "-", request)
+        referrer = request.getHeader(b"referer")
+        access_log.info(
+            line.replace("{", "{{").replace("}", "}}"),  # the line is the text, not a format
+            client=client_host(request),
+            referrer=redact_uri(referrer).decode("latin-1") if referrer else None,
+            method=request.method.decode("latin-1"),
+            uri=redact_uri(request.uri).decode("latin-1"),
+            status=request.code,
+            size=request.sentLength,
+            user_agent=(request.getHeader(b"user-agent") or b"-").decode("latin-1"),
+        )
+
+
 def build_site(srv: "Server", ws_factory: "ClientFactory", extra: dict[bytes, resource.Resource] | None = None) -> server.Site:
     """The one site that serves HTTP and the WebSocket on one port."""
     root = Root(srv)
@@ -303,7 +525,7 @@ def build_site(srv: "Server", ws_factory: "ClientFactory", extra: dict[bytes, re
     root.putChild(srv.config.ws_path.encode(), SocketResource(ws_factory))
     for path, child in (extra or {}).items():
         root.putChild(path, child)
-    site = server.Site(root, logFormatter=redacted_log_formatter)
+    site = AllsparkSite(root, srv.config.request_timeout, TrustedProxies(srv.config.trusted_proxies))
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -24,14 +24,14 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
-from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from allspark import wsmask
 from allspark.auth import AuthError, Identity
 from allspark.envelope import Control, FrameError, Message, encode, error_frame, parse_frame
-from allspark.logs import logger
+from allspark.logs import debug_enabled, logger
 from allspark.router import Sender
+from allspark.web import TrustedProxies, raw_json_answer
 
 if TYPE_CHECKING:
     from allspark.server import Server
@@ -40,7 +40,9 @@ log = logger(__name__)
 wsmask.install()
 
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
 CLOSE_QUEUE_OVERFLOW = 4008
+CLOSE_REPLACED = 4009
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class SocketLimits:
     max_rate: float = 1000.0
     #: frames a connection may send at once before the rate applies
     max_burst: float = 5000.0
+    #: frames refused over the rate (draining at ``max_rate``) before the connection is closed with 1008
+    max_refused: float = 50_000.0
 
 
 @implementer(IPushProducer)
@@ -76,7 +80,12 @@ class ClientProtocol(WebSocketServerProtocol):
         self._registered = False
         self._tokens = -1.0  # a full bucket at the first frame (see _take_token)
         self._refilled = 0.0
+        self._refused_frames = 0.0  # frames refused over the rate, draining (see _refuse_over_rate)
+        self._refused_at = 0.0
         self._refusal: tuple[str, str] | None = None
+        #: the client's address (through trusted proxies), known at the handshake
+        self.client_address = "-"
+        self._opened_at: float | None = None
         # (bytes, Deferred): fired once the send queue holds at most that many
         self._drain_waiters: list[tuple[int, Deferred[None]]] = []
 
@@ -88,6 +97,7 @@ class ClientProtocol(WebSocketServerProtocol):
         draining or full) and are answered by :meth:`sendHttpErrorResponse`
         with a JSON body."""
         server = self.factory.app
+        self.client_address = self._client_address(request.headers)
         if server.draining:
             self._deny(503, "unavailable", "server is shutting down")
         if len(server.registry) >= server.config.max_connections:
@@ -99,12 +109,35 @@ class ClientProtocol(WebSocketServerProtocol):
             identity = server.verifier.verify(key, server.clock.seconds())
             server.tokens.redeem(token, identity.node_id)
         except AuthError as e:
-            log.info("refused handshake from {peer}: {code}", peer=request.peer, code=e.code)
             self._deny(401, e.code, str(e))
         self.identity = identity
         self.node_id = identity.node_id
         self.client_id = identity.client_id
         self.sender = Sender(identity.node_id, identity.client_id)
+
+    def _client_address(self, headers: dict[str, str]) -> str:
+        """The client's address: the peer's, or what a trusted proxy says in
+        ``headers`` (the handshake's, names in lower case)."""
+        peer = getattr(self.transport.getPeer(), "host", None) or "-"
+        proxies = self.factory.trusted_proxies
+        if not proxies:
+            return peer
+        return proxies.client_address(peer, [headers.get("x-forwarded-for", "")], headers.get("x-real-ip"))
+
+    def failHandshake(self, reason: str, code: int = 400,
+                      responseHeaders: list[tuple[str, str]] | None = None) -> None:
+        """Refuse the handshake: one log line (the client, the status and the
+        error code, never the credentials), the JSON answer, then the
+        connection closes.  Autobahn's own lines for it are left out."""
+        error = self._refusal[0] if self._refusal is not None else ("bad_handshake" if code < 500 else "internal_error")
+        if self.client_address == "-":  # refused before onConnect (a malformed handshake)
+            self.client_address = self._client_address(getattr(self, "http_headers", None) or {})
+        log.info("refused handshake from {client}: {status} {code}", client=self.client_address,
+                 status=code, code=error, reason=reason if self._refusal is None else None)
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.wasClean = True  # the refusal is ours: Autobahn need not warn about the close
+        self.dropConnection(abort=False)
 
     def _deny(self, status: int, code: str, message: str) -> NoReturn:
         """Refuse the handshake with ``status`` and a JSON ``{"error": code,
@@ -124,15 +157,10 @@ class ClientProtocol(WebSocketServerProtocol):
             error, message = "internal_error", "the server could not accept this connection"
         else:
             error, message = "bad_handshake", reason
-        body = encode({"error": error, "message": message})
-        phrase = RESPONSES.get(code, b"Error").decode("latin-1")
-        head = [f"HTTP/1.1 {code} {phrase}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}", "Cache-Control: no-store", "Connection: close"]
-        if code == 426:
-            head.append("Upgrade: websocket")
-        for name, value in responseHeaders or ():
-            head.append(f"{name}: {value}")
-        self.sendData(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+        headers = list(responseHeaders or ())
+        if code == 426 and not any(name.lower() == "upgrade" for name, _ in headers):
+            headers.append(("Upgrade", "websocket"))
+        self.sendData(raw_json_answer(code, {"error": error, "message": message}, headers))
 
     def onOpen(self) -> None:
         """Take over back-pressure, register the connection and send hello.
@@ -156,6 +184,10 @@ class ClientProtocol(WebSocketServerProtocol):
         self.transport.registerProducer(self, True)
         server.registry.add(self)
         self._registered = True
+        self._opened_at = server.clock.seconds()
+        log.info("connected {node_id} from {client}", node_id=self.node_id, client_id=self.client_id,
+                 client=self.client_address, connections=len(server.registry))
+        self._replace_oldest(server)
         hello: dict[str, Any] = {
             "op": "hello",
             "node_id": self.node_id,
@@ -168,10 +200,58 @@ class ClientProtocol(WebSocketServerProtocol):
         self.send(encode(hello))
         server.on_connected(self)
 
+    def _replace_oldest(self, server: "Server") -> None:
+        """``--max-connections-per-node``: when this connection is one too
+        many for its node, the node's oldest connections are closed with
+        4009; the newest connection is the one a reconnecting device uses."""
+        conns = server.registry.connections(self.node_id)
+        for old in conns[: max(0, len(conns) - server.config.max_connections_per_node)]:
+            if isinstance(old, ClientProtocol) and old is not self:
+                old.close_for_policy(
+                    CLOSE_REPLACED, "replaced: too many connections for this node",
+                    limit=server.config.max_connections_per_node)
+
+    def close_for_policy(self, code: int, reason: str, **fields: Any) -> None:
+        """Close this connection at once with ``code`` and ``reason``: it
+        leaves the registry now (nothing more is routed to it), its queue is
+        dropped, and the socket is cut if the close frame is not answered
+        within 2 s."""
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return
+        log.info("closing {node_id} from {client}: {code} {reason}", node_id=self.node_id,
+                 client=self.client_address, code=code, reason=reason, **fields)
+        self._unregister()
+        self._queue.clear()
+        self._queued = 0
+        # sendCloseFrame, not sendClose: Autobahn's sendClose refuses 1008
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:120], isReply=False)
+        self.factory.app.clock.callLater(2.0, self.dropConnection, abort=True)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._unregister()
         self._queue.clear()
         self._queued = 0
+        if self._opened_at is not None:
+            opened_at, self._opened_at = self._opened_at, None
+            code, reason, closed_by = self._how_closed(code, reason)
+            log.info("disconnected {node_id} from {client}: {code} after {duration}s",
+                     node_id=self.node_id, client_id=self.client_id, client=self.client_address,
+                     code=code, reason=reason, closed_by=closed_by,
+                     duration=round(self.factory.app.clock.seconds() - opened_at, 3))
+
+    def _how_closed(self, code: int | None, reason: str | None) -> tuple[int | None, str | None, str]:
+        """The close code and reason that ended this connection, and who
+        closed it: ``server`` (its close frame, or a drop), ``client``, or
+        ``network`` (the TCP connection went without a close frame: 1006)."""
+        if self.closedByMe and self.localCloseCode is not None:
+            code, reason, closed_by = self.localCloseCode, self.localCloseReason, "server"
+        elif self.remoteCloseCode is not None:
+            code, reason, closed_by = self.remoteCloseCode, self.remoteCloseReason, "client"
+        else:
+            closed_by = "server" if self.droppedByMe else "network"
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        return code, reason or None, closed_by
         self._fail_drain_waiters()
 
     def _unregister(self) -> None:
@@ -190,21 +270,65 @@ class ClientProtocol(WebSocketServerProtocol):
         self.message_data = None
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        limited = not self._take_token()  # every frame counts, malformed ones too
+        if not self._take_token():  # every frame counts, malformed ones too
+            self._refuse_over_rate(payload, isBinary)
+            return
         try:
             frame = parse_frame(payload, isBinary)
         except FrameError as e:
+            if debug_enabled():
+                log.debug("bad frame from {node_id}: {code}", node_id=self.node_id, code=e.code,
+                          size=len(payload), id=e.frame_id)
             self.send(e.to_frame())
             return
-        if limited:
-            self.send(error_frame("rate_limited", "too many frames: slow down", frame.id))
-            return
+        if debug_enabled():
+            self._log_frame(frame, len(payload))
         if isinstance(frame, Message):
             assert self.sender is not None
             d = self.factory.app.router.route(self.sender, frame)
             d.addCallbacks(self.send, self._refused, errbackArgs=(frame.id,))
         else:
             ensureDeferred(self._control(frame)).addErrback(self._refused, frame.id)
+
+    def _refuse_over_rate(self, payload: bytes, isBinary: bool) -> None:
+        """Answer a frame over the rate limit with ``rate_limited`` (and its
+        ``id`` when it has one), unhandled.
+
+        Refusals are bounded too: they fill a second bucket of
+        ``max_refused`` frames that drains at ``max_rate`` per second.  A
+        connection that overflows it (one that goes on sending at more than
+        twice the rate) is closed with 1008 (policy violation) instead of
+        being answered frame after frame."""
+        if self.state != WebSocketServerProtocol.STATE_OPEN:
+            return  # closing: nothing more is answered
+        limits = self.factory.limits
+        now = self.factory.app.clock.seconds()
+        drained = max(0.0, now - self._refused_at) * limits.max_rate
+        self._refused_frames = max(0.0, self._refused_frames - drained) + 1.0
+        self._refused_at = now
+        if self._refused_frames > limits.max_refused:
+            self.close_for_policy(CLOSE_POLICY_VIOLATION, "rate limit exceeded: too many frames",
+                                  max_rate=limits.max_rate, max_refused=limits.max_refused)
+            return
+        try:
+            frame_id = parse_frame(payload, isBinary).id
+        except FrameError as e:
+            frame_id = e.frame_id
+        if debug_enabled():
+            log.debug("rate limited a frame from {node_id}", node_id=self.node_id, id=frame_id,
+                      size=len(payload))
+        self.send(error_frame("rate_limited", "too many frames: slow down", frame_id))
+
+    def _log_frame(self, frame: Message | Control, size: int) -> None:
+        """One debug event per frame: what it asks for, never its content."""
+        if isinstance(frame, Message):
+            log.debug("message from {node_id}: id={id} to {dest}", node_id=self.node_id, id=frame.id,
+                      dest=frame.dest_id or frame.dest_client_id or frame.dest_session_id,
+                      dest_kind="dest_id" if frame.dest_id else "dest_client_id" if frame.dest_client_id
+                      else "dest_session_id", ephemeral=frame.ephemeral, size=size)
+        else:
+            log.debug("{op} from {node_id}: id={id}", op=frame.op, node_id=self.node_id, id=frame.id,
+                      size=size)
 
     def _take_token(self) -> bool:
         """The rate limit: a token bucket of ``max_burst`` frames refilled at
@@ -235,6 +359,9 @@ class ClientProtocol(WebSocketServerProtocol):
             error = failure.value
             if error.frame_id is None:
                 error.frame_id = frame_id
+            if debug_enabled():
+                log.debug("answered {node_id} with error {code}", node_id=self.node_id, code=error.code,
+                          id=error.frame_id)
             self.send(error.to_frame())
             return
         self._unexpected(failure, frame_id)
@@ -349,10 +476,12 @@ class ClientFactory(WebSocketServerFactory):
 
     protocol = ClientProtocol
 
-    def __init__(self, server: "Server", limits: SocketLimits, url: str | None = None) -> None:
+    def __init__(self, server: "Server", limits: SocketLimits, url: str | None = None,
+                 trusted_proxies: TrustedProxies | None = None) -> None:
         super().__init__(url=url, reactor=server.clock, server="Allspark")
         self.app = server
         self.limits = limits
+        self.trusted_proxies = trusted_proxies or TrustedProxies(server.config.trusted_proxies)
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_size,
             maxMessagePayloadSize=limits.max_message_size,

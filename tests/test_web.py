@@ -1,4 +1,5 @@
-"""HTTP pieces without sockets: the access log never holds credentials."""
+"""HTTP pieces without sockets: the access log never holds credentials;
+client addresses through trusted proxies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from twisted.internet.address import IPv4Address
 from twisted.trial import unittest
 from twisted.web.test.requesthelper import DummyRequest
 
-from allspark.web import redact_uri, redacted_log_formatter
+from allspark.web import TrustedProxies, redact_uri, redacted_log_formatter
 
 
 class RedactionTests(unittest.SynchronousTestCase):
@@ -49,3 +50,38 @@ class ProxyBaseTests(unittest.SynchronousTestCase):
         self.assertEqual(proxy_base("message-server1-8080.example.com"), "ws://message-server1-8080.example.com")
         self.assertEqual(proxy_base("wss://chat.example.com/"), "wss://chat.example.com")
         self.assertEqual(proxy_base("ws://10.0.0.5:80"), "ws://10.0.0.5:80")
+
+
+class TrustedProxiesTests(unittest.SynchronousTestCase):
+    """``--trusted-proxy``: forwarded addresses are believed from trusted
+    peers only, read from the nearest hop outwards."""
+
+    proxies = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "fd00::/8"])
+
+    def test_untrusted_peer_is_the_client_whatever_it_says(self) -> None:
+        self.assertEqual(self.proxies.client_address("192.0.2.1", ["203.0.113.7"], "203.0.113.8"), "192.0.2.1")
+        self.assertEqual(TrustedProxies().client_address("127.0.0.1", ["203.0.113.7"]), "127.0.0.1")
+
+    def test_forwarded_for_from_a_trusted_peer(self) -> None:
+        cases = {
+            ("203.0.113.7",): "203.0.113.7",
+            ("203.0.113.7, 10.1.2.3",): "203.0.113.7",  # through two trusted proxies
+            ("198.51.100.1, 203.0.113.7, 10.1.2.3",): "203.0.113.7",  # the leftmost one is the client's word
+            ("198.51.100.1", "203.0.113.7"): "203.0.113.7",  # the header given twice
+            ("10.9.9.9, 10.1.2.3",): "10.9.9.9",  # only proxies: the farthest one
+            ("garbage, 10.1.2.3",): "10.1.2.3",  # the walk stops at what is not an address
+            ("203.0.113.7:4711",): "203.0.113.7",
+            ("[2001:db8::1]:4711",): "2001:db8::1",
+            ("",): "127.0.0.1",
+        }
+        for header, client in cases.items():
+            self.assertEqual(self.proxies.client_address("127.0.0.1", list(header)), client, header)
+
+    def test_real_ip_when_there_is_no_forwarded_for(self) -> None:
+        self.assertEqual(self.proxies.client_address("10.0.0.1", [], "198.51.100.4"), "198.51.100.4")
+        self.assertEqual(self.proxies.client_address("10.0.0.1", ["203.0.113.7"], "198.51.100.4"), "203.0.113.7")
+        self.assertEqual(self.proxies.client_address("10.0.0.1", [], "not-an-ip"), "10.0.0.1")
+
+    def test_ipv4_mapped_and_ipv6_peers(self) -> None:
+        self.assertEqual(self.proxies.client_address("::ffff:127.0.0.1", ["203.0.113.7"]), "203.0.113.7")
+        self.assertEqual(self.proxies.client_address("fd00::5", ["2001:db8::7"]), "2001:db8::7")

@@ -33,7 +33,7 @@ class OnOpenTests(unittest.SynchronousTestCase):
         server = SimpleNamespace(
             registry=Registry(),
             clock=Clock(),
-            config=SimpleNamespace(server_id="s1"),
+            config=SimpleNamespace(server_id="s1", max_connections_per_node=10),
             on_connected=on_connected,
             on_disconnected=lambda conn: None,
         )
