@@ -32,6 +32,20 @@ def _positive_float(value: str) -> float:
     return number
 
 
+class _NamedParameter(usage.CoerceParameter):
+    """twistd's coercion of an option value, with a usage error that names
+    the option and the value (twistd's says only "Parameter type
+    enforcement failed")."""
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        if value is None:
+            raise usage.UsageError(f"--{parameterName} requires a value")
+        try:
+            self.options.opts[parameterName] = self.coerce(value)
+        except ValueError as e:
+            raise usage.UsageError(f"--{parameterName}={value}: {e}") from None
+
+
 class Options(usage.Options):
     """Command-line options of ``twistd allspark``."""
 
@@ -97,6 +111,9 @@ class Options(usage.Options):
         self["listen"] = []
         self["auth-public-key-file"] = []
         self["trusted-proxy"] = []
+        for name, handler in list(self._dispatch.items()):
+            if type(handler) is usage.CoerceParameter:
+                self._dispatch[name] = _NamedParameter(self, handler.coerce)
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse the options.  Under twistd, a usage error is printed as one

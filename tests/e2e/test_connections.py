@@ -334,5 +334,6 @@ class LogTests(unittest.TestCase):
             self.assertEqual(result.returncode, 1, bad)
             lines = result.stdout.decode().strip().splitlines()
             self.assertTrue(lines[0].startswith("twistd allspark: error: "), (bad, lines[:3]))
+            self.assertIn(bad.split("=")[0], lines[0])  # it names the option
             self.assertLessEqual(len(lines), 2, bad)
 
