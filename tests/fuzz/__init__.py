@@ -17,13 +17,14 @@ fail, and a hang is caught by the tests' own time bounds instead.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 
-from tests.support import ROOT
+from tests.support import ROOT, ServerProcess
 
 #: Examples per property when ``ALLSPARK_FUZZ_EXAMPLES`` is not set.
 DEFAULT_EXAMPLES = 60
@@ -62,3 +63,35 @@ def documented_error_codes() -> frozenset[str]:
 
 #: Codes that report a failure of the server, never an answer to bad input.
 SERVER_FAILURE_CODES = frozenset({"internal_error"})
+
+
+#: Marks of a failure the server logged (a traceback, an unhandled error).
+FAILURE_MARKS = ("Traceback", "Unhandled")
+
+#: Seconds one HTTP request may take before it counts as a hang.
+REQUEST_TIMEOUT = 10.0
+
+
+def http_call(server: ServerProcess, method: str, url: str, body: bytes | None = None,
+              headers: dict[str, str] | None = None, chunked: bool = False) -> tuple[int, bytes]:
+    """One HTTP request to ``server`` on a new connection; its status and
+    body.  Raises on a timeout (a hang) or a connection the server closed."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_TIMEOUT)
+    try:
+        if chunked:
+            conn.request(method, url, body=iter([body]) if body else None, headers=dict(headers or {}),
+                         encode_chunked=True)
+        else:
+            conn.request(method, url, body=body, headers=dict(headers or {}))
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def log_since(server: ServerProcess, offset: int) -> tuple[str, int]:
+    """What ``server`` logged from byte ``offset`` on, and the offset of its end."""
+    with open(server.log_path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    return data.decode("utf-8", "replace"), offset + len(data)

@@ -29,12 +29,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from allspark.envelope import CONTROL_OPS
-from tests.fuzz import fuzz_settings
+from tests.fuzz import FAILURE_MARKS, fuzz_settings, http_call, log_since
 from tests.fuzz.test_frames import EDGE_INTS, ID_LIKE, json_values
 from tests.support import SECRET, ServerProcess, key
-
-#: Seconds one request may take before it counts as a hang.
-REQUEST_TIMEOUT = 10.0
 
 SESSION_PATHS = ["/" + op for op in ("create_session", "join_session", "unjoin_session", "get_session_info",
                                      "reveal_anonymity", "set_master", "my_sessions")]
@@ -49,9 +46,6 @@ ARG_NAMES = sorted({"auth_key", "get_pre_connection_info", "need_proxy", "valida
 #: Bytes of request line and headers twisted.web reads; over it, it answers a
 #: bare 400 and closes the connection (while the client may still be writing).
 MAX_HEAD_BYTES = 16384
-
-#: Lines a server that failed somewhere writes to its log.
-FAILURE_MARKS = ("Traceback", "Unhandled")
 
 
 def b64url(data: bytes) -> str:
@@ -243,28 +237,13 @@ class HTTPFuzzTests(unittest.TestCase):
     @classmethod
     def call(cls, method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None,
              chunked: bool = False) -> tuple[int, bytes]:
-        """One request on a new connection; its status and body.  A timeout
-        raises (a hang)."""
-        conn = http.client.HTTPConnection("127.0.0.1", cls.server.port, timeout=REQUEST_TIMEOUT)
-        try:
-            headers = dict(headers or {})
-            if chunked:
-                conn.request(method, url, body=iter([body]) if body else None, headers=headers,
-                             encode_chunked=True)
-            else:
-                conn.request(method, url, body=body, headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        """One request to the class's server (see :func:`tests.fuzz.http_call`)."""
+        return http_call(cls.server, method, url, body, headers, chunked)
 
     def new_log(self) -> str:
         """What the server logged since the last call."""
-        with open(self.server.log_path, "rb") as f:
-            f.seek(type(self).log_offset)
-            data = f.read()
-        type(self).log_offset += len(data)
-        return data.decode("utf-8", "replace")
+        log, type(self).log_offset = log_since(self.server, type(self).log_offset)
+        return log
 
     def check(self, request: dict[str, Any]) -> None:
         """Send ``request``; a JSON object with a 2xx/4xx status, and nothing

@@ -42,6 +42,19 @@ def recipients_of(sender: str, dest_id: str | None, dest_client_id: str | None) 
     return [n for n in dict.fromkeys(nodes) if n != sender]
 
 
+class RecordingConnection(ControlConnection):
+    """A fake connection that also keeps every frame it is sent as bytes,
+    in order (``sent``), for the model to read."""
+
+    def __init__(self, node_id: str, client_id: str | None = None) -> None:
+        super().__init__(node_id, client_id)
+        self.sent: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        super().send(frame)
+        self.sent.append(frame)
+
+
 class DeliveryMachine(RuleBasedStateMachine):
     """The model: what was accepted for whom, what each node received."""
 
@@ -52,7 +65,7 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.world = build_world()
         for node_id, client_id in NODES.items():
             self.world.store.remember_node(node_id, client_id, 0)
-        self.conns: dict[str, list[ControlConnection]] = {n: [] for n in NODES}
+        self.conns: dict[str, list[RecordingConnection]] = {n: [] for n in NODES}
         self.read: dict[int, int] = {}  # how many frames of each connection were read (by id())
         self.received: dict[str, dict[int, str]] = {n: {} for n in NODES}  # node -> seq -> payload
         self.expected: dict[str, set[str]] = {n: set() for n in NODES}  # node -> durable payloads accepted
@@ -61,11 +74,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         self.counter = 0
 
     # -- helpers ------------------------------------------------------------
-    def conn_of(self, node_id: str) -> ControlConnection:
+    def conn_of(self, node_id: str) -> RecordingConnection:
         """A connection of ``node_id``: a live one, or a disconnected one
         (a control frame can still arrive from a socket that just closed)."""
         live = self.conns[node_id]
-        return live[0] if live else ControlConnection(node_id, NODES[node_id])
+        return live[0] if live else RecordingConnection(node_id, NODES[node_id])
 
     def collect(self) -> None:
         """Read what every connection was written since last time into the
@@ -73,11 +86,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         for node_id, conns in self.conns.items():
             for conn in conns:
                 start = self.read.get(id(conn), 0)
-                for raw in conn.frames[start:]:
+                for raw in conn.sent[start:]:
                     frame = orjson.loads(raw)
                     if "seq" in frame and "op" not in frame:
                         self.saw(node_id, frame)
-                self.read[id(conn)] = len(conn.frames)
+                self.read[id(conn)] = len(conn.sent)
 
     def saw(self, node_id: str, frame: dict[str, Any]) -> None:
         assert frame["dest_id"] == node_id, frame
@@ -115,7 +128,7 @@ class DeliveryMachine(RuleBasedStateMachine):
     @rule(node_id=st.sampled_from(sorted(NODES)))
     def connect(self, node_id: str) -> None:
         if len(self.conns[node_id]) < 2:
-            conn = ControlConnection(node_id, NODES[node_id])
+            conn = RecordingConnection(node_id, NODES[node_id])
             self.world.server.registry.add(conn)
             self.conns[node_id].append(conn)
 
