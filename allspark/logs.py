@@ -86,13 +86,18 @@ def event_as_json(event: LogEvent) -> str:
     return orjson.dumps(record).decode() + "\n"
 
 
-def _json_value(value: Any) -> Any:
-    """``value`` as it goes into a JSON log line: JSON scalars as they are
-    (integers beyond 64 bits as text), anything else as its text."""
+def _json_value(value: Any, depth: int = 0) -> Any:
+    """``value`` as it goes into a JSON log line: JSON scalars, lists and
+    objects as they are (integers beyond 64 bits as text), anything else as
+    its text."""
     if value is None or isinstance(value, (str, float, bool)):
         return value
     if isinstance(value, int):
         return value if -(2**63) <= value < 2**64 else str(value)
+    if depth < 8 and isinstance(value, (list, tuple)):
+        return [_json_value(item, depth + 1) for item in value]
+    if depth < 8 and isinstance(value, dict) and all(isinstance(name, str) for name in value):
+        return {name: _json_value(item, depth + 1) for name, item in value.items()}
     return str(value)
 
 

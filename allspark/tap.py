@@ -152,6 +152,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log_level must be one of {', '.join(sorted(LEVELS))}")
         if self["log-format"] not in FORMATS:
             raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}")
+        if self["log-format"] == "json" and self.parent is not None and self.parent.get("syslog"):
+            raise usage.UsageError("--log-format=json writes to stdout or twistd's --logfile, not to --syslog")
         for network in self["trusted-proxy"]:
             try:
                 ipaddress.ip_network(network.strip(), strict=False)

@@ -20,7 +20,7 @@ class JSONFormatTests(unittest.SynchronousTestCase):
     def test_one_object_per_line_with_the_fields(self) -> None:
         log, out = self.emit()
         log.info("connected {node_id}\nfrom {client}", node_id="alice", client="203.0.113.7", code=1000,
-                 big=2**70, thing=object())
+                 big=2**70, thing=object(), applied=[1, 2], load={"connections": 3})
         lines = out.getvalue().splitlines()
         self.assertEqual(len(lines), 1)
         event = json.loads(lines[0])
@@ -28,6 +28,7 @@ class JSONFormatTests(unittest.SynchronousTestCase):
         self.assertEqual((event["level"], event["namespace"]), ("info", "allspark.test"))
         self.assertEqual((event["node_id"], event["client"], event["code"]), ("alice", "203.0.113.7", 1000))
         self.assertEqual(event["big"], str(2**70))
+        self.assertEqual((event["applied"], event["load"]), ([1, 2], {"connections": 3}))
         self.assertTrue(event["time"].endswith("Z"))
         self.assertFalse(any(name.startswith("log_") for name in event))
 
