@@ -353,12 +353,13 @@ class MongoStore:
         log.info("recovered a lapsed append lock", kind=kind, target=target, txn=txn,
                  outcome=outcome["state"])
 
-    async def _lock(self, kind: str, target: str, txn: str) -> int:
+    async def _lock(self, kind: str, target: str, txn: str, held: Sequence[str] = ()) -> int:
         """Lock ``target`` for ``txn``; the seq its copy gets (``last_seq + 1``).
 
-        Waits while another live txn holds the lock, recovers one whose lease
-        ran out.  An inbox's state is created on first use; a session must
-        exist (:class:`StoreError`).
+        Waits while another live txn holds the lock (renewing the leases of
+        the locks ``txn`` already ``held``), recovers one whose lease ran out.
+        An inbox's state is created on first use; a session must exist
+        (:class:`StoreError`).
         """
         states = self._c(_STATE[kind])
         give_up = self._wall_ms() + 3 * self.lease_ms
@@ -390,8 +391,13 @@ class MongoStore:
                 continue
             if holder["until"] < self._wall_ms():
                 await self._recover(kind, target, holder["txn"])
-            else:
-                await self._wait()
+                continue
+            if held:
+                await states.update_many(
+                    {"_id": {"$in": list(held)}, "lock.txn": txn},
+                    {"$set": {"lock.until": self._wall_ms() + self.lease_ms}},
+                )
+            await self._wait()
         raise StoreError(f"could not lock {target!r}: busy")
 
     async def _readable(self, kind: str, state: dict[str, Any]) -> int:
@@ -430,7 +436,7 @@ class MongoStore:
         committing = False
         try:
             for target in sorted(targets):  # one order everywhere: no deadlock
-                seqs[target] = await self._lock(kind, target, txn)
+                seqs[target] = await self._lock(kind, target, txn, list(seqs))
             if isinstance(quota, InboxQuota):
                 await self._check_inbox_quota(quota, sender_id, seqs)
             elif isinstance(quota, StreamQuota):
@@ -465,8 +471,12 @@ class MongoStore:
                     ) from None
                 raise
         result = AppendResult(False, {t: seqs[t] for t in dict.fromkeys(targets)}, answer)
-        for target in seqs:
-            await self._release(kind, target, txn)
+        try:
+            for target in seqs:
+                await self._release(kind, target, txn)
+        except Exception as e:  # committed: readers and writers roll it forward
+            log.warn("could not release an append's locks (it is committed): {error}",
+                     error=repr(e), txn=txn)
         if dedup_id is not None:
             await self._settle(sender_id, dedup_id, txn, result.seqs, answer)
         return result
