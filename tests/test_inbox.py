@@ -20,26 +20,9 @@ from allspark.inbox import DeliveryConfig, Inbox
 from allspark.registry import Registry
 from allspark.router import Router, Sender
 from allspark.store.memory import MemoryStore
+from tests.fakes import FakeConnection
 
 MINUTE = 60.0
-
-
-class FakeConnection:
-    """A live connection that records what is written to it; ``queued``
-    pretends that many bytes wait in its send queue."""
-
-    def __init__(self, node_id: str, client_id: str | None = None) -> None:
-        self.node_id = node_id
-        self.client_id = client_id
-        self.frames: list[dict[str, Any]] = []
-        self.queued = 0
-
-    def send(self, frame: bytes) -> None:
-        self.frames.append(orjson.loads(frame))
-
-    @property
-    def queued_bytes(self) -> int:
-        return self.queued
 
 
 class InboxTestCase(unittest.TestCase):

@@ -25,8 +25,8 @@ class RegistryTests(unittest.SynchronousTestCase):
         for conn in (tab1, tab2, other):
             self.registry.add(conn)
         self.assertEqual((len(self.registry), self.registry.node_count()), (3, 2))
-        self.assertEqual(self.registry.send("a", b"hi"), 2)
-        self.assertEqual((tab1.frames, tab2.frames, other.frames), ([b"hi"], [b"hi"], []))
+        self.assertEqual(self.registry.send("a", b'"hi"'), 2)
+        self.assertEqual((tab1.raw, tab2.raw, other.raw), ([b'"hi"'], [b'"hi"'], []))
         self.assertEqual(set(map(id, self.registry)), {id(tab1), id(tab2), id(other)})
 
     def test_remove_is_exact_and_idempotent(self) -> None:
@@ -55,8 +55,8 @@ class RegistryTests(unittest.SynchronousTestCase):
         leaving, staying = Leaving("a"), FakeConnection("a")
         registry.add(leaving)
         registry.add(staying)
-        self.assertEqual(registry.send("a", b"x"), 2)
-        self.assertEqual(staying.frames, [b"x"])
+        self.assertEqual(registry.send("a", b'"x"'), 2)
+        self.assertEqual(staying.raw, [b'"x"'])
         self.assertEqual(registry.connections("a"), [staying])
 
     def test_iterating_while_connections_leave(self) -> None:

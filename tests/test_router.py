@@ -59,12 +59,12 @@ class RouterTests(unittest.TestCase):
                               src_id="mallory", timestamp=5)
         self.assertEqual(accepted, {"op": "accepted", "id": "c-1", "status": "delivered", "recipients": 1,
                                     "live": 1, "ignored": ["src_id", "timestamp"]})
-        [got] = bob.decoded()
+        [got] = bob.frames
         self.assertEqual(got, {"seq": 1, "src_id": "alice-laptop", "src_client_id": "alice",
                                "dest_id": "bob-phone", "payload": {"t": 1}, "type": 4, "id": "c-1",
                                "timestamp": 1_700_000_000_000})
         self.route(ALICE, dest_id="bob-phone", payload=2)
-        self.assertEqual(bob.decoded()[1]["seq"], 2)
+        self.assertEqual(bob.frames[1]["seq"], 2)
 
     def test_offline_recipient_is_stored_and_synced_later(self) -> None:
         self.known_offline("bob-phone", "bob")
@@ -73,7 +73,7 @@ class RouterTests(unittest.TestCase):
         bob = self.connect("bob-phone", "bob")
         synced = self.successResultOf(Deferred.fromCoroutine(self.inbox.sync(bob, 0, 10, 1 << 20)))
         self.assertEqual((synced["upto"], synced["more"]), (1, False))
-        self.assertEqual(bob.decoded()[0]["payload"], "later")
+        self.assertEqual(bob.frames[0]["payload"], "later")
 
     def test_ephemeral_is_never_stored(self) -> None:
         self.known_offline("bob-phone")
@@ -81,7 +81,7 @@ class RouterTests(unittest.TestCase):
         bob = self.connect("bob-phone")
         accepted = self.route(ALICE, dest_id="bob-phone", payload=2, ephemeral=True)
         self.assertEqual(accepted["status"], "delivered")
-        [got] = bob.decoded()
+        [got] = bob.frames
         self.assertNotIn("seq", got)
         self.assertTrue(got["ephemeral"])
         page = self.successResultOf(self.store.fetch_inbox("bob-phone", 0, 10))
@@ -102,10 +102,10 @@ class RouterTests(unittest.TestCase):
         self.assertEqual((accepted["recipients"], accepted["live"], accepted["status"]), (4, 3, "stored"))
         # one stored body, each copy addressed to its device on the way out
         for conn in (phone, tablet, other_laptop):
-            [got] = conn.decoded()
+            [got] = conn.frames
             self.assertEqual((got["dest_client_id"], got["payload"], got["dest_id"]),
                              ("bob", "hi", conn.node_id))
-        self.assertEqual(other_laptop.decoded()[0]["src_id"], "alice-laptop")
+        self.assertEqual(other_laptop.frames[0]["src_id"], "alice-laptop")
         self.assertEqual(sender_itself.frames, [])
 
     def test_a_client_with_only_the_sender_is_refused(self) -> None:
@@ -124,14 +124,14 @@ class RouterTests(unittest.TestCase):
         # after the window the id is fresh again
         self.clock.advance(11 * 60)
         self.route(ALICE, dest_id="bob-phone", payload=1, id="r-1")
-        self.assertEqual([f["seq"] for f in bob.decoded()], [1, 2, 3])
+        self.assertEqual([f["seq"] for f in bob.frames], [1, 2, 3])
 
     def test_timestamp_follows_the_clock(self) -> None:
         bob = self.connect("bob-phone")
         self.route(ALICE, dest_id="bob-phone", payload=1)
         self.clock.advance(2.5)
         self.route(ALICE, dest_id="bob-phone", payload=1)
-        first, second = bob.decoded()
+        first, second = bob.frames
         self.assertEqual(second["timestamp"] - first["timestamp"], 2500)
 
     def test_pipelined_messages_to_an_unlooked_up_node_keep_their_order(self) -> None:
@@ -157,8 +157,8 @@ class RouterTests(unittest.TestCase):
         for d in [first, *rest]:
             self.successResultOf(d)
         self.assertEqual(len(lookups), 1)
-        self.assertEqual([f["payload"] for f in bob.decoded()], [0, 1, 2, 3, 4])
-        self.assertEqual([f["seq"] for f in bob.decoded()], [1, 2, 3, 4, 5])
+        self.assertEqual([f["payload"] for f in bob.frames], [0, 1, 2, 3, 4])
+        self.assertEqual([f["seq"] for f in bob.frames], [1, 2, 3, 4, 5])
 
     def test_store_failure_propagates(self) -> None:
         self.connect("bob-phone")

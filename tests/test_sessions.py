@@ -25,24 +25,7 @@ from allspark.router import Sender
 from allspark.server import Server, ServerConfig
 from allspark.sessions import Sessions, http_args
 from allspark.store.memory import MemoryStore
-
-
-class FakeConnection:
-    """A live connection that records every frame written to it."""
-
-    def __init__(self, node_id: str, client_id: str | None = None) -> None:
-        self.node_id = node_id
-        self.client_id = client_id
-        self.frames: list[dict[str, Any]] = []
-        self.raw: list[bytes] = []
-
-    def send(self, frame: bytes) -> None:
-        self.raw.append(frame)
-        self.frames.append(orjson.loads(frame))
-
-    @property
-    def queued_bytes(self) -> int:
-        return 0
+from tests.fakes import FakeConnection
 
 
 class SessionsTestCase(unittest.TestCase):
@@ -225,7 +208,7 @@ class Stream(SessionsTestCase):
         self.assertEqual([m["session_seq"] for m in self.messages("carol")], [1, 2])
         acked = self.done(self.sessions.ack(Sender("carol", None), "s1", 2))
         self.assertEqual(acked, {"op": "acked", "session_id": "s1", "upto": 2})
-        carol.frames.clear()
+        carol.clear()
         synced = self.done(self.sessions.sync(carol, "s1", None, 10, 10**6))
         self.assertEqual([m["payload"] for m in self.messages("carol")], [2])
         self.assertFalse(synced["more"])
@@ -366,8 +349,7 @@ class FanOut(SessionsTestCase):
             self.op("alice", "join_session", session_id="big", node_id=f"n{i}")
             self.clock.advance(0)  # let member_joined events finish going out
         for conn in self.conns.values():
-            conn.frames.clear()
-            conn.raw.clear()
+            conn.clear()
         self.send("alice", dest_session_id="big", payload="hello")
         got = sum(len(self.messages(f"n{i}")) for i in range(35))
         self.assertEqual(got, 10)  # the first slice; the rest waits for the reactor

@@ -197,7 +197,7 @@ class ControlProperties(unittest.SynchronousTestCase):
     def check_written(self, world: World) -> None:
         """Every frame written to any connection is a JSON object."""
         for conn in world.conns.values():
-            for written in conn.decoded():
+            for written in conn.frames:
                 self.assertIsInstance(written, dict)
 
     @fuzz_settings()

@@ -775,11 +775,10 @@ class SyncReader:
         synced = send_page(self.conn, page, self.after, 1 << 30, {},
                            splice=lambda body, seq: orjson.dumps([seq, body.decode()]),
                            limit=SYNC_PAGE)
-        for frame in self.conn.frames:
-            seq, key = orjson.loads(frame)
+        for seq, key in self.conn.frames:
             self.case.assertNotIn(seq, self.received, f"{self.target}: seq {seq} sent twice")
             self.received[seq] = key
-        self.conn.frames.clear()
+        self.conn.clear()
         upto = synced["upto"]
         # Nothing is acked or purged here, so after every page the reader must
         # hold exactly the seqs 1..upto: upto never passes a seq not yet read.
