@@ -319,7 +319,10 @@ def send_page(
     the page was fetched with: a page with fewer messages is the end of
     what is stored, so ``upto`` moves to ``last_seq`` and ``more`` is false
     (without it, an inbox whose rows were all acked would answer
-    ``more: true`` forever).
+    ``more: true`` forever).  That is safe with several writers because a
+    page's ``last_seq`` only covers readable messages (every store keeps a
+    seq allocated by a writer that has not finished out of it;
+    ``docs/delivery.md``), so ``upto`` never passes a message still to come.
     """
     if splice is None:
         node_id = conn.node_id
