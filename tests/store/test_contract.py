@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1245,6 +1246,224 @@ class SQLiteStoreTests(TestCase):
         other.execute("COMMIT")
         with self.assertRaises(StoreError):
             await store.inbox_state("a")
+
+
+# -- PostgreSQL only --------------------------------------------------------------------
+
+
+class PostgresStoreTests(TestCase):
+    """What only the PostgreSQL backend promises: schema versions, batches
+    that survive an SQL error or a deadlock, acks batched in order, several
+    processes on one database, a bounded start against a dead server."""
+
+    async def opened(self, url: str) -> Any:
+        from allspark.store.postgres import PostgresStore
+
+        store = PostgresStore(url, reactor)
+        await store.start()
+        self.addCleanup(store.close)
+        return store
+
+    def query(self, url: str, sql: str) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            cur = conn.execute(sql)
+            return cur.fetchall() if cur.description is not None else []
+
+    @inline
+    async def test_start_creates_the_schema_and_records_its_version(self) -> None:
+        """start() creates the schema once; a second store (a second server) applies nothing."""
+        from allspark.store.postgres import SCHEMA_VERSION
+
+        url = database_for(self)
+        store = await self.opened(url)
+        self.assertEqual(store.migrations_applied, list(range(1, SCHEMA_VERSION + 1)))
+        self.assertEqual(self.query(url, "SELECT version FROM schema_version"), [(SCHEMA_VERSION,)])
+        again = await self.opened(url)
+        self.assertEqual(again.migrations_applied, [])
+
+    @inline
+    async def test_newer_schema_is_refused(self) -> None:
+        """A database from a newer version is not touched, and the store stays closed."""
+        from allspark.store.postgres import PostgresStore
+
+        url = database_for(self)
+        self.query(url, "CREATE TABLE schema_version (version integer NOT NULL)")
+        self.query(url, "INSERT INTO schema_version VALUES (999)")
+        store = PostgresStore(url, reactor)
+        with self.assertRaisesRegex(StoreError, "newer"):
+            await store.start()
+        with self.assertRaises(StoreError):
+            await store.inbox_state("a")
+        await store.close()
+
+    @inline
+    async def test_unreachable_server_fails_start(self) -> None:
+        """Nothing listening: start() fails (bounded by connect_timeout_s) and the store stays closed."""
+        from allspark.store.postgres import PostgresStore
+
+        database_for(self)  # skips where there is no PostgreSQL (and so no psycopg)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        store = PostgresStore(f"postgresql://nobody@127.0.0.1:{port}/none", reactor)
+        store.connect_timeout_s = 2
+        with self.assertRaises(Exception):
+            await store.start()
+        with self.assertRaises(StoreError):
+            await store.append_inbox("s", None, ["a"], b"x", b"", 1, WINDOW)
+        await store.close()
+
+    @inline
+    async def test_data_survives_close_and_reopen(self) -> None:
+        """Everything committed is there for the next store on the database."""
+        url = database_for(self)
+        store = await self.opened(url)
+        await store.append_inbox("s", "m1", ["a", "b"], b"body", b"ans", 1000, WINDOW)
+        await store.append_inbox("s", None, ["a"], b"body2", b"", 1001, WINDOW)
+        await store.remember_node("a", "c", 1)
+        await store.create_session("s1", "a", {"anonymous": True}, 1)
+        await store.add_member("s1", "a", "c", True, "al", 2)
+        await store.append_session("s1", "b", None, b"sb", b"", 3, WINDOW)
+        await store.ack_session("s1", "a", 1)
+        await store.close()
+        store = await self.opened(url)
+        self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
+        self.assertEqual(await store.inbox_state("b"), (1, 0))
+        self.assertEqual(await store.get_node("a"), ("a", "c"))
+        self.assertEqual((await store.get_session("s1")).options, {"anonymous": True})
+        self.assertEqual((await store.get_members("s1"))[0].acked_seq, 1)
+        retry = await store.append_inbox("s", "m1", ["a", "b"], b"body", b"x", 2000, WINDOW)
+        self.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans"))
+
+    @inline
+    async def test_closed_store_refuses_work(self) -> None:
+        """After close(), operations fail with StoreError; what was submitted before ran."""
+        store = await self.opened(database_for(self))
+        pending = store.append_inbox("s", None, ["a"], b"x", b"", 1, WINDOW)
+        closed = store.close()
+        self.assertEqual((await pending).seqs, {"a": 1})
+        await closed
+        await store.close()
+        with self.assertRaises(StoreError):
+            await store.inbox_state("a")
+
+    @inline
+    async def test_an_sql_error_fails_only_its_operation(self) -> None:
+        """An SQL error aborts a PostgreSQL transaction: the batch runs again
+        with savepoints, and only the faulty operation fails."""
+        import psycopg
+
+        store = await self.opened(database_for(self))
+
+        def broken(cur: Any) -> None:
+            cur.execute("SELECT * FROM no_such_table")
+
+        first = store.append_inbox("s", "k1", ["a"], b"1", b"", 1, WINDOW)
+        bad = store._submit(broken)
+        duplicate = store.create_session("s1", "o", {}, 1)
+        again = store.create_session("s1", "o", {}, 2)
+        last = store.append_inbox("s", None, ["a", "b"], b"2", b"", 1, WINDOW)
+        self.assertEqual((await first).seqs, {"a": 1})
+        with self.assertRaises(psycopg.errors.UndefinedTable):
+            await bad
+        self.assertEqual((await duplicate).session_id, "s1")
+        with self.assertRaises(DuplicateSession):
+            await again
+        self.assertEqual((await last).seqs, {"a": 2, "b": 1})
+        page = await store.fetch_inbox("a", 0, 10)
+        self.assertEqual([m.body for m in page.messages], [b"1", b"2"])
+        retry = await store.append_inbox("s", "k1", ["a"], b"1", b"", 2, WINDOW)
+        self.assertEqual((retry.duplicate, retry.seqs), (True, {"a": 1}))
+
+    @inline
+    async def test_a_deadlock_reruns_the_batch_once_whole(self) -> None:
+        """A batch PostgreSQL aborted (deadlock, serialization failure) runs
+        again from the start; nothing of the aborted attempt remains."""
+        import psycopg
+
+        store = await self.opened(database_for(self))
+        attempts: list[int] = []
+
+        def deadlocks_once(cur: Any) -> str:
+            attempts.append(1)
+            if len(attempts) == 1:
+                raise psycopg.errors.DeadlockDetected("deadlock detected (test)")
+            return "ok"
+
+        first = store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
+        flaky = store._submit(deadlocks_once)
+        last = store.append_inbox("s", None, ["a"], b"2", b"", 1, WINDOW)
+        self.assertEqual([(await first).seqs, await flaky, (await last).seqs], [{"a": 1}, "ok", {"a": 2}])
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
+        self.assertEqual(await store.inbox_state("a"), (2, 0))
+
+    @inline
+    async def test_acks_in_one_batch_count_in_order(self) -> None:
+        """A run of acks goes in together; each returns what it deleted, in submission order."""
+        store = await self.opened(database_for(self))
+        for _ in range(5):
+            await store.append_inbox("s", None, ["a", "b"], b"m", b"", 1, WINDOW)
+        counts = [store.ack_inbox("a", 3), store.ack_inbox("b", 1), store.ack_inbox("a", 5),
+                  store.ack_inbox("a", 2), store.ack_inbox("nobody", 9), store.ack_inbox("b", 4)]
+        self.assertEqual([await d for d in counts], [3, 1, 2, 0, 0, 3])
+        quota = InboxQuota(per_sender=1, per_inbox=1)
+        self.assertEqual((await store.append_inbox("s", None, ["a"], b"m", b"", 1, WINDOW, quota)).seqs,
+                         {"a": 6})  # the acks freed the inbox: its counters went down
+        with self.assertRaises(InboxFull):
+            await store.append_inbox("s", None, ["b"], b"m", b"", 1, WINDOW, quota)
+
+    def test_two_processes_on_one_database(self) -> None:
+        """Two OS processes appending to one node at once: every seq 1..N exactly once, each in order."""
+        url = database_for(self)
+        per_process = 2000
+        script = textwrap.dedent(
+            """
+            import json, sys
+            from twisted.internet import defer, task
+            from allspark.store import open_store
+
+            async def main(reactor):
+                store = open_store(sys.argv[1], reactor)
+                await store.start()
+                results = []
+                for start in range(0, int(sys.argv[2]), 100):
+                    batch = [
+                        store.append_inbox("p", None, ["x"], sys.argv[3].encode(), b"", 1, 1)
+                        for _ in range(100)
+                    ]
+                    results += await defer.gatherResults(batch)
+                await store.close()
+                print(json.dumps([r.seqs["x"] for r in results]))
+
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+            """
+        )
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, url, str(per_process), name],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            )
+            for name in ("first", "second")
+        ]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        for proc, (out, err) in zip(procs, outputs):
+            self.assertEqual(proc.returncode, 0, err.decode())
+        reported = [json.loads(out) for out, _ in outputs]
+        for seqs in reported:
+            self.assertEqual(len(seqs), per_process)
+            self.assertEqual(seqs, sorted(seqs))
+        total = 2 * per_process
+        self.assertEqual(sorted(reported[0] + reported[1]), list(range(1, total + 1)))
+        rows = self.query(url, "SELECT seq, body FROM inbox WHERE node_id = 'x' ORDER BY seq")
+        self.assertEqual([r[0] for r in rows], list(range(1, total + 1)))
+        self.assertEqual(self.query(url, "SELECT last_seq, pending FROM inbox_state WHERE node_id = 'x'"),
+                         [(total, total)])
+        bodies = [bytes(r[1]) for r in rows]
+        self.assertEqual((bodies.count(b"first"), bodies.count(b"second")), (per_process, per_process))
 
 
 class OpenStoreTests(TestCase):
