@@ -23,6 +23,14 @@ Rules
   Inside a session a member is addressed (``dest_id``) by its alias, or by its
   node_id when it is not anonymous; an anonymous member's node_id is answered
   like an unknown name, so nobody can probe it.
+- **Not even the owner** can tie an anonymous member's node_id to its alias:
+  adding it again by node_id answers only ``node_id`` and ``anonymous: true``
+  (:func:`added_view`), and ``unjoin_session``/``set_master`` take an
+  anonymous member by alias only (its node_id is ``no_such_member``, as for a
+  node that is not there).  A node the owner adds is not looked up: the answer
+  is the same whether it ever connected, with no client_id.  What remains is
+  inherent: the owner knows which nodes it added, and one addition followed by
+  ``get_session_info`` shows which alias is new.
 - **Game sessions** (``session_type: "game"``): a master node (the owner at
   first; the owner moves it with ``set_master``).  A non-master's messages go
   to the master's inbox only; the master's go to the stream (everyone).
@@ -72,6 +80,7 @@ before the first slice is written.
 from __future__ import annotations
 
 import secrets
+from bisect import bisect_right
 from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from functools import partial
@@ -83,9 +92,11 @@ from twisted.web.iweb import IRequest
 
 from allspark.envelope import (
     CONTROL_OPS,
+    DEFAULT_PAGE_LIMIT,
     Control,
     FrameError,
     Message,
+    check_deliverable,
     delivery_body,
     encode,
 )
@@ -103,6 +114,26 @@ log = logger(__name__)
 
 #: Online members written to per reactor turn during a fan-out.
 FANOUT_SLICE = 500
+
+#: Bytes a paged answer keeps free under the frame limit for its ``id``,
+#: ``more`` and ``next`` (an id is at most 128 characters).
+PAGE_SLACK = 512
+
+
+def _fill_page(entries: list[dict[str, Any]], limit: int, budget: int) -> tuple[list[dict[str, Any]], bool]:
+    """The first of ``entries`` (already after the cursor, at most
+    ``limit + 1`` of them) that make a page: at most ``limit``, and no more
+    than ``budget`` bytes encoded (at least one, so that paging always moves
+    on); whether more follow."""
+    page: list[dict[str, Any]] = []
+    used = 0
+    for entry in entries[:limit]:
+        size = len(encode(entry)) + 1
+        if page and used + size > budget:
+            return page, True
+        page.append(entry)
+        used += size
+    return page, len(entries) > len(page)
 
 #: Error code -> HTTP status for the HTTP face of the session operations.
 HTTP_STATUS: dict[str, int] = {
@@ -161,6 +192,17 @@ def public_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
     if member.node_id == record.options.get("master_id"):
         view["master"] = True
     return view
+
+
+def added_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
+    """What the owner is answered when it adds another node (``join_session``
+    with ``node_id``), new or already a member: the public view when the
+    member is not anonymous; for an anonymous one only the node_id the owner
+    gave and ``anonymous: true``, never its alias, which would tie the two
+    together."""
+    if member.anonymous:
+        return {"node_id": member.node_id, "anonymous": True}
+    return public_view(record, member)
 
 
 def own_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
@@ -262,15 +304,17 @@ class Sessions:
         return entry, me
 
     @staticmethod
-    def _named(entry: _Entry, args: dict[str, Any], by_owner: bool, caller: str) -> MemberRecord | None:
+    def _named(entry: _Entry, args: dict[str, Any], caller: str) -> MemberRecord | None:
         """The member ``args`` names by ``alias`` or ``node_id``.  Only the
-        owner (it may add anyone by node_id) and the member itself may name
-        an anonymous member by node_id."""
+        member itself may name an anonymous member by node_id; for anyone
+        else, the owner included, that node_id names no member (answered like
+        a node that is not in the session), or removing it or making it
+        master by node_id would show which alias it has."""
         if "alias" in args:
             node_id = entry.by_alias.get(args["alias"])
             return None if node_id is None else entry.members.get(node_id)
         member = entry.members.get(args["node_id"])
-        if member is not None and member.anonymous and not by_owner and member.node_id != caller:
+        if member is not None and member.anonymous and member.node_id != caller:
             return None
         return member
 
@@ -315,7 +359,9 @@ class Sessions:
         Fan-outs go out in the order they were asked for, at most
         :data:`FANOUT_SLICE` copies per reactor turn: a small one at once when
         nothing is queued, a large one in slices, and any later one after it,
-        so that every member gets broadcasts and events in order.
+        so that every member gets broadcasts and events in order.  A copy
+        that fails to be written is logged and skipped (a stored row is
+        still read on sync); it never holds up the copies after it.
         """
         done: Deferred[None] = Deferred()
         self._fanouts.append([frame, node_ids, 0, done])
@@ -333,7 +379,13 @@ class Sessions:
             frame, node_ids, start, done = item
             end = min(start + budget, len(node_ids))
             for i in range(start, end):
-                send(node_ids[i], frame)
+                try:
+                    send(node_ids[i], frame)
+                except Exception:
+                    # one copy that cannot be written costs only that copy:
+                    # never the rest of this fan-out, never the ones queued after it
+                    log.failure("could not write a session frame ({size} bytes) to {node_id}",
+                                size=len(frame), node_id=node_ids[i])
             budget -= end - start
             if end < len(node_ids):
                 item[2] = end
@@ -405,11 +457,9 @@ class Sessions:
             member = existing
         else:
             anonymous = args.get("anonymous", bool(record.options.get("anonymous")))
-            if by_self:
-                client_id = sender.client_id
-            else:
-                node = await self.store.get_node(target)
-                client_id = None if node is None else node[1]
+            # a node the owner adds is not looked up: its client_id (and whether
+            # it ever connected) is not the owner's to learn
+            client_id = sender.client_id if by_self else None
             try:
                 member = await self.store.add_member(
                     session_id, target, client_id, anonymous, self._new_alias(entry), now_ms(self.clock)
@@ -426,7 +476,7 @@ class Sessions:
                 if self.registry.is_online(target):
                     self.registry.send(target, encode({**joined, "member": own_view(record, member), "you": True}))
             self.fan_out(encode(joined), others)
-        view = own_view(record, member) if by_self else public_view(record, member)
+        view = own_view(record, member) if by_self else added_view(record, member)
         return {"op": "member", "session_id": session_id, **view}
 
     async def unjoin(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
@@ -437,7 +487,7 @@ class Sessions:
         record = entry.record
         is_owner = sender.node_id == record.owner_id
         if "node_id" in args or "alias" in args:
-            named = self._named(entry, args, is_owner, sender.node_id)
+            named = self._named(entry, args, sender.node_id)
             if named is not None and named.node_id != sender.node_id and not is_owner:
                 raise FrameError("not_allowed", "only the session's owner removes other members")
             if named is None:
@@ -462,11 +512,25 @@ class Sessions:
         return {"op": "left", "session_id": session_id, "member": view}
 
     async def info(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
-        """``get_session_info``, for members: answers ``session``."""
+        """``get_session_info``, for members: answers ``session`` with one
+        page of ``members`` (see :meth:`_info`)."""
         entry, me = await self._membership(sender, args["session_id"])
-        return self._info(entry, me, op="session")
+        return self._info(entry, me, op="session", after=args.get("after"),
+                          limit=args.get("limit", DEFAULT_PAGE_LIMIT))
 
-    def _info(self, entry: _Entry, me: MemberRecord, op: str) -> dict[str, Any]:
+    def _page_budget(self, frame: dict[str, Any]) -> int:
+        """Bytes left for the entries of a paged answer ``frame`` (without
+        them) so that it stays under the frame limit, with room for ``id``,
+        ``more`` and ``next``."""
+        return self.server.config.limits.max_message_size - len(encode(frame)) - PAGE_SLACK
+
+    def _info(self, entry: _Entry, me: MemberRecord, op: str, after: str | None = None,
+              limit: int = DEFAULT_PAGE_LIMIT) -> dict[str, Any]:
+        """The ``session`` answer: the session, ``member_count``, ``you``, and
+        one page of ``members``, ordered by ``name``, after the name
+        ``after``: at most ``limit`` of them and never more than fit in one
+        frame.  ``more`` says whether more follow; ``next`` (when ``more``) is
+        the ``after`` of the next page."""
         record = entry.record
         owner = entry.members.get(record.owner_id)
         master_id = record.options.get("master_id")
@@ -480,11 +544,20 @@ class Sessions:
             "session_type": record.options.get("session_type", "group"),
             "owner": None if owner is None else public_id(owner),
             "member_count": len(entry.members),
-            "members": [public_view(record, m) for m in entry.members.values()],
+            "members": [],
             "you": own_view(record, me),
         }
         if info["session_type"] == "game":
             info["master"] = None if master is None else public_id(master)
+        ordered = sorted(entry.members.values(), key=public_id)
+        if after is not None:
+            ordered = ordered[bisect_right(ordered, after, key=public_id):]
+        members, more = _fill_page([public_view(record, m) for m in ordered[:limit + 1]], limit,
+                                   self._page_budget(info))
+        info["members"] = members
+        info["more"] = more
+        if more:
+            info["next"] = members[-1]["name"]
         return info
 
     async def reveal(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
@@ -519,7 +592,7 @@ class Sessions:
             raise FrameError("not_a_game", f"session {session_id!r} is not a game session")
         if "node_id" not in args and "alias" not in args:
             raise FrameError("bad_frame", "set_master needs node_id or alias")
-        member = self._named(entry, args, True, sender.node_id)
+        member = self._named(entry, args, sender.node_id)
         if member is None:
             raise FrameError("no_such_member", "no such member in this session")
         updated = await self.store.update_session(session_id, {**record.options, "master_id": member.node_id})
@@ -533,14 +606,28 @@ class Sessions:
         return {"op": "master", "session_id": session_id, "master": master}
 
     async def my_sessions(self, sender: Sender, args: dict[str, Any]) -> dict[str, Any]:
-        """``my_sessions``: every session the caller is a member of, with its
-        cursor and the stream's last seq, so a client can sync each one."""
+        """``my_sessions``: the sessions the caller is a member of, with its
+        cursor and the stream's last seq, one page at a time: ordered by
+        ``session_id``, after ``after``, at most ``limit`` and never more
+        than fit in one frame; ``more`` and ``next`` as for
+        ``get_session_info``."""
+        limit = args.get("limit", DEFAULT_PAGE_LIMIT)
+        after = args.get("after")
+        memberships = sorted(await self.store.sessions_of_node(sender.node_id), key=lambda m: m.session_id)
+        if after is not None:
+            memberships = memberships[bisect_right(memberships, after, key=lambda m: m.session_id):]
         out = []
-        for m in await self.store.sessions_of_node(sender.node_id):
+        for m in memberships[:limit + 1]:
             page = await self.store.fetch_session(m.session_id, sender.node_id, m.acked_seq, 1)
             out.append({"session_id": m.session_id, "acked_seq": m.acked_seq,
                         "joined_seq": m.joined_seq, "last_seq": page.last_seq})
-        return {"op": "sessions", "sessions": out}
+        answer: dict[str, Any] = {"op": "sessions", "sessions": []}
+        sessions, more = _fill_page(out, limit, self._page_budget(answer))
+        answer["sessions"] = sessions
+        answer["more"] = more
+        if more:
+            answer["next"] = sessions[-1]["session_id"]
+        return answer
 
     # -- the session stream --------------------------------------------------
     async def resolve(self, sender: Sender, msg: Message) -> Callable[[], Deferred[bytes]]:
@@ -580,6 +667,7 @@ class Sessions:
         session_id = entry.record.session_id
         client_id = None if me.anonymous else sender.client_id
         body = delivery_body(msg, public_id(me), client_id, now_ms(self.clock))
+        check_deliverable(body, self.server.config.limits.max_message_size, msg.id)
         others = len(entry.members) - (1 if sender.node_id in entry.members else 0)
         online = self._online_members(entry, sender.node_id)
         if msg.ephemeral:
@@ -672,6 +760,7 @@ class Sessions:
 
 # -- HTTP -----------------------------------------------------------------------
 _BOOL_ARGS = frozenset({"anonymous", "anyone_can_join"})
+_INT_ARGS = frozenset({"limit"})
 
 
 def http_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -688,7 +777,13 @@ def http_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
                 raise FrameError("bad_frame", f"{op} needs {name!r}")
             continue
         try:
-            out[name] = parse_bool(args, name) if name in _BOOL_ARGS else check(args[name])
+            value = args[name]
+            if name in _BOOL_ARGS:
+                out[name] = parse_bool(args, name)
+                continue
+            if name in _INT_ARGS and isinstance(value, str):
+                value = int(value) if value.isdigit() and len(value) < 20 else value
+            out[name] = check(value)
         except HTTPError as e:
             raise FrameError("bad_frame", e.message) from None
         except ValueError as e:

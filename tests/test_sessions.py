@@ -159,6 +159,48 @@ class Anonymity(SessionsTestCase):
         msg = parse_frame(orjson.dumps(frame))
         return self.server.router.route(Sender(node_id, None), msg)
 
+    def test_owner_cannot_tie_an_anonymous_node_id_to_its_alias(self) -> None:
+        """Issue 8, item 7: join_session, set_master and unjoin_session with
+        the node_id of an anonymous member answered its alias."""
+        owner = self.online("owner", "O")
+        self.op("owner", "create_session", "O", session_id="g", session_type="game", anyone_can_join=True)
+        alias = self.op("mallory", "join_session", "M", session_id="g", anonymous=True)["alias"]
+        added = self.op("owner", "join_session", session_id="g", node_id="mallory")
+        self.assertEqual(added, {"op": "member", "session_id": "g", "node_id": "mallory", "anonymous": True})
+        added = self.op("owner", "join_session", session_id="g", node_id="mallory", anonymous=False)
+        self.assertNotIn(alias, orjson.dumps(added).decode())
+        for op in ("set_master", "unjoin_session"):
+            # exactly as for a node that is not in the session
+            anonymous = self.op_refused("owner", op, "no_such_member", session_id="g", node_id="mallory")
+            nobody = self.op_refused("owner", op, "no_such_member", session_id="g", node_id="nobody")
+            self.assertEqual(anonymous.message, nobody.message)
+        # by alias the owner still does both
+        self.assertEqual(self.op("owner", "set_master", session_id="g", alias=alias)["master"], alias)
+        self.assertEqual(self.op("owner", "unjoin_session", session_id="g", alias=alias)["member"]["name"], alias)
+        for frame in owner.frames:
+            text = orjson.dumps(frame).decode()
+            self.assertFalse("mallory" in text and alias in text, text)
+
+    def test_an_anonymous_member_still_names_itself_by_node_id(self) -> None:
+        self.op("owner", "create_session", session_id="s1", anyone_can_join=True)
+        self.op("mallory", "join_session", session_id="s1", anonymous=True)
+        left = self.op("mallory", "unjoin_session", session_id="s1", node_id="mallory")
+        self.assertEqual(left["op"], "left")
+
+    def test_adding_a_node_does_not_look_it_up(self) -> None:
+        """The owner learns neither the client_id of a node it adds nor
+        whether that node ever connected."""
+        self.online("known", "K")
+        self.op("owner", "create_session", session_id="s1")
+        known = self.op("owner", "join_session", session_id="s1", node_id="known")
+        ghost = self.op("owner", "join_session", session_id="s1", node_id="ghost")
+        self.assertEqual(known.keys(), ghost.keys())
+        self.assertNotIn("client_id", known)
+        info = self.op("owner", "get_session_info", session_id="s1")
+        self.assertNotIn(b'"K"', orjson.dumps(info))
+        # the member sees itself as it was added; its messages carry its client_id as always
+        self.assertEqual(self.events("known", "member_joined")[0]["member"]["node_id"], "known")
+
     def test_reveal(self) -> None:
         alice = self.online("alice")
         self.op("alice", "create_session", session_id="s1", anyone_can_join=True, anonymous=True)
@@ -361,6 +403,57 @@ class FanOut(SessionsTestCase):
         # encoded once: every member got the same bytes object
         self.assertEqual(len({id(self.conns[f"n{i}"].raw[0]) for i in range(35)}), 1)
         self.assertEqual(len(self.sessions._fanouts), 0)
+
+    def test_a_copy_that_fails_costs_only_that_copy(self) -> None:
+        for node_id in ("bob", "carol"):
+            self.online(node_id)
+        self.op("alice", "create_session", session_id="s1")
+        self.op("alice", "create_session", session_id="s2")
+        for session_id in ("s1", "s2"):
+            for node_id in ("bob", "carol"):
+                self.op("alice", "join_session", session_id=session_id, node_id=node_id)
+        self.clock.advance(0)
+
+        def broken(frame: bytes) -> None:
+            raise RuntimeError("this socket cannot take it")
+
+        self.conns["bob"].send = broken  # type: ignore[method-assign]
+        first = self.send("alice", dest_session_id="s1", payload="one")
+        self.assertEqual(first["status"], "delivered")
+        self.assertEqual([m["payload"] for m in self.messages("carol")], ["one"])  # after bob's failure
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.sessions._fanouts), 0)  # nothing left at the head of the queue
+        # later fan-outs, in any session, and joins go on
+        del self.conns["bob"].send
+        self.assertEqual(self.send("alice", dest_session_id="s2", payload="two")["status"], "delivered")
+        self.op("alice", "join_session", session_id="s2", node_id="dave")
+        self.assertEqual([m["payload"] for m in self.messages("bob")], ["two"])
+        self.assertEqual([m["payload"] for m in self.messages("carol")], ["one", "two"])
+
+
+class DeliverableSize(SessionsTestCase):
+    """A message whose delivered copy could exceed the frame limit is refused
+    with too_large before it is stored; one that fits is delivered."""
+
+    def test_too_large_is_refused_before_storing_direct_and_session(self) -> None:
+        self.online("bob")
+        self.op("alice", "create_session", session_id="s1")
+        self.op("alice", "join_session", session_id="s1", node_id="bob")
+        limit = self.server.config.limits.max_message_size
+        big = "x" * (limit - 150)  # the client's frame fits; the delivered copy would not
+        for dest in ({"dest_id": "bob"}, {"dest_session_id": "s1"}, {"dest_session_id": "s1", "dest_id": "bob"},
+                     {"dest_id": "bob", "ephemeral": True}):
+            msg = parse_frame(orjson.dumps({"payload": big, "id": "m1", **dest}))
+            assert isinstance(msg, Message)
+            error = self.failureResultOf(self.server.router.route(Sender("alice", None), msg), FrameError).value
+            self.assertEqual((error.code, error.details["limit"]), ("too_large", limit), dest)
+            self.assertEqual(orjson.loads(error.to_frame())["limit"], limit)
+        self.assertEqual(self.messages("bob"), [])
+        self.assertEqual(self.successResultOf(self.store.inbox_state("bob")), (0, 0))
+        fits = "x" * (limit - 400)
+        self.assertEqual(self.send("alice", dest_id="bob", payload=fits)["status"], "delivered")
+        self.assertEqual(self.send("alice", dest_session_id="s1", payload=fits)["status"], "delivered")
+        self.assertTrue(all(len(raw) <= limit for raw in self.conns["bob"].raw))
 
 
 class HTTPArgs(unittest.TestCase):
