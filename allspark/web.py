@@ -17,6 +17,7 @@ Paths:
 
 from __future__ import annotations
 
+import io
 import ipaddress
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes, urlencode
@@ -382,12 +383,52 @@ def client_host(request: IRequest) -> str:
 
 class AllsparkRequest(server.Request):
     """A twisted.web request whose answers say ``Server: Allspark``
-    (twisted.web would name itself and its version)."""
+    (twisted.web would name itself and its version), and whose body is
+    capped at :data:`MAX_BODY` bytes on every path and method before it is
+    buffered (twisted.web would keep any body, in memory or in a temporary
+    file, before a resource sees it).  A body announced larger, or a chunked
+    one that grows larger, is answered 413 ``too_large`` at once and the
+    connection is closed; the request is never handled."""
+
+    _body_size = 0
+    _too_large = False
 
     def setHeader(self, name: bytes | str, value: bytes | str) -> None:
         if (name.lower() if isinstance(name, bytes) else name.lower().encode()) == b"server":
             value = SERVER_NAME
         super().setHeader(name, value)
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the 413
+            self._refuse_too_large(length)
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_size += len(data)
+        if self._body_size > MAX_BODY:
+            self._refuse_too_large(None)
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if self._too_large:
+            return  # answered already; the connection is closing
+        super().process()
+
+    def _refuse_too_large(self, announced: int | None) -> None:
+        self._too_large = True
+        self.content = io.BytesIO()  # what was buffered goes now
+        transport = self.channel.transport
+        log.debug("refused an HTTP body over {limit} bytes from {client}", limit=MAX_BODY,
+                  client=getattr(transport.getPeer(), "host", "-"), announced=announced,
+                  uri=redact_uri(self.uri).decode("latin-1"))
+        transport.write(raw_json_answer(413, {"error": "too_large",
+                                              "message": f"the body is over {MAX_BODY} bytes"}))
+        self.channel.loseConnection()
 
 
 #: Reason phrases twisted.web's table lacks (or spells the old way).
