@@ -233,9 +233,28 @@ class Client:
         the ``left`` answer."""
         return self.request({"op": "unjoin_session", "session_id": session_id, **options})
 
-    def session_info(self, session_id: str) -> Deferred[dict[str, Any]]:
-        """``get_session_info``; the ``session`` answer."""
-        return self.request({"op": "get_session_info", "session_id": session_id})
+    def session_info(self, session_id: str, after: str | None = None,
+                     limit: int | None = None) -> Deferred[dict[str, Any]]:
+        """``get_session_info``; the ``session`` answer, with one page of
+        ``members`` (by name, after ``after``; ``more`` and ``next`` say
+        whether and where to go on).  :meth:`session_members` reads them all."""
+        frame: dict[str, Any] = {"op": "get_session_info", "session_id": session_id}
+        if after is not None:
+            frame["after"] = after
+        if limit is not None:
+            frame["limit"] = limit
+        return self.request(frame)
+
+    async def session_members(self, session_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every member of a session (``get_session_info`` page by page)."""
+        members: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            answer = await self.session_info(session_id, after, limit)
+            members.extend(answer["members"])
+            if not answer.get("more"):
+                return members
+            after = answer["next"]
 
     def reveal_anonymity(self, session_id: str) -> Deferred[dict[str, Any]]:
         """``reveal_anonymity``; the ``revealed`` answer."""
@@ -245,10 +264,17 @@ class Client:
         """``set_master`` with ``node_id=`` or ``alias=``; the ``master`` answer."""
         return self.request({"op": "set_master", "session_id": session_id, **member})
 
-    async def my_sessions(self) -> list[dict[str, Any]]:
-        """Every session this node is a member of, with its cursors."""
-        answer = await self.request({"op": "my_sessions"})
-        return answer["sessions"]
+    async def my_sessions(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every session this node is a member of, with its cursors
+        (``my_sessions`` page by page)."""
+        sessions: list[dict[str, Any]] = []
+        frame: dict[str, Any] = {"op": "my_sessions", "limit": limit}
+        while True:
+            answer = await self.request(frame)
+            sessions.extend(answer["sessions"])
+            if not answer.get("more"):
+                return sessions
+            frame = {"op": "my_sessions", "limit": limit, "after": answer["next"]}
 
     async def sync_sessions(self) -> int:
         """Sync every session this node is a member of; how many new

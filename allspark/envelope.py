@@ -49,20 +49,24 @@ _DIGIT_MASK = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256
 _LONG_DIGIT_RUN = b"0" * 19
 MAX_SYNC_LIMIT = 1000
 DEFAULT_SYNC_LIMIT = 100
+#: Entries per page of a listing (members, sessions) when ``limit`` is not given.
+DEFAULT_PAGE_LIMIT = 100
 
 
 class FrameError(Exception):
     """A frame the server refuses; answered with an error frame."""
 
-    def __init__(self, code: str, message: str, frame_id: str | None = None) -> None:
+    def __init__(self, code: str, message: str, frame_id: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.frame_id = frame_id
+        #: more fields of the error frame (``too_large`` names its ``limit``)
+        self.details = details
 
     def to_frame(self) -> bytes:
         """The ``{"op": "error", ...}`` frame that reports this problem."""
-        return error_frame(self.code, self.message, self.frame_id)
+        return error_frame(self.code, self.message, self.frame_id, **self.details)
 
 
 @dataclass(slots=True)
@@ -156,14 +160,21 @@ CONTROL_OPS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
         "node_id": (_an_id("node_id"), False),
         "alias": (_an_id("alias"), False),
     },
-    "get_session_info": {"session_id": (_an_id("session_id"), True)},
+    "get_session_info": {
+        "session_id": (_an_id("session_id"), True),
+        "after": (_an_id("after"), False),
+        "limit": (_limit, False),
+    },
     "reveal_anonymity": {"session_id": (_an_id("session_id"), True)},
     "set_master": {
         "session_id": (_an_id("session_id"), True),
         "node_id": (_an_id("node_id"), False),
         "alias": (_an_id("alias"), False),
     },
-    "my_sessions": {},
+    "my_sessions": {
+        "after": (_an_id("after"), False),
+        "limit": (_limit, False),
+    },
 }
 
 
@@ -307,12 +318,34 @@ def encode(frame: dict[str, Any]) -> bytes:
     return orjson.dumps(frame)
 
 
-def error_frame(code: str, message: str, frame_id: str | None = None) -> bytes:
-    """An ``{"op": "error"}`` frame."""
-    frame: dict[str, Any] = {"op": "error", "code": code, "message": message}
+def error_frame(code: str, message: str, frame_id: str | None = None, **details: Any) -> bytes:
+    """An ``{"op": "error"}`` frame, with ``details`` as more fields."""
+    frame: dict[str, Any] = {"op": "error", "code": code, "message": message, **details}
     if frame_id is not None:
         frame["id"] = frame_id
     return orjson.dumps(frame)
+
+
+#: Bytes the server may add to a stored body on its way out, whatever the
+#: copy: ``{"seq":N,"dest_id":"<128 characters>",`` for an inbox copy (the
+#: longest), ``{"session_seq":N,`` for a session row, with N up to 2**63.
+DELIVERY_OVERHEAD = 192
+
+
+def check_deliverable(body: bytes, max_message_size: int, frame_id: str | None) -> None:
+    """Refuse (``too_large``) a message whose delivered copy could be over
+    ``max_message_size``: ``body`` (from :func:`delivery_body`, with
+    ``src_id``, ``src_client_id``, ``timestamp``...) plus what is spliced in
+    on delivery (:data:`DELIVERY_OVERHEAD`).  Checked before anything is
+    stored, so that nothing accepted is ever too large to deliver."""
+    size = len(body) + DELIVERY_OVERHEAD
+    if size > max_message_size:
+        raise FrameError(
+            "too_large",
+            f"this message would be up to {size} bytes as delivered (with the fields the server adds), "
+            f"over the limit of {max_message_size} bytes: send less",
+            frame_id, limit=max_message_size, size=size,
+        )
 
 
 def delivery_body(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from allspark.envelope import FrameError, Message, addressed, delivery_body, encode
+from allspark.envelope import FrameError, Message, addressed, check_deliverable, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
 from allspark.registry import Registry
 from allspark.store import Store
@@ -73,8 +73,13 @@ class Router:
         store: Store,
         inbox: Inbox,
         clock: IReactorTime,
+        max_message_size: int = 64 * 1024,
     ) -> None:
+        """``max_message_size``: the largest frame a recipient may be sent;
+        a message whose delivered copy could be larger is refused with
+        ``too_large`` before it is stored."""
         self.registry = registry
+        self.max_message_size = max_message_size
         self.store = store
         self.inbox = inbox
         self.clock = clock
@@ -171,6 +176,7 @@ class Router:
         online = self.registry.is_online
         live = sum(1 for r in recipients if online(r))
         body = delivery_body(msg, body_src, body_client, now_ms(self.clock))
+        check_deliverable(body, self.max_message_size, msg.id)
         if msg.ephemeral:
             for node_id in recipients:
                 self.registry.send(node_id, addressed(body, node_id))

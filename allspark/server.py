@@ -86,7 +86,7 @@ class Server:
         self.clock = clock
         self.registry = Registry()
         self.inbox = Inbox(store, self.registry, clock, config.delivery)
-        self.router = Router(self.registry, store, self.inbox, clock)
+        self.router = Router(self.registry, store, self.inbox, clock, config.limits.max_message_size)
         self.sessions: Any = None
         self.draining = False
         self.started_at = now_ms(clock)
