@@ -12,11 +12,12 @@ from typing import Any
 import orjson
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from allspark.envelope import FrameError, parse_frame
-from allspark.inbox import DeliveryConfig, Inbox
+from allspark.inbox import DeliveryConfig, Inbox, fetch_rows
 from allspark.registry import Registry
 from allspark.router import Router, Sender
 from allspark.store.memory import MemoryStore
@@ -198,6 +199,55 @@ class SyncTests(InboxTestCase):
         bob.queued = 0
         synced = self.sync(bob, 0, max_queued=1000)
         self.assertEqual((synced["upto"], synced["more"]), (5, False))
+
+
+class BoundedSyncTests(InboxTestCase):
+    """A sync reads the store a few rows at a time, and one that brings
+    everything waits for a reader that is behind instead of queueing more."""
+
+    def test_pages_are_read_a_few_rows_at_a_time(self) -> None:
+        for n in range(10):
+            self.send("alice", {"dest_id": "bob", "payload": n})
+        reads: list[int] = []
+        fetch = self.store.fetch_inbox
+
+        def counting(node_id: str, after: int, limit: int) -> Deferred[Any]:
+            reads.append(limit)
+            return fetch(node_id, after, limit)
+
+        self.store.fetch_inbox = counting  # type: ignore[method-assign]
+        bob = FakeConnection("bob")
+        synced = self.done(self.inbox.sync(bob, 0, 100, 1 << 20, rows=4))
+        self.assertEqual((synced["upto"], synced["more"]), (10, False))
+        self.assertEqual([f["seq"] for f in bob.frames], list(range(1, 11)))
+        self.assertEqual(reads, [4, 4, 4])
+        self.assertEqual(fetch_rows(1000, 64 * 1024), 16)  # 1 MiB of the largest messages
+        self.assertEqual(fetch_rows(5, 64 * 1024), 5)
+
+    def test_sync_all_waits_for_the_reader_to_drain_then_goes_on(self) -> None:
+        for n in range(5):
+            self.send("alice", {"dest_id": "bob", "payload": n})
+        bob = FakeConnection("bob")
+        bob.queued = 10_000  # a reader that is behind
+        d = defer.ensureDeferred(self.inbox.sync_all(bob, 0, 2, max_queued=1000))
+        self.assertNoResult(d)
+        self.assertEqual(bob.frames, [])  # nothing more was queued for it
+        bob.queued = 600  # not yet at half of max_queued
+        self.assertEqual(bob.frames, [])
+        bob.queued = 0
+        synced = self.successResultOf(d)
+        self.assertEqual([f["seq"] for f in bob.frames], [1, 2, 3, 4, 5])
+        self.assertEqual((synced["upto"], synced["more"], synced["last_seq"]), (5, False, 5))
+
+    def test_a_closing_connection_ends_sync_all(self) -> None:
+        self.send("alice", {"dest_id": "bob", "payload": 1})
+        bob = FakeConnection("bob")
+        bob.queued = 10_000
+        waiting: Deferred[None] = Deferred()
+        bob.when_drained = lambda below: waiting  # type: ignore[method-assign]
+        d = defer.ensureDeferred(self.inbox.sync_all(bob, 0, 2, max_queued=1000))
+        waiting.errback(ConnectionDone("gone"))
+        self.failureResultOf(d, ConnectionDone)
 
 
 class AckTests(InboxTestCase):
