@@ -1084,11 +1084,56 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual(await store.ack_inbox("a", 2), 2)
         self.assertEqual((await store.append_inbox("t", None, ["a"], b"m", b"", 2, WINDOW, quota)).seqs,
                          {"a": 5})
-        await store.close()
-        with sqlite3.connect(path) as conn:
-            counts = conn.execute("SELECT sender_id, pending FROM inbox_senders ORDER BY sender_id").fetchall()
-            pending = conn.execute("SELECT pending FROM inbox_state WHERE node_id = 'a'").fetchone()[0]
-        self.assertEqual((counts, pending), ([("", 1), ("s", 1), ("t", 1)], 3))
+        self.assertEqual((await store.append_inbox("t", None, ["a"], b"m", b"", 2, WINDOW, quota)).seqs,
+                         {"a": 6})
+        with self.assertRaises(InboxFull):
+            await store.append_inbox("t", None, ["a"], b"m", b"", 2, WINDOW, quota)
+        # counted per sender, the old rows count under no sender
+        sender_quota = InboxQuota(per_sender=2, per_inbox=10)
+        with self.assertRaises(InboxFull):
+            await store.append_inbox("t", None, ["a"], b"m", b"", 2, WINDOW, sender_quota)
+        self.assertEqual((await store.append_inbox("u", None, ["a"], b"m", b"", 2, WINDOW, sender_quota)).seqs,
+                         {"a": 7})
+
+    @inline
+    async def test_per_sender_counts_start_and_stop_with_the_inbox_size(self) -> None:
+        """Per-sender counts are kept only while an inbox holds at least half
+        a sender's share; they are right whenever they are needed, through
+        acks, retention and tracking starting in the middle of a batch."""
+        store = await self.opened(self.new_path())
+        quota = InboxQuota(per_sender=10, per_inbox=100)
+
+        def tracked() -> list[tuple[str, int]]:
+            return store._conn.execute(
+                "SELECT sender_id, pending FROM inbox_senders WHERE node_id = 'a' AND pending > 0 "
+                "ORDER BY sender_id"
+            ).fetchall()
+
+        for sender in ("x", "y", "x", "y"):
+            await store.append_inbox(sender, None, ["a"], b"m", b"", 1000, WINDOW, quota)
+        self.assertEqual(tracked(), [])  # 4 < 10 // 2: nothing counted per sender
+        # one batch: tracking begins at the 5th message, counting the stored four and the run's own
+        batch = [store.append_inbox("x", None, ["a"], b"m", b"", 2000, WINDOW, quota) for _ in range(12)]
+        outcomes = await defer.DeferredList(batch, consumeErrors=True)
+        self.assertEqual([ok for ok, _ in outcomes], [True] * 8 + [False] * 4)
+        self.assertEqual(tracked(), [("x", 10), ("y", 2)])
+        await store.ack_inbox("a", 3)  # x, y, x
+        self.assertEqual(tracked(), [("x", 8), ("y", 1)])
+        for _ in range(2):
+            await store.append_inbox("x", None, ["a"], b"m", b"", 2000, WINDOW, quota)
+        with self.assertRaises(InboxFull):
+            await store.append_inbox("x", None, ["a"], b"m", b"", 2000, WINDOW, quota)
+        await store.purge(1500, 0)  # the y left from the first four
+        self.assertEqual(tracked(), [("x", 10)])
+        await store.ack_inbox("a", 12)  # 14 -> 2 unacked, under half of 5: no longer tracked
+        await store.append_inbox("y", None, ["a"], b"m", b"", 3000, WINDOW, quota)  # (noticed here)
+        self.assertEqual(tracked(), [])
+        for _ in range(8):
+            await store.append_inbox("x", None, ["a"], b"m", b"", 3000, WINDOW, quota)
+        with self.assertRaises(InboxFull):
+            await store.append_inbox("x", None, ["a"], b"m", b"", 3000, WINDOW, quota)
+        self.assertEqual(await store.inbox_state("a"), (23, 4))
+        self.assertEqual(tracked(), [("x", 10), ("y", 1)])
 
     def test_two_processes_on_one_file(self) -> None:
         """Two OS processes appending to one node at once: every seq 1..N exactly once."""
@@ -1399,6 +1444,35 @@ class PostgresStoreTests(TestCase):
         self.assertEqual(len(attempts), 2)
         self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
         self.assertEqual(await store.inbox_state("a"), (2, 0))
+
+    @inline
+    async def test_a_retry_committed_by_another_server_meanwhile_is_a_duplicate(self) -> None:
+        """The same (sender, id) appended by another server while this batch
+        runs: the batch waits for it, runs again and answers as a duplicate;
+        nothing is stored twice."""
+        import psycopg
+
+        url = database_for(self)
+        store = await self.opened(url)
+        other = psycopg.connect(url)
+        self.addCleanup(other.close)
+        other.execute(
+            "INSERT INTO dedup (sender_id, dedup_id, created_at, seqs, answer) "
+            "VALUES ('s', 'k1', 1000, %s, 'first')", ('{"a": 7}',)
+        )  # not committed yet: the other server's transaction is in flight
+        appended = store.append_inbox("s", "k1", ["a"], b"retry", b"second", 1001, WINDOW)
+        for _ in range(400):  # until the store's INSERT waits for the other transaction's key
+            waiting = self.query(url, "SELECT count(*) FROM pg_stat_activity "
+                                      "WHERE application_name = 'allspark' AND wait_event_type = 'Lock'")
+            if waiting[0][0]:
+                break
+            await deferLater(reactor, 0.025, lambda: None)
+        else:
+            self.fail("the store never waited for the other transaction")
+        other.commit()
+        self.assertEqual(await appended, AppendResult(True, {"a": 7}, b"first"))
+        self.assertEqual(await store.inbox_state("a"), (0, 0))
+        self.assertEqual((await store.fetch_inbox("a", 0, 10)).messages, [])
 
     @inline
     async def test_acks_in_one_batch_count_in_order(self) -> None:
