@@ -1475,6 +1475,22 @@ class PostgresStoreTests(TestCase):
         self.assertEqual((await store.fetch_inbox("a", 0, 10)).messages, [])
 
     @inline
+    async def test_a_lost_connection_fails_its_batch_and_the_next_one_reconnects(self) -> None:
+        """The database drops the store's connection: the batch in flight
+        fails (it may or may not have committed: the caller decides), the
+        next batch runs on a new connection."""
+        url = database_for(self)
+        store = await self.opened(url)
+        await store.append_inbox("s", None, ["a"], b"1", b"", 1, WINDOW)
+        self.query(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE application_name = 'allspark' AND datname = current_database()")
+        with self.assertRaises(Exception):
+            await store.append_inbox("s", None, ["a"], b"2", b"", 1, WINDOW)
+        self.flushLoggedErrors()  # adbapi logs the failed rollback of the dead connection
+        self.assertEqual((await store.append_inbox("s", None, ["a"], b"3", b"", 1, WINDOW)).seqs, {"a": 2})
+        self.assertEqual([m.body for m in (await store.fetch_inbox("a", 0, 10)).messages], [b"1", b"3"])
+
+    @inline
     async def test_acks_in_one_batch_count_in_order(self) -> None:
         """A run of acks goes in together; each returns what it deleted, in submission order."""
         store = await self.opened(database_for(self))
