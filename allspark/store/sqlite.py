@@ -165,31 +165,29 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # row.  Stop every process on a file before a version-2 one migrates it:
     # a version-1 process would keep counting on the trigger.
     ("DROP TRIGGER inbox_last_seq",),
-    # 3: quotas.  Each inbox row records its sender; inbox_state.pending and
-    # inbox_senders.pending count the unacked rows per inbox and per (inbox,
-    # sender).  Appends add to them once per node (pair) per batch; every
-    # deleted row (ack, retention) takes itself off by the inbox_unacked
-    # trigger, in C, which costs less than reading the deleted rows back.
-    # Pairs left at 0 go at the next purge.  Rows stored before version 3
-    # count against their inbox under the sender ''.  stream_quota counts stream
-    # rows per (session, sender) in the current window, sender '' for the
-    # whole session.  As for version 2: stop every process on a file before
-    # a version-3 one migrates it.
+    # 3: quotas.  Each inbox row records its sender.  An inbox's unacked
+    # count is last_seq minus the seq before its oldest row (one index seek;
+    # acks and retention delete from the front).  Counts per (inbox, sender)
+    # are kept in inbox_senders only for inboxes that hold many unacked
+    # messages (inbox_state.tracked is the count at which tracking began, 0
+    # when untracked; see _append_many): below half the per-sender quota no
+    # sender can be over it, so the common case writes nothing more per
+    # message.  The inbox_unacked trigger takes deleted rows (ack,
+    # retention) off those counts; for an untracked inbox it finds nothing to
+    # update.  Rows stored before version 3 count under the sender ''.
+    # stream_quota counts stream rows per (session, sender) in the current
+    # window, sender '' for the whole session.  As for version 2: stop every
+    # process on a file before a version-3 one migrates it.
     (
         "ALTER TABLE inbox ADD COLUMN sender_id TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE inbox_state ADD COLUMN pending INTEGER NOT NULL DEFAULT 0",
-        "UPDATE inbox_state SET pending = "
-        "(SELECT COUNT(*) FROM inbox WHERE inbox.node_id = inbox_state.node_id)",
+        "ALTER TABLE inbox_state ADD COLUMN tracked INTEGER NOT NULL DEFAULT 0",
         """CREATE TABLE inbox_senders (
             node_id TEXT NOT NULL,
             sender_id TEXT NOT NULL,
             pending INTEGER NOT NULL,
             PRIMARY KEY (node_id, sender_id)
         ) WITHOUT ROWID""",
-        "INSERT INTO inbox_senders (node_id, sender_id, pending) "
-        "SELECT node_id, '', COUNT(*) FROM inbox GROUP BY node_id",
         """CREATE TRIGGER inbox_unacked AFTER DELETE ON inbox BEGIN
-            UPDATE inbox_state SET pending = pending - 1 WHERE node_id = OLD.node_id;
             UPDATE inbox_senders SET pending = pending - 1
             WHERE node_id = OLD.node_id AND sender_id = OLD.sender_id;
         END""",
@@ -220,14 +218,20 @@ def _multi(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 _INSERT_INBOX = "INSERT INTO inbox (node_id, seq, stored_at, body, sender_id) VALUES (?, ?, ?, ?, ?)"
 _LAST_SEQS = (
-    "SELECT node_id, last_seq, pending FROM inbox_state "
-    "WHERE node_id IN (SELECT value FROM json_each(?))"
+    "SELECT node_id, last_seq, last_seq - COALESCE("
+    "(SELECT MIN(seq) - 1 FROM inbox WHERE inbox.node_id = inbox_state.node_id), last_seq), "
+    "tracked FROM inbox_state WHERE node_id IN (SELECT value FROM json_each(?))"
 )
 _SET_LAST_SEQ = (
-    "INSERT INTO inbox_state (node_id, last_seq, pending) VALUES (?, ?, ?) "
-    "ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq, pending = excluded.pending"
+    "INSERT INTO inbox_state (node_id, last_seq) VALUES (?, ?) "
+    "ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq"
 )
 _SENDER_PENDING = "SELECT pending FROM inbox_senders WHERE node_id = ? AND sender_id = ?"
+_UNTRACK_SENDERS = "DELETE FROM inbox_senders WHERE node_id = ?"
+_COUNT_SENDERS = (
+    "INSERT INTO inbox_senders (node_id, sender_id, pending) "
+    "SELECT node_id, sender_id, COUNT(*) FROM inbox WHERE node_id = ? GROUP BY sender_id"
+)
 _ADD_SENDER_PENDING = (
     "INSERT INTO inbox_senders (node_id, sender_id, pending) VALUES (?, ?, ?) "
     "ON CONFLICT (node_id, sender_id) DO UPDATE SET pending = pending + excluded.pending"
@@ -314,23 +318,39 @@ def _op_nodes_of_client(cur: sqlite3.Cursor, client_id: str) -> list[str]:
 _AppendArgs = tuple[str, "str | None", Sequence[str], bytes, bytes, int, int, "InboxQuota | None"]
 
 
+def _track(cur: sqlite3.Cursor, node_id: str, unacked: int) -> None:
+    """Start counting ``node_id``'s unacked rows per sender (it holds ``unacked``)."""
+    cur.execute(_UNTRACK_SENDERS, (node_id,))
+    cur.execute(_COUNT_SENDERS, (node_id,))
+    cur.execute("UPDATE inbox_state SET tracked = ? WHERE node_id = ?", (max(1, unacked), node_id))
+
+
+def _untrack(cur: sqlite3.Cursor, node_id: str) -> None:
+    """Stop counting ``node_id``'s rows per sender."""
+    cur.execute(_UNTRACK_SENDERS, (node_id,))
+    cur.execute("UPDATE inbox_state SET tracked = 0 WHERE node_id = ?", (node_id,))
+
+
 def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[AppendResult | InboxFull]:
     """Append many messages (the arguments of :meth:`SQLiteStore.append_inbox`)
     with a handful of statements, whatever their number.
 
     One query reads the de-duplication rows of every ``(sender, id)`` of the
-    run, one reads the ``last_seq`` and unacked count of every recipient;
-    copies are numbered and counted in Python (the transaction holds SQLite's
-    write lock, so no other process can number or count at the same time,
-    and a quota holds across the run and across processes); then one
-    ``executemany`` each inserts the copies, stores the new ``last_seq`` and
-    count per node, adds to the counts per (node, sender) and stores the
-    de-duplication rows.  A sender's count in an inbox is read only when the
-    inbox as a whole holds at least ``quota.per_sender`` (below that no
-    sender can be over), so the common case reads nothing more.  A
-    ``(sender, id)`` repeated inside the run is a duplicate of its first
-    occurrence.  A message over its quota is an :class:`InboxFull` in the
-    returned list (nothing of it is written).
+    run, one reads the ``last_seq``, unacked count and tracking state of every
+    recipient; copies are numbered and counted in Python (the transaction
+    holds SQLite's write lock, so no other process can number or count at the
+    same time, and a quota holds across the run and across processes); then
+    one ``executemany`` each inserts the copies, stores the new ``last_seq``
+    per node and the de-duplication rows.  A ``(sender, id)`` repeated inside
+    the run is a duplicate of its first occurrence.  A message over its quota
+    is an :class:`InboxFull` in the returned list (nothing of it is written).
+
+    Per-sender counts: an inbox holding fewer than half of
+    ``quota.per_sender`` unacked messages cannot have a sender over it, so
+    nothing is counted per sender.  When it reaches that, its rows are
+    counted per sender once (``_track``) and from then on appends add to
+    ``inbox_senders`` and deletions take off (a trigger), until acks bring it
+    under half of where tracking began (``_untrack`` at its next append).
     """
     known: dict[tuple[str, str], tuple[int, Any, bytes]] = {}
     keys = [(a[0], a[1]) for a in appends if a[1] is not None]
@@ -339,11 +359,20 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
             known[(sender, dedup_id)] = (created, seqs, answer)
     nodes = orjson.dumps(list({node for a in appends for node in a[2]}))
     last: dict[str, int] = {}
-    pending: dict[str, int] = {}
-    for node_id, last_seq, count in cur.execute(_LAST_SEQS, (nodes,)):
+    unacked: dict[str, int] = {}
+    tracked: set[str] = set()
+    untrack = []
+    for node_id, last_seq, count, tracking in cur.execute(_LAST_SEQS, (nodes,)).fetchall():
         last[node_id] = last_seq
-        pending[node_id] = count
-    stored_counts: dict[tuple[str, str], int] = {}  # (node, sender) counts read, before this run
+        unacked[node_id] = count
+        if tracking:
+            if count * 2 < tracking:  # acks brought it under half of where tracking began
+                untrack.append(node_id)
+            else:
+                tracked.add(node_id)
+    for node_id in untrack:
+        _untrack(cur, node_id)
+    stored_counts: dict[tuple[str, str], int] = {}  # (node, sender) counts stored before this run
     added: dict[tuple[str, str], int] = {}  # copies this run adds per (node, sender)
 
     def sender_count(pair: tuple[str, str]) -> int:
@@ -365,10 +394,17 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
         if quota is not None:
             full, per_sender = [], False
             for node_id in dict.fromkeys(recipients):
-                count = pending.get(node_id, 0)
+                count = unacked.get(node_id, 0)
                 if count >= quota.per_inbox:
                     full.append(node_id)
-                elif count >= quota.per_sender and sender_count((node_id, sender)) >= quota.per_sender:
+                    continue
+                if count < quota.per_sender // 2:
+                    continue  # no sender can be over its share
+                if node_id not in tracked:
+                    # counts the rows stored before this run; ``added`` has the rest
+                    _track(cur, node_id, count)
+                    tracked.add(node_id)
+                if sender_count((node_id, sender)) >= quota.per_sender:
                     full.append(node_id)
                     per_sender = True
             if full:
@@ -380,7 +416,7 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
                 continue
             seq = last.get(node_id, 0) + 1
             last[node_id] = seqs[node_id] = seq
-            pending[node_id] = pending.get(node_id, 0) + 1
+            unacked[node_id] = unacked.get(node_id, 0) + 1
             pair = (node_id, sender)
             added[pair] = added.get(pair, 0) + 1
             touched.add(node_id)
@@ -390,8 +426,10 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
             dedup_rows.append((sender, dedup_id, now_ms, orjson.dumps(seqs), answer))
         results.append(AppendResult(False, seqs, answer))
     cur.executemany(_INSERT_INBOX, inbox_rows)
-    cur.executemany(_SET_LAST_SEQ, [(node_id, last[node_id], pending[node_id]) for node_id in touched])
-    cur.executemany(_ADD_SENDER_PENDING, [(*pair, count) for pair, count in added.items()])
+    cur.executemany(_SET_LAST_SEQ, [(node_id, last[node_id]) for node_id in touched])
+    if tracked:
+        cur.executemany(_ADD_SENDER_PENDING,
+                        [(*pair, count) for pair, count in added.items() if pair[0] in tracked])
     if dedup_rows:
         cur.executemany(_DEDUP_PUT, dedup_rows)
     return results
@@ -432,7 +470,7 @@ def _op_fetch_inbox(cur: sqlite3.Cursor, node_id: str, after: int, limit: int) -
 
 
 def _op_ack_inbox(cur: sqlite3.Cursor, node_id: str, upto: int) -> int:
-    # the inbox_unacked trigger takes each deleted row off the unacked counts
+    # the inbox_unacked trigger takes the rows off a tracked inbox's per-sender counts
     return cur.execute("DELETE FROM inbox WHERE node_id = ? AND seq <= ?", (node_id, upto)).rowcount
 
 
@@ -451,9 +489,8 @@ def _op_purge(cur: sqlite3.Cursor, stored_before: int, dedup_before: int) -> int
         "WHERE inbox_state.node_id = gone.node_id AND gone.top > inbox_state.purged_upto",
         (stored_before,),
     )
-    # (the inbox_unacked trigger takes the rows that go off the unacked counts)
+    # (the inbox_unacked trigger takes the rows off the per-sender counts)
     count = cur.execute("DELETE FROM inbox WHERE stored_at < ?", (stored_before,)).rowcount
-    cur.execute("DELETE FROM inbox_senders WHERE pending <= 0")
     cur.execute(
         "UPDATE sessions SET purged_upto = gone.top FROM "
         "(SELECT session_id, MAX(seq) AS top FROM stream WHERE stored_at < ? "
