@@ -119,17 +119,16 @@ class Inbox:
             self.config.dedup_window_ms,
             self._quota,
         )
-        d.addCallbacks(self._deliver_stored, self._refuse_full, callbackArgs=(body,),
-                       errbackArgs=(sender_id, dedup_id, len(recipients)))
-        return d
+        stored = d.addCallback(self._deliver_stored, body)
+        return stored.addErrback(self._refuse_full, sender_id, dedup_id, len(recipients))
 
     def _refuse_full(
         self, failure: Failure, sender_id: str, frame_id: str | None, recipients: int
     ) -> Failure:
         """Turn the store's :class:`InboxFull` into the sender's ``inbox_full``."""
-        if not failure.check(InboxFull):
+        error = failure.value
+        if not isinstance(error, InboxFull):
             return failure
-        error: InboxFull = failure.value
         log.debug("refused a message from {sender_id}: inbox full", sender_id=sender_id,
                   full=list(error.node_ids), per_sender=error.per_sender)
         whose = "the recipient's inbox" if recipients == 1 else "a recipient's inbox"
