@@ -17,6 +17,7 @@ fail, and a hang is caught by the tests' own time bounds instead.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import re
@@ -51,10 +52,11 @@ def fuzz_settings(share: float = 1.0, **overrides: Any) -> settings:
     )
 
 
+@functools.cache
 def documented_error_codes() -> frozenset[str]:
     """The error frame codes of the contract: the table under ``| code | when |``
-    in docs/protocol.md.  A code the server answers must be in it, so that
-    code and documentation agree."""
+    in docs/protocol.md (read once).  A code the server answers must be in
+    it, so that code and documentation agree."""
     with open(os.path.join(ROOT, "docs", "protocol.md"), encoding="utf-8") as f:
         text = f.read()
     table = text.split("| code | when |", 1)[1].split("\n\n", 1)[0]

@@ -49,6 +49,7 @@ class RecordingConnection(ControlConnection):
     def __init__(self, node_id: str, client_id: str | None = None) -> None:
         super().__init__(node_id, client_id)
         self.sent: list[bytes] = []
+        self.read = 0  # how many of ``sent`` the model has read
 
     def send(self, frame: bytes) -> None:
         super().send(frame)
@@ -66,7 +67,6 @@ class DeliveryMachine(RuleBasedStateMachine):
         for node_id, client_id in NODES.items():
             self.world.store.remember_node(node_id, client_id, 0)
         self.conns: dict[str, list[RecordingConnection]] = {n: [] for n in NODES}
-        self.read: dict[int, int] = {}  # how many frames of each connection were read (by id())
         self.received: dict[str, dict[int, str]] = {n: {} for n in NODES}  # node -> seq -> payload
         self.expected: dict[str, set[str]] = {n: set() for n in NODES}  # node -> durable payloads accepted
         self.acked: dict[str, int] = {n: 0 for n in NODES}
@@ -85,12 +85,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         nodes' views, checking no seq or payload is duplicated."""
         for node_id, conns in self.conns.items():
             for conn in conns:
-                start = self.read.get(id(conn), 0)
-                for raw in conn.sent[start:]:
+                for raw in conn.sent[conn.read:]:
                     frame = orjson.loads(raw)
                     if "seq" in frame and "op" not in frame:
                         self.saw(node_id, frame)
-                self.read[id(conn)] = len(conn.sent)
+                conn.read = len(conn.sent)
 
     def saw(self, node_id: str, frame: dict[str, Any]) -> None:
         assert frame["dest_id"] == node_id, frame
