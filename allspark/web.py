@@ -25,8 +25,10 @@ from urllib.parse import unquote_to_bytes, urlencode
 import orjson
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport, ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from allspark.logs import logger
 from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
@@ -140,8 +142,9 @@ class JSONEndpoint(resource.Resource):
         return server.NOT_DONE_YET
 
     async def _run(self, request: IRequest) -> None:
-        finished = []
-        request.notifyFinish().addBoth(finished.append)
+        finished: list[object] = []  # the client went away before the answer
+        if isinstance(request, http.Request):  # every request of AllsparkSite
+            request.notifyFinish().addBoth(finished.append)
         try:
             args = request_args(request)
             result = self.handler(request, args)
@@ -162,7 +165,7 @@ class Root(resource.Resource):
 
     def __init__(self, server: "Server") -> None:
         super().__init__()
-        self.server = server
+        self.app = server  # not ``server``: twisted.web's Resource has an attribute of that name
 
     def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
         if path == b"":
@@ -175,13 +178,13 @@ class Root(resource.Resource):
         return JSONEndpoint(self.about, (b"GET", b"HEAD")).render(request)
 
     def about(self, request: IRequest, args: dict[str, Any]) -> dict[str, Any]:
-        return {"service": "allspark", "server_id": self.server.config.server_id,
+        return {"service": "allspark", "server_id": self.app.config.server_id,
                 "docs": "see docs/protocol.md"}
 
     def pre_connection(self, request: IRequest, args: dict[str, Any]) -> dict[str, Any]:
         """Where to open the WebSocket: the best live server, a token bound to
         the caller's node_id and that server, and the ``ws_url`` to use."""
-        server = self.server
+        server = self.app
         identity = authenticate(server, args)
         if server.draining:
             raise HTTPError(503, "unavailable", "this server is shutting down; ask another")
@@ -191,7 +194,7 @@ class Root(resource.Resource):
             raise HTTPError(503, "no_proxy", "no server of this cluster has a proxy address")
         token, expires_in = server.tokens.issue(identity.node_id, config.server_id)
         query = urlencode({"auth_key": args["auth_key"], "validation_token": token})
-        if need_proxy:
+        if need_proxy and config.proxy_address:  # (refused above without one)
             ws_url = f"{proxy_base(config.proxy_address)}/{config.ws_path}?{query}"
         else:
             ws_url = f"{config.scheme}://{_host_for_url(config.host)}:{config.port}/{config.ws_path}?{query}"
@@ -271,7 +274,7 @@ def redact_uri(uri: bytes) -> bytes:
     return path + b"?" + b"&".join(parts)
 
 
-def redacted_log_formatter(timestamp: str, request: IRequest) -> str:
+def redacted_log_formatter(timestamp: str, request: http.Request) -> str:
     """twisted.web's combined log line, with credentials redacted from the
     request line and the referrer."""
     host = client_host(request)
@@ -326,8 +329,10 @@ class TrustedProxies:
         """The client's address for a connection from ``peer`` (an IP
         address) with these header values."""
         peer_ip = parse_ip(peer)
+        if peer_ip is None:
+            return peer
         if not self.trusts(peer_ip):
-            return _show_ip(peer_ip) if peer_ip is not None else peer
+            return _show_ip(peer_ip)
         hops = [hop.strip() for value in forwarded_for for hop in value.split(",") if hop.strip()]
         if not hops and real_ip:
             hops = [real_ip.strip()]
@@ -363,7 +368,7 @@ def _show_ip(address: "ipaddress.IPv4Address | ipaddress.IPv6Address") -> str:
     return str(address)
 
 
-def client_host(request: IRequest) -> str:
+def client_host(request: http.Request) -> str:
     """The address of the client that sent ``request``: the peer's, or what a
     trusted proxy says it is (see :class:`TrustedProxies`)."""
     peer = getattr(request.getClientAddress(), "host", None)
@@ -423,12 +428,23 @@ class AllsparkRequest(server.Request):
         self._too_large = True
         self.content = io.BytesIO()  # what was buffered goes now
         transport = self.channel.transport
+        if transport is None:  # the connection is gone already
+            return
         log.debug("refused an HTTP body over {limit} bytes from {client}", limit=MAX_BODY,
                   client=getattr(transport.getPeer(), "host", "-"), announced=announced,
                   uri=redact_uri(self.uri).decode("latin-1"))
         transport.write(raw_json_answer(413, {"error": "too_large",
                                               "message": f"the body is over {MAX_BODY} bytes"}))
         self.channel.loseConnection()
+
+
+def _abort_connection(transport: ITransport) -> None:
+    """Cut ``transport`` without waiting for its buffer (TCP and TLS
+    transports can; ``ITransport`` does not promise it)."""
+    if ITCPTransport.providedBy(transport):
+        transport.abortConnection()
+    else:
+        transport.loseConnection()
 
 
 #: Reason phrases twisted.web's table lacks (or spells the old way).
@@ -507,9 +523,9 @@ class DeadlineChannel(http.HTTPChannel):
             transport.write(raw_json_answer(408, {"error": "request_timeout",
                                                   "message": "the request did not arrive in time"}))
         self.loseConnection()
-        self._abort = self.callLater(2.0, transport.abortConnection)
+        self._abort = self.callLater(2.0, lambda: _abort_connection(transport))
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
@@ -539,7 +555,7 @@ class AllsparkSite(server.Site):
     def protocol(self) -> DeadlineChannel:  # type: ignore[override]
         return DeadlineChannel()
 
-    def log(self, request: IRequest) -> None:  # type: ignore[override]
+    def log(self, request: http.Request) -> None:
         """One access log event for ``request`` (the combined log format as
         its text, the parts as fields)."""
         line = redacted_log_formatter(self._logDateTime or "-", request)

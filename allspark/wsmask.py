@@ -52,4 +52,4 @@ def install() -> None:
     """Make Autobahn's WebSocket protocol (server and client) use :class:`XorMasker`."""
     from autobahn.websocket import protocol
 
-    protocol.create_xor_masker = create_xor_masker  # type: ignore[assignment]
+    protocol.create_xor_masker = create_xor_masker
