@@ -226,6 +226,7 @@ class ClientProtocol(WebSocketServerProtocol):
         # sendCloseFrame, not sendClose: Autobahn's sendClose refuses 1008
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:120], isReply=False)
         self.factory.app.clock.callLater(2.0, self.dropConnection, abort=True)
+        self._fail_drain_waiters()  # a sync waiting for this socket ends now
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._unregister()
@@ -234,6 +235,7 @@ class ClientProtocol(WebSocketServerProtocol):
         if self._opened_at is not None:
             opened_at, self._opened_at = self._opened_at, None
             code, reason, closed_by = self._how_closed(code, reason)
+        self._fail_drain_waiters()
             log.info("disconnected {node_id} from {client}: {code} after {duration}s",
                      node_id=self.node_id, client_id=self.client_id, client=self.client_address,
                      code=code, reason=reason, closed_by=closed_by,
@@ -252,7 +254,6 @@ class ClientProtocol(WebSocketServerProtocol):
         if isinstance(reason, bytes):
             reason = reason.decode("utf-8", "replace")
         return code, reason or None, closed_by
-        self._fail_drain_waiters()
 
     def _unregister(self) -> None:
         """Leave the registry once: nothing is routed to this connection any more."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial import unittest
@@ -71,3 +72,17 @@ class OnOpenTests(unittest.SynchronousTestCase):
         self.assertEqual(len(failures), 1)
         self.assertIsInstance(failures[0]["log_failure"].value, RuntimeError)
         self.flushLoggedErrors(RuntimeError)
+
+    def test_close_fails_what_waits_for_the_queue_to_drain(self) -> None:
+        """A sync waiting for a slow reader's queue to drain ends when the
+        connection closes (it would otherwise wait forever)."""
+        protocol, server, drops = self.build(lambda conn: None)
+        protocol.onOpen()
+        protocol.pauseProducing()
+        protocol.send(b"x" * 100)
+        waiting = protocol.when_drained(10)
+        self.assertNoResult(waiting)
+        protocol.closedByMe = protocol.droppedByMe = False  # Autobahn's close bookkeeping
+        protocol.localCloseCode = protocol.remoteCloseCode = None
+        protocol.onClose(False, 1006, "gone")
+        self.failureResultOf(waiting, ConnectionDone)
