@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -60,6 +60,16 @@ class SocketLimits:
     max_burst: float = 5000.0
     #: frames refused over the rate (draining at ``max_rate``) before the connection is closed with 1008
     max_refused: float = 50_000.0
+
+
+@runtime_checkable
+class TakesProducer(Protocol):
+    """A transport that takes a producer: TCP and TLS transports (their
+    IConsumer side, which ``ITransport`` does not promise)."""
+
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
 
 
 @implementer(IPushProducer)
@@ -118,7 +128,8 @@ class ClientProtocol(WebSocketServerProtocol):
     def _client_address(self, headers: dict[str, str]) -> str:
         """The client's address: the peer's, or what a trusted proxy says in
         ``headers`` (the handshake's, names in lower case)."""
-        peer = getattr(self.transport.getPeer(), "host", None) or "-"
+        transport = self.transport
+        peer = (getattr(transport.getPeer(), "host", None) if transport is not None else None) or "-"
         proxies = self.factory.trusted_proxies
         if not proxies:
             return peer
@@ -180,8 +191,11 @@ class ClientProtocol(WebSocketServerProtocol):
         assert self.identity is not None
         # twisted.web's channel was the transport's producer until Autobahn
         # took the transport over; this connection is its producer now.
-        self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
+        transport = self.transport
+        if not isinstance(transport, TakesProducer):
+            raise TypeError(f"{transport!r} cannot take a producer")
+        transport.unregisterProducer()
+        transport.registerProducer(self, True)
         server.registry.add(self)
         self._registered = True
         self._opened_at = server.clock.seconds()
@@ -223,19 +237,19 @@ class ClientProtocol(WebSocketServerProtocol):
         self._unregister()
         self._queue.clear()
         self._queued = 0
+        self._fail_drain_waiters()  # a sync waiting for this socket ends now
         # sendCloseFrame, not sendClose: Autobahn's sendClose refuses 1008
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:120], isReply=False)
         self.factory.app.clock.callLater(2.0, self.dropConnection, abort=True)
-        self._fail_drain_waiters()  # a sync waiting for this socket ends now
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._unregister()
         self._queue.clear()
         self._queued = 0
+        self._fail_drain_waiters()
         if self._opened_at is not None:
             opened_at, self._opened_at = self._opened_at, None
             code, reason, closed_by = self._how_closed(code, reason)
-        self._fail_drain_waiters()
             log.info("disconnected {node_id} from {client}: {code} after {duration}s",
                      node_id=self.node_id, client_id=self.client_id, client=self.client_address,
                      code=code, reason=reason, closed_by=closed_by,
@@ -268,7 +282,9 @@ class ClientProtocol(WebSocketServerProtocol):
         # observers on every frame; nobody observes, so skip that cost.
         if not self.failedByMe:
             self.onMessage(b"".join(self.message_data), self.message_is_binary)
-        self.message_data = None
+        # Autobahn's own onMessageEnd does the same: None between messages,
+        # although it annotates the attribute list[bytes]
+        self.message_data = None  # type: ignore[assignment]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._take_token():  # every frame counts, malformed ones too
@@ -356,8 +372,8 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def _refused(self, failure: Failure, frame_id: str | None) -> None:
         """Answer a frame that failed: its error frame, or internal_error."""
-        if failure.check(FrameError):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, FrameError):
             if error.frame_id is None:
                 error.frame_id = frame_id
             if debug_enabled():
@@ -475,7 +491,10 @@ class ClientProtocol(WebSocketServerProtocol):
 class ClientFactory(WebSocketServerFactory):
     """Builds :class:`ClientProtocol` for one server."""
 
-    protocol = ClientProtocol
+    # Twisted types Factory.protocol as building the factory's protocol type,
+    # and Autobahn's factory is a plain Factory[_ProtoWithFactory], which a
+    # protocol whose ``factory`` is a ClientFactory can never match
+    protocol = ClientProtocol  # type: ignore[assignment]
 
     def __init__(self, server: "Server", limits: SocketLimits, url: str | None = None,
                  trusted_proxies: TrustedProxies | None = None) -> None:
