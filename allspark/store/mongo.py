@@ -77,12 +77,12 @@ when the server does not answer.
 from __future__ import annotations
 
 import uuid
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from bson.binary import Binary
 from pymongo.collection import ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
@@ -164,6 +164,14 @@ def _session(doc: dict[str, Any]) -> SessionRecord:
     return SessionRecord(doc["_id"], doc["owner_id"], doc["created_at"], dict(doc["options"]))
 
 
+def _duplicate_key(error: Exception) -> bool:
+    """Whether a write failed only on a unique index (error code 11000)."""
+    if isinstance(error, DuplicateKeyError):
+        return True
+    errors = (getattr(error, "details", None) or {}).get("writeErrors") or []
+    return bool(errors) and all(e.get("code") == 11000 for e in errors)
+
+
 def _message(doc: dict[str, Any]) -> StoredMessage:
     return StoredMessage(doc["seq"], bytes(doc["body"]), doc["stored_at"])
 
@@ -192,14 +200,14 @@ class MongoStore:
         self._closing = False
 
     # -- plumbing ---------------------------------------------------------------
-    def _run(self, fn: Callable[..., Awaitable[_T]], *args: Any) -> Deferred[_T]:
+    def _run(self, fn: Callable[..., Coroutine[Any, Any, _T]], *args: Any) -> Deferred[_T]:
         """Run ``fn(*args)`` after every operation submitted before it."""
         if self._closing or self._db is None:
             return fail(StoreError("store is not open"))
         result: Deferred[_T] = Deferred()
 
         def go(_: object) -> Deferred[None]:
-            d = ensureDeferred(fn(*args))
+            d: Deferred[_T] = ensureDeferred(fn(*args))
             return d.addBoth(fire)
 
         def fire(value: Any) -> None:
@@ -381,12 +389,12 @@ class MongoStore:
                     return 1
                 except DuplicateKeyError:
                     pass  # it exists and is locked (or was just created): look at it
-            held = await states.find_one({"_id": target})
-            if held is None:
+            current = await states.find_one({"_id": target})
+            if current is None:
                 if kind == _SESSION:
                     raise StoreError(f"no such session: {target!r}")
                 continue
-            holder = held.get("lock")
+            holder = current.get("lock")
             if holder is None:
                 continue
             if holder["until"] < self._wall_ms():
@@ -450,12 +458,10 @@ class MongoStore:
                          "body": blob, "txn": txn} for t, s in seqs.items()]
             try:
                 await self._c(_ROWS[kind]).insert_many(rows, ordered=True)
-            except DuplicateKeyError:
-                # Debris at our seqs: rows of an aborted txn whose writer
-                # outlived its lease.  Under our locks, nothing above
-                # last_seq is anyone else's: clear it and insert again.
-                for t, seq in seqs.items():
-                    await self._c(_ROWS[kind]).delete_many({_KEY[kind]: t, "seq": {"$gte": seq}})
+            except (DuplicateKeyError, BulkWriteError) as taken:
+                if not _duplicate_key(taken):
+                    raise
+                await self._clear_debris(kind, txn, seqs)
                 await self._c(_ROWS[kind]).insert_many(rows, ordered=True)
             committing = True
             await self._c("txns").insert_one({
@@ -480,6 +486,25 @@ class MongoStore:
         if dedup_id is not None:
             await self._settle(sender_id, dedup_id, txn, result.seqs, answer)
         return result
+
+    async def _clear_debris(self, kind: str, txn: str, seqs: dict[str, int]) -> None:
+        """A row is already at one of our seqs.  If ``txn`` still holds every
+        lock, it held them all along (a lost lock is never taken back), so
+        nobody committed at or above our seqs: the rows there are debris of
+        aborted txns whose writers outlived their lease; remove them.  If a
+        lock was lost (our lease ran out and another writer recovered it),
+        fail: our txn is aborted."""
+        held = await self._c(_STATE[kind]).count_documents(
+            {"_id": {"$in": list(seqs)}, "lock.txn": txn}
+        )
+        if held != len(seqs):
+            raise StoreError("append lost its locks (lease ran out); nothing was stored")
+        for target, seq in seqs.items():
+            await self._c(_ROWS[kind]).delete_many(
+                {_KEY[kind]: target, "seq": {"$gte": seq}, "txn": {"$ne": txn}}
+            )
+        # our own rows of the failed insert_many go too: it is run again
+        await self._c(_ROWS[kind]).delete_many({_KEY[kind]: {"$in": list(seqs)}, "txn": txn})
 
     async def _check_inbox_quota(
         self, quota: InboxQuota, sender_id: str, seqs: dict[str, int]

@@ -224,3 +224,41 @@ class MongoTxnTests(TestCase):
         self.assertEqual((await fast.append_inbox("s", None, ["a"], b"a1", b"", 1000, WINDOW)).seqs,
                          {"a": 1})
         self.assertEqual([m.body for m in (await fast.fetch_inbox("a", 0, 10)).messages], [b"a1"])
+
+    @inline
+    async def test_a_writer_waiting_for_a_lock_keeps_the_locks_it_holds(self) -> None:
+        """A writer holding ``a`` waits for ``b``, locked by a crashed writer
+        whose lease is longer than its own: it renews its lease on ``a``
+        meanwhile, so a third writer waits for ``a`` instead of aborting it;
+        both appends are stored, in order."""
+        crashed = await self.opened(lease_ms=2000)  # lapses within the others' wait (3 leases)
+        await self.crash_after_insert(crashed, ["b"])
+        waiting = await self.opened(lease_ms=1000)
+        third = await self.opened(lease_ms=1000)
+        first = waiting.append_inbox("s", None, ["a", "b"], b"first", b"", 1000, WINDOW)
+        for _ in range(500):
+            state = await third._c("inbox_state").find_one({"_id": "a"})
+            if state is not None and state.get("lock"):
+                break
+            await deferLater(reactor, 0.01, lambda: None)
+        second = third.append_inbox("s", None, ["a"], b"second", b"", 1000, WINDOW)
+        self.assertEqual((await first).seqs, {"a": 1, "b": 1})
+        self.assertEqual((await second).seqs, {"a": 2})
+        page = await third.fetch_inbox("a", 0, 10)
+        self.assertEqual([m.body for m in page.messages], [b"first", b"second"])
+        self.assertEqual([m.body for m in (await third.fetch_inbox("b", 0, 10)).messages], [b"first"])
+
+    @inline
+    async def test_debris_of_an_aborted_writer_is_cleared(self) -> None:
+        """A row left above last_seq by a writer that outlived its lease (its
+        txn aborted, its insert came after the recovery) does not block the
+        next append at that seq and is never read."""
+        store = await self.opened()
+        await store._c("inbox").insert_one({"node_id": "a", "seq": 1, "sender_id": "s",
+                                            "stored_at": 1, "body": Binary(b"ghost"), "txn": "ghost"})
+        self.assertEqual(await store.fetch_inbox("a", 0, 10), InboxPage([], 0, 0, 0))
+        result = await store.append_inbox("s", None, ["b", "a"], b"real", b"", 1000, WINDOW)
+        self.assertEqual(result.seqs, {"b": 1, "a": 1})
+        for node in ("a", "b"):
+            page = await store.fetch_inbox(node, 0, 10)
+            self.assertEqual(([m.body for m in page.messages], page.last_seq), ([b"real"], 1))
