@@ -42,6 +42,7 @@ from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import deferLater
 
 from allspark.logs import logger
@@ -458,8 +459,11 @@ class Client:
 
     def drop(self) -> None:
         """Cut the TCP connection without a close handshake (a dead network)."""
-        if self.protocol is not None:
-            self.protocol.transport.abortConnection()
+        transport = self.protocol.transport if self.protocol is not None else None
+        if transport is not None and ITCPTransport.providedBy(transport):  # TCP and TLS are
+            transport.abortConnection()
+        elif transport is not None:
+            transport.loseConnection()
 
 
 async def pre_connection(base_url: str, auth_key: str, need_proxy: bool = False) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Protocol, runtime_checkable
 
 from twisted.application import service
 from twisted.internet import defer
@@ -321,6 +321,19 @@ def exit_status_after_twistd(status: int) -> None:
     atexit.register(exit_now)
 
 
+@runtime_checkable
+class ClosableConnection(Protocol):
+    """What the shutdown needs from a registered connection (client sockets,
+    :class:`allspark.ws.ClientProtocol`), beyond the router's
+    :class:`~allspark.registry.Connection`."""
+
+    def going_away(self, reason: str) -> None: ...
+
+    def still_connected(self) -> bool: ...
+
+    def dropConnection(self, abort: bool = False) -> None: ...
+
+
 class ServerService(service.Service):
     """Starts and stops one :class:`Server` inside twistd."""
 
@@ -448,9 +461,11 @@ class ServerService(service.Service):
         if self._ready is not None and not self._ready.called:
             self._ready.cancel()
         for port in self.ports:
-            await port.stopListening()
+            stopped = port.stopListening()  # a Deferred, or None when it stopped at once
+            if stopped is not None:
+                await stopped
         self.ports = []
-        conns = list(server.registry)
+        conns = [conn for conn in server.registry if isinstance(conn, ClosableConnection)]
         log.info("draining: closing {count} client connections", count=len(conns))
         for conn in conns:
             conn.going_away("server shutting down")
