@@ -279,3 +279,25 @@ class OneSyncTests(unittest.TestCase):
         bob = await client_for(self, server, "bob", auto_ack=False)
         seqs = [m["session_seq"] for m in bob.messages.pending]
         self.assertEqual(seqs, list(range(1, 201)))
+
+
+class LoweredLimitTests(unittest.TestCase):
+    """A row stored under a larger --max-message-size is never sent over the
+    current limit, and does not hold up what follows it."""
+
+    timeout = 90
+
+    async def test_a_row_over_the_current_limit_becomes_a_too_large_error_frame(self) -> None:
+        first = start_server(self, "--max-message-size=200000")
+        await meet(self, first, "bob")
+        alice = await client_for(self, first, "alice")
+        await alice.send(dest_id="bob", payload="x" * 100_000)
+        await alice.send(dest_id="bob", payload="small")
+        await alice.close()
+        first.stop()
+        second = start_server(self, data_dir=first.data_dir)  # the default limit, 65536
+        bob = await client_for(self, second, "bob", auto_ack=False)
+        event = await bob.next_event()
+        self.assertEqual((event["op"], event["code"]), ("error", "too_large"))
+        self.assertEqual([(m["seq"], m["payload"]) for m in bob.messages.pending], [(2, "small")])
+        self.assertIn("over the frame limit", second.log())
