@@ -802,7 +802,7 @@ class MongoStore:
         session = await self._c("sessions").find_one({"_id": session_id})
         if session is None:
             raise StoreError(f"no such session: {session_id!r}")
-        last = session["last_seq"]
+        last = await self._readable(_SESSION, session)
         new = {
             "client_id": client_id,
             "anonymous": bool(anonymous),
@@ -812,15 +812,17 @@ class MongoStore:
             "acked_seq": last,
         }
         key = {"session_id": session_id, "node_id": node_id}
+        members = self._c("members")
         for _ in range(3):
+            # insert, or read the member that is there (unique index): one
+            # round trip either way, and no upsert
             try:
-                doc = await self._c("members").find_one_and_update(
-                    key, {"$setOnInsert": new}, upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                )
+                await members.insert_one({**key, **new})
+                return _member({**key, **new})
             except DuplicateKeyError:
-                continue  # a concurrent add won: read the winner's record
-            return _member(doc)
+                doc = await members.find_one(key)
+            if doc is not None:
+                return _member(doc)
         raise StoreError(f"could not add {node_id!r} to {session_id!r}")
 
     def update_member(

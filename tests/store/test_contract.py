@@ -843,13 +843,8 @@ class MongoContractTests(StoreContract, TestCase):
 
 #: Contract tests that fail against nx-27017 because of nx-27017, and why.
 NX27017_GAPS = {
-    name: "nx-27017 (not MongoDB) ignores $setOnInsert in an upsert: add_member's member "
-          "record comes back without its fields"
-    for name in ("test_ack_session", "test_fetch_session_skips_own_rows", "test_joined_seq",
-                 "test_members", "test_session_life_cycle")
-} | {
-    "test_nodes": "nx-27017 (not MongoDB) refuses remember_node's upsert by _id as txmongo "
-                  "sends it (\"JSON path error near '_id'\")",
+    "test_nodes": "nx-27017 (not MongoDB) answers remember_node's upsert by _id, as txmongo "
+                  "sends it, with \"JSON path error near '_id'\"",
 }
 
 
