@@ -276,6 +276,30 @@ class StartFailed(Exception):
     """A start step that failed, with the operator's one-line reason."""
 
 
+class StartRefused(Exception):
+    """The server did not start (the reason is the message); raised out of
+    :meth:`ServerService.startService` to end twistd with status 1."""
+
+
+_excepthook_before_refusal: Callable[[type[BaseException], BaseException, Any], Any] = sys.__excepthook__
+
+
+def _quiet_start_refused(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """``sys.excepthook`` once a start was refused: that refusal was said on
+    stderr and in the log already, so it ends the process without a
+    traceback; any other exception is printed as usual."""
+    if isinstance(value, StartRefused):
+        return
+    _excepthook_before_refusal(kind, value, tb)
+
+
+def _install_quiet_excepthook() -> None:
+    global _excepthook_before_refusal
+    if sys.excepthook is not _quiet_start_refused:
+        _excepthook_before_refusal = sys.excepthook
+        sys.excepthook = _quiet_start_refused
+
+
 def _one_line(error: BaseException) -> str:
     """``error`` as one line: its message, or its type when it has none."""
     return " ".join(str(error).split()) or type(error).__name__
@@ -369,8 +393,11 @@ class ServerService(service.Service):
         supervisor (systemd's ``Restart=on-failure``) sees it.  twistd calls
         this before it runs its reactor: what fails at once (identity
         claim, unwritable data dir, port in use, TLS key file missing, a
-        store that cannot be opened) raises :class:`SystemExit` here, after
-        giving back what was taken.  What fails later (a store that stays
+        store that cannot be opened) raises :class:`StartRefused` here, after
+        giving back what was taken: twistd then exits with status 1 (in the
+        foreground without a traceback, see :func:`_quiet_start_refused`; as
+        a daemon, its parent prints the reason and exits 1, where a
+        :class:`SystemExit` would leave it waiting forever).  What fails later (a store that stays
         locked by another process, a database server that does not answer)
         stops the reactor, which releases everything, and twistd's exit
         status is then made 1 (:func:`exit_status_after_twistd`).
@@ -402,7 +429,8 @@ class ServerService(service.Service):
         else:
             log.error("cannot start: {reason}", reason=reason)
         say_on_stderr(f"allspark: cannot start: {reason}")
-        raise SystemExit(1)
+        _install_quiet_excepthook()
+        raise StartRefused(reason)
 
     def _give_back(self) -> None:
         """Undo a start that failed before the reactor ran: stop listening,

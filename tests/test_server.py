@@ -109,12 +109,11 @@ class FailedStartTests(unittest.SynchronousTestCase):
         self.assertEqual(statuses, [1])
         self.assertEqual(reactor.stops, 1)  # stopping runs stopService, which releases the claim
 
-    def test_a_store_failing_at_once_raises_system_exit_and_gives_the_claim_back(self) -> None:
+    def test_a_store_failing_at_once_is_refused_and_gives_the_claim_back(self) -> None:
         service, store, reactor, statuses, said = self.service()
         store.starting.errback(StoreError("'x.db' has schema version 999, newer than this code's 3"))
-        with self.assertRaises(SystemExit) as exited:
+        with self.assertRaises(server_module.StartRefused):
             service.startService()
-        self.assertEqual(exited.exception.code, 1)
         self.assertEqual(said, ["allspark: cannot start: cannot open the store: 'x.db' has schema version "
                                 "999, newer than this code's 3"])
         self.assertFalse(os.path.exists(service.claim.path))
@@ -125,9 +124,8 @@ class FailedStartTests(unittest.SynchronousTestCase):
         service, store, reactor, statuses, said = self.service()
         with open(service.claim.path, "w") as f:
             json.dump({"pid": 2**22 + 12345, "server_id": "127.0.0.1:8080"}, f)
-        with self.assertRaises(SystemExit) as exited:
+        with self.assertRaises(server_module.StartRefused):
             service.startService()
-        self.assertEqual(exited.exception.code, 1)
         self.assertEqual(len(said), 1)
         self.assertIn("start with --force", said[0])
         self.assertTrue(os.path.exists(service.claim.path))  # the crashed server's claim stays
