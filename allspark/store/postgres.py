@@ -342,12 +342,13 @@ def _append_many(cur: Any, appends: Sequence[_AppendArgs]) -> list[AppendResult 
     with a handful of statements, whatever their number.
 
     The batch already holds the lock of every recipient's counter row (see
-    :meth:`PostgresStore._lock_counters`).  One upsert claims the
-    de-duplication keys of the run, one query reads the counters, one the
+    :meth:`PostgresStore._lock_counters`).  One query reads (and locks) the
+    de-duplication rows of the run's keys, one the counters, one the
     per-sender counts (when a quota is given); the copies are numbered and
     the quotas checked in Python, in order, so appends of one run count
-    against each other; then one statement each inserts the copies, moves
-    the counters, the per-sender counts and settles the de-duplication rows.
+    against each other; then one ``COPY`` inserts the copies, two upserts
+    move the counters and the per-sender counts, and one more ``COPY``
+    writes the new de-duplication rows (:func:`_dedup_write`).
     A ``(sender, id)`` repeated inside the run is a duplicate of its first
     occurrence.  The result of an append is its :class:`AppendResult` or the
     :class:`InboxFull` it failed with.
@@ -864,8 +865,10 @@ class PostgresStore:
                     raise
                 conn.rollback()
                 attempt += 1
-                log.info("store batch retried after {error}", error=type(e).__name__,
-                         attempt=attempt, size=len(batch))
+                self._reactor.callFromThread(
+                    log.info, "store batch retried after {error}", error=type(e).__name__,
+                    attempt=attempt, size=len(batch),
+                )
                 time.sleep(random.uniform(0.001, 0.005) * attempt)
 
     def _attempt(self, conn: Any, batch: list[_Op], careful: bool) -> list[tuple[bool, Any]]:
