@@ -107,3 +107,31 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+class PostgresBenchmarkTests(unittest.TestCase):
+    """``--stores sqlite,postgresql`` runs Allspark on both stores in one tiny
+    run (a throwaway PostgreSQL cluster for it); skipped without PostgreSQL."""
+
+    def test_direct_durable_on_both_stores(self) -> None:
+        sys.path.insert(0, ROOT)
+        from tests.store.postgres_cluster import find_bin_dir
+
+        if find_bin_dir() is None:
+            self.skipTest("PostgreSQL is not installed (./dev test installs Debian's postgresql)")
+        out = tempfile.mkdtemp(prefix="allspark-bench-test-")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--loadgen", "python",
+                               "--scenarios", "direct_durable", "--stores", "sqlite,postgresql",
+                               "--no-references", "--out", out],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        self.assertEqual(proc.returncode, 0, proc.stdout[-4000:] + proc.stderr[-4000:])
+        with open(os.path.join(out, "latest.json")) as f:
+            rows = {r["system"]: r for r in json.load(f)["rows"] if r.get("ids", True)}
+        self.assertEqual(set(rows), {"allspark", "allspark-postgresql"})
+        row = rows["allspark-postgresql"]
+        self.assertEqual((row["status"], row["label"]), ("ok", "Allspark (PostgreSQL)"), row.get("reason"))
+        self.assertEqual((row["errors"], row["lost"]), (0, 0))
+        self.assertEqual(row["status_counts"], {"delivered": row["sent"]})
+        self.assertGreater(row["acks_sent"], 0)
