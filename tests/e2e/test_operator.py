@@ -87,6 +87,31 @@ class FailedStartTests(unittest.TestCase):
         self.assert_refused(done, f"cannot listen on tcp:{port}", "Address already in use")
         self.assert_claim_released(data_dir)
 
+    def test_port_in_use_as_a_daemon(self) -> None:
+        """Without -n, twistd's parent waits for the daemon to start: it
+        must hear of the refusal and exit 1 (not wait forever)."""
+        data_dir = self.data_dir()
+        env = dict(os.environ, ALLSPARK_AUTH_SECRET=SECRET, ALLSPARK_CLUSTER_SECRET=CLUSTER_SECRET)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        pidfile, logfile = os.path.join(data_dir, "twistd.pid"), os.path.join(data_dir, "twistd.log")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            try:
+                done = subprocess.run(
+                    [twistd(), f"--pidfile={pidfile}", f"--logfile={logfile}", "allspark",
+                     "--host_address=127.0.0.1", f"--port={port}", f"--data-dir={data_dir}"],
+                    env=env, cwd=data_dir, capture_output=True, timeout=EXIT_BOUND_S)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"twistd was still waiting after {EXIT_BOUND_S}s") from None
+        self.assertEqual(done.returncode, 1, done.stderr)
+        self.assertIn(b"cannot listen on", done.stderr)
+        with open(logfile) as f:
+            self.assertIn("Address already in use", f.read())
+        self.assertFalse(os.path.exists(pidfile))
+        self.assert_claim_released(data_dir)
+
     def test_missing_tls_key_file(self) -> None:
         data_dir = self.data_dir()
         port = free_port()
