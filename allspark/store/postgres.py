@@ -282,16 +282,14 @@ def _dedup_write(
     if new:
         import psycopg.errors
 
-        cur.execute("SAVEPOINT dedup")
+        # A unique violation aborts the transaction; the batch reruns whole anyway.
         try:
             with cur.copy(_DEDUP_COPY) as copy:
                 copy.set_types(_DEDUP_COPY_TYPES)
                 for r in new:
                     copy.write_row((r[0], r[1], r[2], r[3].decode(), r[4]))
         except psycopg.errors.UniqueViolation:
-            cur.execute("ROLLBACK TO SAVEPOINT dedup")
             raise _DedupRace() from None
-        cur.execute("RELEASE SAVEPOINT dedup")
 
 
 def _op_remember_node(cur: Any, node_id: str, client_id: str | None, now: int) -> None:
@@ -354,19 +352,26 @@ def _append_many(cur: Any, appends: Sequence[_AppendArgs]) -> list[AppendResult 
     :class:`InboxFull` it failed with.
     """
     keys = sorted({(a[0], a[1]) for a in appends if a[1] is not None})
-    stored_keys = _dedup_read(cur, keys) if keys else {}
-    known = dict(stored_keys)
     nodes = sorted({node for a in appends for node in a[2]})
-    cur.execute(_STATE_OF, (nodes,))
+    pairs = sorted({(node, a[0]) for a in appends if a[7] is not None for node in a[2]})
+    conn = cur.connection
+    # the three reads go out together: one round trip
+    with conn.pipeline(), conn.cursor() as dedup_cur, conn.cursor() as senders_cur:
+        if keys:
+            dedup_cur.execute(_DEDUP_READ, ([k[0] for k in keys], [k[1] for k in keys]))
+        cur.execute(_STATE_OF, (nodes,))
+        if pairs:
+            senders_cur.execute(_SENDERS_OF, ([p[0] for p in pairs], [p[1] for p in pairs]))
+        stored_keys = {(r[0], r[1]): (r[2], r[3], r[4]) for r in dedup_cur.fetchall()} if keys else {}
+        state_rows = cur.fetchall()
+        by_sender: dict[tuple[str, str], int] = (
+            {(r[0], r[1]): r[2] for r in senders_cur.fetchall()} if pairs else {}
+        )
+    known = dict(stored_keys)
     last: dict[str, int] = {}
     pending: dict[str, int] = {}
-    for node_id, last_seq, count in cur.fetchall():
+    for node_id, last_seq, count in state_rows:
         last[node_id], pending[node_id] = last_seq, count
-    by_sender: dict[tuple[str, str], int] = {}
-    if any(a[7] is not None for a in appends):
-        pairs = sorted({(node, a[0]) for a in appends if a[7] is not None for node in a[2]})
-        cur.execute(_SENDERS_OF, ([p[0] for p in pairs], [p[1] for p in pairs]))
-        by_sender = {(r[0], r[1]): r[2] for r in cur.fetchall()}
     added: dict[str, int] = {}
     added_by_sender: dict[tuple[str, str], int] = {}
     rows: list[tuple[str, int, int, str, bytes]] = []
@@ -415,11 +420,13 @@ def _append_many(cur: Any, appends: Sequence[_AppendArgs]) -> list[AppendResult 
             for row in rows:
                 copy.write_row(row)
         touched = sorted(added)
-        cur.execute(_SET_STATE, (touched, [last[n] for n in touched], [added[n] for n in touched]))
-        pairs = sorted(added_by_sender)
-        cur.execute(_ADD_SENDER_PENDING, (
-            [p[0] for p in pairs], [p[1] for p in pairs], [added_by_sender[p] for p in pairs],
-        ))
+        sender_keys = sorted(added_by_sender)
+        with conn.pipeline():
+            cur.execute(_SET_STATE, (touched, [last[n] for n in touched], [added[n] for n in touched]))
+            cur.execute(_ADD_SENDER_PENDING, (
+                [k[0] for k in sender_keys], [k[1] for k in sender_keys],
+                [added_by_sender[k] for k in sender_keys],
+            ))
     if settle:
         _dedup_write(cur, settle, stored_keys)
     return results
@@ -936,6 +943,13 @@ class PostgresStore:
                 acked.add(args[0])
             elif fn is _op_append_session:
                 sessions.add(args[0])
+        if not (appended or acked or sessions):
+            return
+        with cur.connection.pipeline():  # one round trip for all of them
+            PostgresStore._lock_counter_rows(cur, appended, acked, sessions)
+
+    @staticmethod
+    def _lock_counter_rows(cur: Any, appended: set[str], acked: set[str], sessions: set[str]) -> None:
         if appended:
             cur.execute(
                 "INSERT INTO inbox_state (node_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
