@@ -168,9 +168,34 @@ def control_frames(draw: Any, world: World) -> dict[str, Any]:
     return frame
 
 
+def anonymous_members(world: World, session_ids: set[str]) -> dict[str, str]:
+    """alias -> node_id of every member that is anonymous now in one of
+    ``session_ids``."""
+    found: dict[str, str] = {}
+    for session_id in session_ids:
+        members, failure = world.run(world.store.get_members(session_id))
+        assert failure is None, failure
+        found.update({m.alias: m.node_id for m in members if m.anonymous})
+    return found
+
+
+def dicts_in(value: Any) -> list[dict[str, Any]]:
+    """Every JSON object inside ``value`` (itself included)."""
+    out: list[dict[str, Any]] = []
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            out.append(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return out
+
+
 class ControlProperties(unittest.SynchronousTestCase):
     """Server.control answers every control frame or refuses it with a
-    documented code."""
+    documented code, and no answer or event unmasks an anonymous member."""
 
     def check(self, world: World, caller: str, frame: dict[str, Any]) -> None:
         """Parse and run one frame from ``caller``, the way the socket does."""
@@ -193,6 +218,32 @@ class ControlProperties(unittest.SynchronousTestCase):
         self.assertIsInstance(answer, dict, frame)
         self.assertIsInstance(answer.get("op"), str, answer)
         orjson.loads(encode(answer))
+        self.check_anonymity(world, caller, parsed, answer)
+
+    def check_anonymity(self, world: World, caller: str, request: Control, answer: dict[str, Any]) -> None:
+        """No answer ties an anonymous member's node_id to its alias (issue 8,
+        item 7), for anyone but that member: not in one object, and not as
+        the answer to a request that named the member by node_id."""
+        session_ids = set(SESSIONS)
+        for conn in world.conns.values():
+            session_ids.update(f["session_id"] for f in conn.frames if isinstance(f.get("session_id"), str))
+        if isinstance(answer.get("session_id"), str):
+            session_ids.add(answer["session_id"])
+        anonymous = anonymous_members(world, session_ids)
+        named = request.args.get("node_id")
+        if named is not None and named != caller:
+            for alias, node_id in anonymous.items():
+                if node_id == named:
+                    self.assertNotIn(alias, json.dumps(answer),
+                                     f"{caller}'s {request} was answered the alias of {named}: {answer}")
+        seen: list[tuple[str, Any]] = [(caller, answer)]
+        seen += [(conn.node_id, f) for conn in world.conns.values() for f in conn.frames]
+        for recipient, frame in seen:
+            for obj in dicts_in(frame):
+                alias = obj.get("alias")
+                if isinstance(alias, str) and alias in anonymous and recipient != anonymous[alias]:
+                    self.assertNotEqual(obj.get("node_id"), anonymous[alias],
+                                        f"{recipient} was told the node_id of anonymous {alias}: {frame}")
 
     def check_written(self, world: World) -> None:
         """Every frame written to any connection is a JSON object."""
