@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from allspark.auth import AuthKeyVerifier, ValidationTokens
-from allspark.envelope import CONTROL_OPS, Control, FrameError, encode, parse_frame
+from allspark.envelope import CONTROL_OPS, Control, FrameError, Message, encode, parse_frame
 from allspark.router import Sender
 from allspark.server import Server, ServerConfig
 from allspark.sessions import Sessions
@@ -102,12 +102,14 @@ def build_world() -> World:
     def control(caller: str, frame: dict[str, Any]) -> dict[str, Any]:
         parsed = parse_frame(orjson.dumps(frame))
         assert isinstance(parsed, Control)
-        answer, failure = world.run(server.control(conns[caller], parsed))
+        answer, failure = world.run(server.control(conns[caller], parsed))  # type: ignore[arg-type]
         assert failure is None, failure
         return answer
 
     def send(caller: str, frame: dict[str, Any]) -> None:
-        answer, failure = world.run(server.router.route(conns[caller].sender, parse_frame(orjson.dumps(frame))))
+        msg = parse_frame(orjson.dumps(frame))
+        assert isinstance(msg, Message)
+        answer, failure = world.run(server.router.route(conns[caller].sender, msg))
         assert failure is None, failure
 
     control("alice", {"op": "create_session", "session_id": "grp"})
@@ -206,11 +208,12 @@ class ControlProperties(unittest.SynchronousTestCase):
             self.assertIn(e.code, {"bad_frame", "unknown_op"}, e.message)
             return
         assert isinstance(parsed, Control), frame
-        answer, failure = world.run(world.server.control(world.conns[caller], parsed))
+        answer, failure = world.run(world.server.control(world.conns[caller], parsed))  # type: ignore[arg-type]
         if failure is not None:
             if not failure.check(FrameError):
                 self.fail(f"{caller} {frame} raised {failure.getTraceback()}")
             error = failure.value
+            assert isinstance(error, FrameError)
             self.assertIn(error.code, codes, f"{frame}: {error.code} is not a documented code")
             self.assertNotIn(error.code, SERVER_FAILURE_CODES)
             orjson.loads(error.to_frame())
@@ -238,12 +241,12 @@ class ControlProperties(unittest.SynchronousTestCase):
                                      f"{caller}'s {request} was answered the alias of {named}: {answer}")
         seen: list[tuple[str, Any]] = [(caller, answer)]
         seen += [(conn.node_id, f) for conn in world.conns.values() for f in conn.frames]
-        for recipient, frame in seen:
-            for obj in dicts_in(frame):
-                alias = obj.get("alias")
-                if isinstance(alias, str) and alias in anonymous and recipient != anonymous[alias]:
-                    self.assertNotEqual(obj.get("node_id"), anonymous[alias],
-                                        f"{recipient} was told the node_id of anonymous {alias}: {frame}")
+        for recipient, written in seen:
+            for obj in dicts_in(written):
+                alias_seen = obj.get("alias")
+                if isinstance(alias_seen, str) and alias_seen in anonymous and recipient != anonymous[alias_seen]:
+                    self.assertNotEqual(obj.get("node_id"), anonymous[alias_seen],
+                                        f"{recipient} was told the node_id of anonymous {alias_seen}: {written}")
 
     def check_written(self, world: World) -> None:
         """Every frame written to any connection is a JSON object."""

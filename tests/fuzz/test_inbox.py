@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from twisted.trial import unittest
 
-from allspark.envelope import Control, FrameError, parse_frame
+from allspark.envelope import Control, FrameError, Message, parse_frame
 from tests.fuzz import documented_error_codes, fuzz_settings
 from tests.fuzz.test_control import ControlConnection, World, build_world
 
@@ -113,10 +113,11 @@ class DeliveryMachine(RuleBasedStateMachine):
         parsed = parse_frame(orjson.dumps(frame))
         assert isinstance(parsed, Control)
         conn = self.conn_of(node_id)
-        answer, failure = self.world.run(self.world.server.control(conn, parsed))
+        answer, failure = self.world.run(self.world.server.control(conn, parsed))  # type: ignore[arg-type]
         if failure is not None:
-            failure.trap(FrameError)
-            assert failure.value.code in documented_error_codes(), failure.value.code
+            error = failure.value
+            assert isinstance(error, FrameError), failure.getTraceback()
+            assert error.code in documented_error_codes(), error.code
             return None
         if answer is not None:
             conn.send(orjson.dumps(answer))
@@ -163,10 +164,12 @@ class DeliveryMachine(RuleBasedStateMachine):
 
     def route(self, sender: str, frame: dict[str, Any], retry: bool = False) -> None:
         msg = parse_frame(orjson.dumps(frame))
+        assert isinstance(msg, Message)
         answer, failure = self.world.run(self.world.server.router.route(self.conn_of(sender).sender, msg))
         if failure is not None:
-            failure.trap(FrameError)
-            assert failure.value.code in documented_error_codes(), failure.value.code
+            error = failure.value
+            assert isinstance(error, FrameError), failure.getTraceback()
+            assert error.code in documented_error_codes(), error.code
             return
         accepted = orjson.loads(answer)
         assert accepted["op"] == "accepted", accepted
