@@ -1009,6 +1009,10 @@ class PostgresStore:
         if self._pool is not None:
             return fail(StoreError("store already started"))
         try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            return fail(StoreError("the PostgreSQL store needs psycopg 3: pip install '.[postgresql]'"))
+        try:
             from twisted.enterprise import adbapi
 
             kwargs = self._connect_kwargs()
