@@ -22,12 +22,18 @@ died.  The pool has **one** connection per store (per server process):
   under load.  A run of inbox appends in a batch goes in with a few
   statements whatever its length (:func:`_append_many`: one binary ``COPY``
   for the copies, unnest arrays for the counters, not one ``INSERT`` per
-  copy), and so does a run of acks (:func:`_ack_many`).  Several servers
-  give several connections.
+  copy), and so does a run of acks (:func:`_ack_many`).  Statements that do
+  not need each other's results go out together as one psycopg pipeline
+  (one round trip).  Several servers give several connections.
 
 Why group commit: a commit costs a WAL flush (an fsync with the default
-``synchronous_commit = on``) and a round trip; a batch of hundreds of appends
-costs about what one costs (``docs/performance.md`` has the numbers).
+``synchronous_commit = on``) and a round trip, and each statement a round
+trip to another process; a batch of 2,000 appends is about ten statements
+and one commit, where one transaction per message would be ten statements
+and a flush *per message* (``docs/performance.md`` has the numbers).  Why
+psycopg 3 through adbapi rather than an asynchronous driver: it is what
+Synapse runs in production, psycopg's ``COPY`` and pipelines are what made
+batches cheap, and one thread hop per batch (not per message) costs little.
 
 Seqs and the gap a reader must never skip
 -----------------------------------------
