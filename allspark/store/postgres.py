@@ -31,9 +31,10 @@ Why group commit: a commit costs a WAL flush (an fsync with the default
 trip to another process; a batch of 2,000 appends is about ten statements
 and one commit, where one transaction per message would be ten statements
 and a flush *per message* (``docs/performance.md`` has the numbers).  Why
-psycopg 3 through adbapi rather than an asynchronous driver: it is what
-Synapse runs in production, psycopg's ``COPY`` and pipelines are what made
-batches cheap, and one thread hop per batch (not per message) costs little.
+psycopg through adbapi rather than an asynchronous driver: it is how
+Synapse talks to PostgreSQL in production (psycopg2 there; psycopg 3 here
+for binary ``COPY`` rows and pipelines, which are what made batches cheap),
+and one thread hop per batch, not per message, costs little.
 
 Seqs and the gap a reader must never skip
 -----------------------------------------
