@@ -1500,6 +1500,58 @@ class PostgresStoreTests(TestCase):
         with self.assertRaises(InboxFull):
             await store.append_inbox("s", None, ["b"], b"m", b"", 1, WINDOW, quota)
 
+    def test_counters_stay_exact_with_two_processes_appending_and_acking(self) -> None:
+        """Two processes append to and ack the same inboxes at once (batches
+        that lock counter rows in different mixes): no batch fails, and every
+        inbox's unacked counters equal the rows it holds."""
+        url = database_for(self)
+        script = textwrap.dedent(
+            """
+            import sys
+            from twisted.internet import defer, task
+            from allspark.store import InboxQuota, open_store
+
+            async def main(reactor):
+                store = open_store(sys.argv[1], reactor)
+                await store.start()
+                name, nodes = sys.argv[2], ["n0", "n1", "n2", "n3", "n4"]
+                quota = InboxQuota(per_sender=10**6, per_inbox=10**6)
+                for r in range(60):
+                    ops = []
+                    for i in range(40):
+                        targets = [nodes[(r + i) % 5], nodes[(r * 3 + i * 7) % 5]]
+                        ops.append(store.append_inbox(name, f"{name}-{r}-{i}", targets, b"m", b"", 1, 600000, quota))
+                    for j, node in enumerate(nodes):
+                        last, _ = await store.inbox_state(node)
+                        if (r + j) % 2:
+                            ops.append(store.ack_inbox(node, max(0, last - 30)))
+                    await defer.gatherResults(ops)
+                await store.close()
+
+            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+            """
+        )
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, url, name],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            for name in ("p1", "p2")
+        ]
+        for proc in procs:
+            out, err = proc.communicate(timeout=180)
+            self.assertEqual(proc.returncode, 0, err.decode()[-3000:])
+        state = self.query(url, "SELECT s.node_id, s.pending, (SELECT count(*) FROM inbox AS i "
+                                "WHERE i.node_id = s.node_id) FROM inbox_state AS s ORDER BY 1")
+        self.assertEqual(len(state), 5)
+        for node_id, pending, rows in state:
+            self.assertEqual(pending, rows, node_id)
+        senders = self.query(url, "SELECT t.node_id, t.sender_id, t.pending, (SELECT count(*) FROM inbox AS i "
+                                  "WHERE i.node_id = t.node_id AND i.sender_id = t.sender_id) "
+                                  "FROM inbox_senders AS t")
+        for node_id, sender_id, pending, rows in senders:
+            self.assertEqual(pending, rows, (node_id, sender_id))
+        self.assertEqual(self.query(url, "SELECT count(*) FROM dedup"), [(2 * 60 * 40,)])
+
     def test_two_processes_on_one_database(self) -> None:
         """Two OS processes appending to one node at once: every seq 1..N exactly once, each in order."""
         url = database_for(self)
