@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial import unittest
 
 from allspark.client import Client
@@ -79,4 +80,30 @@ class PostgresServerTests(unittest.TestCase):
         got = drain(bob)
         self.assertEqual([(m["src_id"], m["seq"], m["payload"]) for m in got],
                          [("alice-laptop", 1, "from one")])
+        self.assertEqual(await bob.sync(), 0)
+
+    async def test_senders_on_two_servers_at_once(self) -> None:
+        """Four senders, two on each of two servers, pipeline messages to one
+        offline recipient at the same time: it syncs every message exactly
+        once, seqs 1..N without a gap, each sender's in its sending order."""
+        one = start_server(self, f"--store={self.url}")
+        two = start_server(self, f"--store={self.url}")
+        bob = await client_for(self, one, "bob-phone", "bob")
+        await bob.close()
+        senders = [await client_for(self, server, f"sender-{n}") for n, server in enumerate((one, two, one, two))]
+        per_sender = 200
+
+        async def send_all(n: int) -> list[dict[str, Any]]:
+            return await gatherResults([senders[n].send(dest_id="bob-phone", id=f"m-{i}", payload={"i": i})
+                                        for i in range(per_sender)])
+
+        answers = await gatherResults([Deferred.fromCoroutine(send_all(n)) for n in range(4)])
+        self.assertEqual({a["status"] for batch in answers for a in batch}, {"stored"})
+        bob = await client_for(self, two, "bob-phone", "bob", auto_ack=False)
+        await wait_until(lambda: len(bob.messages.pending) >= 4 * per_sender, timeout=30)
+        got = drain(bob)
+        self.assertEqual(sorted(m["seq"] for m in got), list(range(1, 4 * per_sender + 1)))
+        for n in range(4):
+            mine = [m["payload"]["i"] for m in got if m["src_id"] == f"sender-{n}"]
+            self.assertEqual(mine, list(range(per_sender)))
         self.assertEqual(await bob.sync(), 0)
