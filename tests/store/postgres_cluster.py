@@ -23,6 +23,7 @@ import atexit
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -84,6 +85,7 @@ class PostgresCluster:
         self.log_path = ""
         self.running = False
         self._run_as: pwd.struct_passwd | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     def _cmd(self, tool: str, *args: str) -> list[str]:
         command = [os.path.join(self.bin_dir, tool), *args]
@@ -131,7 +133,23 @@ class PostgresCluster:
             )
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", self.data_dir, "-l", self.log_path)
         self.running = True
+        self._start_watchdog()
         return self
+
+    def _start_watchdog(self) -> None:
+        """A small process that stops the cluster and removes its directory
+        if this process dies without running its exit handlers (``kill -9``,
+        a CI time-out); :meth:`stop` ends it.  It gives up after 12 hours."""
+        stop = " ".join(shlex.quote(part) for part in self._cmd(
+            "pg_ctl", "stop", "-m", "immediate", "-D", self.data_dir))
+        script = (
+            f"i=0; while kill -0 {os.getpid()} 2>/dev/null && [ $i -lt 43200 ]; do sleep 1; i=$((i+1)); done; "
+            f"{stop} >/dev/null 2>&1; rm -rf {shlex.quote(self.base_dir)}"
+        )
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True,
+        )
 
     def url(self, database: str = "postgres") -> str:
         """The URL of ``database`` on this cluster, as the superuser."""
@@ -165,6 +183,10 @@ class PostgresCluster:
         if self.base_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
             self.base_dir = ""
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait(10)
+            self._watchdog = None
 
 
 _shared: PostgresCluster | None = None
