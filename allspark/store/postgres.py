@@ -51,7 +51,11 @@ or bounds the rows by the ``last_seq`` it read, so ``scanned_upto`` (and the
 allocated but is not readable yet.
 
 Deadlocks are avoided by taking the counter rows a batch writes up front, in
-one sorted ``FOR UPDATE`` (inboxes, then sessions).  Locks on other rows
+one sorted ``FOR UPDATE`` (inboxes, then sessions).  (An ``UPDATE ...
+RETURNING`` per append would lock the same rows, but in the order the
+batch's appends come, so two servers' batches could each hold a row the
+other waits for; the counters are then moved by one upsert per run, under
+the locks already held.)  Locks on other rows
 (de-duplication keys, nodes, members) can still meet in another order in
 rare cases; PostgreSQL then aborts one transaction (deadlock or
 serialization failure), which is retried whole, up to
