@@ -28,7 +28,8 @@ from twisted.python.failure import Failure
 from allspark.logs import logger
 
 from allspark.envelope import FrameError, addressed
-from allspark.registry import Connection, Registry
+from allspark.delivery import Delivery
+from allspark.registry import Connection
 from allspark.store import AppendResult, InboxFull, InboxPage, InboxQuota, Store, StreamQuota
 
 log = logger(__name__)
@@ -83,12 +84,13 @@ class Inbox:
     def __init__(
         self,
         store: Store,
-        registry: Registry,
+        delivery: Delivery,
         clock: IReactorTime,
         config: DeliveryConfig = DeliveryConfig(),
     ) -> None:
+        """``delivery``: where each stored copy is written (here, or through the mesh)."""
         self.store = store
-        self.registry = registry
+        self.delivery = delivery
         self.clock = clock
         self.config = config
         self._quota = config.inbox_quota
@@ -101,8 +103,8 @@ class Inbox:
         body: bytes,
         answer: bytes,
     ) -> Deferred[bytes]:
-        """Append ``body`` to each recipient's inbox, then write each copy to
-        the recipient's live connections here.  A duplicate is not delivered
+        """Append ``body`` to each recipient's inbox, then hand each copy to
+        the delivery point (:class:`~allspark.delivery.Delivery`).  A duplicate is not delivered
         again.  Fires once stored, with ``answer`` (the first attempt's answer
         for a duplicate).
 
@@ -142,9 +144,9 @@ class Inbox:
 
     def _deliver_stored(self, result: AppendResult, body: bytes) -> bytes:
         if not result.duplicate:
-            send = self.registry.send
+            deliver = self.delivery.deliver
             for node_id, seq in result.seqs.items():
-                send(node_id, addressed(body, node_id, seq))
+                deliver(node_id, addressed(body, node_id, seq))
         return result.answer
 
     async def sync(

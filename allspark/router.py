@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from allspark.envelope import FrameError, Message, addressed, check_deliverable, delivery_body, encode
 from allspark.inbox import Inbox, now_ms
-from allspark.registry import Registry
+from allspark.delivery import Delivery
 from allspark.store import Store
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class Router:
 
     def __init__(
         self,
-        registry: Registry,
+        delivery: Delivery,
         store: Store,
         inbox: Inbox,
         clock: IReactorTime,
@@ -77,8 +77,9 @@ class Router:
     ) -> None:
         """``max_message_size``: the largest frame a recipient may be sent;
         a message whose delivered copy could be larger is refused with
-        ``too_large`` before it is stored."""
-        self.registry = registry
+        ``too_large`` before it is stored.  ``delivery``: where copies are
+        written (the router itself never touches a connection)."""
+        self.delivery = delivery
         self.max_message_size = max_message_size
         self.store = store
         self.inbox = inbox
@@ -106,7 +107,7 @@ class Router:
             and msg.dest_client_id is None
             and dest_id is not None
             and sender.node_id not in self._waiting
-            and (dest_id in self._known_nodes or self.registry.is_online(dest_id))
+            and (dest_id in self._known_nodes or self.delivery.is_live(dest_id))
         ):
             try:
                 return self.send_to_nodes(sender, msg, [dest_id])
@@ -173,20 +174,21 @@ class Router:
         only)."""
         body_src = sender.node_id if src_id is None else src_id
         body_client = None if omit_client else sender.client_id
-        online = self.registry.is_online
-        live = sum(1 for r in recipients if online(r))
+        is_live = self.delivery.is_live
+        live = sum(1 for r in recipients if is_live(r))
         body = delivery_body(msg, body_src, body_client, now_ms(self.clock))
         check_deliverable(body, self.max_message_size, msg.id)
         if msg.ephemeral:
+            deliver = self.delivery.deliver
             for node_id in recipients:
-                self.registry.send(node_id, addressed(body, node_id))
+                deliver(node_id, addressed(body, node_id))
             return succeed(accepted_frame(msg, len(recipients), live))
         answer = accepted_frame(msg, len(recipients), live)
         return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
         """Raise ``unknown_destination`` unless ``node_id`` ever connected."""
-        if node_id in self._known_nodes or self.registry.is_online(node_id):
+        if node_id in self._known_nodes or self.delivery.is_live(node_id):
             return
         if await self.store.get_node(node_id) is None:
             raise FrameError(

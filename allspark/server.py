@@ -31,6 +31,7 @@ from allspark.logs import logger
 
 from allspark.auth import AuthKeyVerifier, ValidationTokens
 from allspark.envelope import DEFAULT_SYNC_LIMIT, Control, FrameError, encode
+from allspark.delivery import Delivery
 from allspark.inbox import DeliveryConfig, Inbox, fetch_rows, now_ms
 from allspark.registry import Registry
 from allspark.router import Router
@@ -85,13 +86,25 @@ class Server:
         self.tokens = tokens
         self.clock = clock
         self.registry = Registry()
-        self.inbox = Inbox(store, self.registry, clock, config.delivery)
-        self.router = Router(self.registry, store, self.inbox, clock, config.limits.max_message_size)
-        self.sessions: Any = None
+        #: the one delivery point; the mesh sets ``delivery.remote``
+        self.delivery = Delivery(self.registry, clock)
+        self.inbox = Inbox(store, self.delivery, clock, config.delivery)
+        self.router = Router(self.delivery, store, self.inbox, clock, config.limits.max_message_size)
+        self.sessions: Any = None  # allspark.sessions.Sessions, set by new_sessions()
         self.draining = False
         self.started_at = now_ms(clock)
         # connections with a sync being answered (one at a time each)
         self._syncing: set[Any] = set()
+
+    def new_sessions(self) -> Any:
+        """Build this server's :class:`~allspark.sessions.Sessions` from its
+        collaborators and wire it to the router; returns it."""
+        from allspark.sessions import Sessions
+
+        self.sessions = Sessions(self.store, self.delivery, self.router, self.clock,
+                                 self.config.delivery, self.config.limits.max_message_size)
+        self.router.sessions = self.sessions
+        return self.sessions
 
     # -- connections ------------------------------------------------------
     def on_connected(self, conn: "ClientProtocol") -> None:

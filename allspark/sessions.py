@@ -71,7 +71,8 @@ when a peer reports a change.
 Fan-out
 -------
 A broadcast frame is encoded once and written to the online members in slices
-of :data:`FANOUT_SLICE` nodes, one slice per reactor turn, so other clients
+of :data:`allspark.delivery.FANOUT_SLICE` nodes, one slice per reactor turn
+(:meth:`allspark.delivery.Delivery.deliver_many`), so other clients
 keep being served while a large session's message goes out.  Members that are
 offline (or that connect while it goes out) read it on sync: the row is stored
 before the first slice is written.
@@ -81,12 +82,13 @@ from __future__ import annotations
 
 import secrets
 from bisect import bisect_right
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
@@ -101,19 +103,17 @@ from allspark.envelope import (
     encode,
 )
 from allspark.ids import new_id
-from allspark.inbox import check_cursor, now_ms, write_rows
+from allspark.delivery import Delivery
+from allspark.inbox import DeliveryConfig, check_cursor, now_ms, write_rows
 from allspark.logs import logger
 from allspark.registry import Connection
-from allspark.router import Sender, accepted_frame
-from allspark.store import DuplicateSession, MemberRecord, SessionFull, SessionRecord, StoreError
+from allspark.router import Router, Sender, accepted_frame
+from allspark.store import DuplicateSession, MemberRecord, SessionFull, SessionRecord, Store, StoreError
 
 if TYPE_CHECKING:
     from allspark.server import Server
 
 log = logger(__name__)
-
-#: Online members written to per reactor turn during a fan-out.
-FANOUT_SLICE = 500
 
 #: Bytes a paged answer keeps free under the frame limit for its ``id``,
 #: ``more`` and ``next`` (an id is at most 128 characters).
@@ -220,12 +220,26 @@ def own_view(record: SessionRecord, member: MemberRecord) -> dict[str, Any]:
 class Sessions:
     """Session operations, routing into sessions, and the membership cache."""
 
-    def __init__(self, server: "Server", cache_size: int = 10_000) -> None:
-        self.server = server
-        self.store = server.store
-        self.registry = server.registry
-        self.router = server.router
-        self.clock = server.clock
+    def __init__(
+        self,
+        store: Store,
+        delivery: Delivery,
+        router: Router,
+        clock: IReactorTime,
+        config: DeliveryConfig = DeliveryConfig(),
+        max_message_size: int = 64 * 1024,
+        cache_size: int = 10_000,
+    ) -> None:
+        """``delivery``: where events and broadcasts are written; ``router``:
+        sends a message to one member (a direct copy); ``config``: the
+        de-duplication window and stream quotas; ``max_message_size``: the
+        largest frame a member may be sent (broadcasts and info pages fit)."""
+        self.store = store
+        self.delivery = delivery
+        self.router = router
+        self.clock = clock
+        self.config = config
+        self.max_message_size = max_message_size
         self.cache_size = cache_size
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._generation = 0
@@ -238,9 +252,6 @@ class Sessions:
             "set_master": self.set_master,
             "my_sessions": self.my_sessions,
         }
-        # fan-outs not yet fully written: [frame, node_ids, next index, done]
-        self._fanouts: deque[list[Any]] = deque()
-        self._fanout_scheduled = False
 
     # -- the membership cache --------------------------------------------
     def membership_changed(
@@ -337,64 +348,14 @@ class Sessions:
 
     # -- fan-out ----------------------------------------------------------
     def _online_members(self, entry: _Entry, exclude: str | None) -> list[str]:
-        """Members with a live connection here, except ``exclude``; walks
-        whichever is smaller, the members or the connected nodes."""
-        registry = self.registry
-        members = entry.members
-        if registry.node_count() < len(members):
-            seen: set[str] = set()
-            found = []
-            for conn in registry:
-                node_id = conn.node_id
-                if node_id in members and node_id != exclude and node_id not in seen:
-                    seen.add(node_id)
-                    found.append(node_id)
-            return found
-        return [n for n in members if n != exclude and registry.is_online(n)]
+        """Members with a live connection (here, or through the mesh on
+        another server), except ``exclude``."""
+        return self.delivery.live_among(entry.members, exclude)
 
     def fan_out(self, frame: bytes, node_ids: list[str]) -> Deferred[None]:
-        """Write ``frame`` (encoded once) to ``node_ids``; fires when the last
-        copy is written.
-
-        Fan-outs go out in the order they were asked for, at most
-        :data:`FANOUT_SLICE` copies per reactor turn: a small one at once when
-        nothing is queued, a large one in slices, and any later one after it,
-        so that every member gets broadcasts and events in order.  A copy
-        that fails to be written is logged and skipped (a stored row is
-        still read on sync); it never holds up the copies after it.
-        """
-        done: Deferred[None] = Deferred()
-        self._fanouts.append([frame, node_ids, 0, done])
-        if not self._fanout_scheduled:
-            self._write_fanouts()
-        return done
-
-    def _write_fanouts(self) -> None:
-        """Write one slice of the queued fan-outs; schedule the next slice."""
-        queue = self._fanouts
-        send = self.registry.send
-        budget = FANOUT_SLICE
-        while queue and budget > 0:
-            item = queue[0]
-            frame, node_ids, start, done = item
-            end = min(start + budget, len(node_ids))
-            for i in range(start, end):
-                try:
-                    send(node_ids[i], frame)
-                except Exception:
-                    # one copy that cannot be written costs only that copy:
-                    # never the rest of this fan-out, never the ones queued after it
-                    log.failure("could not write a session frame ({size} bytes) to {node_id}",
-                                size=len(frame), node_id=node_ids[i])
-            budget -= end - start
-            if end < len(node_ids):
-                item[2] = end
-                break
-            queue.popleft()
-            done.callback(None)
-        self._fanout_scheduled = bool(queue)
-        if queue:
-            self.clock.callLater(0, self._write_fanouts)
+        """Write ``frame`` (encoded once) to ``node_ids`` through the delivery
+        point, in order and in slices (:meth:`Delivery.deliver_many`)."""
+        return self.delivery.deliver_many(frame, node_ids)
 
     def _event(self, entry: _Entry, frame: dict[str, Any], exclude: str | None) -> None:
         self.fan_out(encode(frame), self._online_members(entry, exclude))
@@ -473,8 +434,8 @@ class Sessions:
             joined = {"op": "member_joined", "session_id": session_id, "member": public_view(record, member)}
             if not by_self:
                 others = [n for n in others if n != target]
-                if self.registry.is_online(target):
-                    self.registry.send(target, encode({**joined, "member": own_view(record, member), "you": True}))
+                if self.delivery.is_live(target):
+                    self.delivery.deliver(target, encode({**joined, "member": own_view(record, member), "you": True}))
             self.fan_out(encode(joined), others)
         view = own_view(record, member) if by_self else added_view(record, member)
         return {"op": "member", "session_id": session_id, **view}
@@ -506,7 +467,7 @@ class Sessions:
         view = public_view(record, member)
         left = encode({"op": "member_left", "session_id": session_id, "member": view})
         others = self._online_members(entry, sender.node_id)
-        if member.node_id != sender.node_id and self.registry.is_online(member.node_id):
+        if member.node_id != sender.node_id and self.delivery.is_live(member.node_id):
             others.append(member.node_id)
         self.fan_out(left, others)
         return {"op": "left", "session_id": session_id, "member": view}
@@ -522,7 +483,7 @@ class Sessions:
         """Bytes left for the entries of a paged answer ``frame`` (without
         them) so that it stays under the frame limit, with room for ``id``,
         ``more`` and ``next``."""
-        return self.server.config.limits.max_message_size - len(encode(frame)) - PAGE_SLACK
+        return self.max_message_size - len(encode(frame)) - PAGE_SLACK
 
     def _info(self, entry: _Entry, me: MemberRecord, op: str, after: str | None = None,
               limit: int = DEFAULT_PAGE_LIMIT) -> dict[str, Any]:
@@ -667,14 +628,14 @@ class Sessions:
         session_id = entry.record.session_id
         client_id = None if me.anonymous else sender.client_id
         body = delivery_body(msg, public_id(me), client_id, now_ms(self.clock))
-        check_deliverable(body, self.server.config.limits.max_message_size, msg.id)
+        check_deliverable(body, self.max_message_size, msg.id)
         others = len(entry.members) - (1 if sender.node_id in entry.members else 0)
         online = self._online_members(entry, sender.node_id)
         if msg.ephemeral:
             self.fan_out(body, online)
             return accepted_frame(msg, others, len(online))
         answer = accepted_frame(msg, others, len(online))
-        delivery = self.server.config.delivery
+        delivery = self.config
         try:
             result = await self.store.append_session(
                 session_id, sender.node_id, msg.id, body, answer, now_ms(self.clock),

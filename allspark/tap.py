@@ -231,7 +231,7 @@ def makeService(options: Options) -> Any:
     from allspark.inbox import DeliveryConfig
     from allspark.logs import json_observer, set_level, twistd_log_file
     from allspark.server import Server, ServerConfig, ServerService
-    from allspark.sessions import Sessions, session_resources
+    from allspark.sessions import session_resources
     from allspark.store import open_store
     from allspark.web import build_site
     from allspark.ws import ClientFactory, SocketLimits
@@ -280,8 +280,7 @@ def makeService(options: Options) -> Any:
     tokens = ValidationTokens(token_key, config.server_id, reactor)
     store = open_store(options["store"], reactor)
     server = Server(config, store, verifier, tokens, reactor)
-    server.sessions = Sessions(server)
-    server.router.sessions = server.sessions
+    server.new_sessions()
     site = build_site(server, ClientFactory(server, limits), session_resources(server))
     service = ServerService(server, site, reactor)
     if options["log-format"] == "json":

@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from allspark.envelope import FrameError, parse_frame
+from allspark.delivery import Delivery
 from allspark.inbox import DeliveryConfig, Inbox, fetch_rows
 from allspark.registry import Registry
 from allspark.router import Router, Sender
@@ -36,8 +37,8 @@ class InboxTestCase(unittest.TestCase):
         self.clock.advance(1_700_000_000)
         self.store = MemoryStore()
         self.registry = Registry()
-        self.inbox = Inbox(self.store, self.registry, self.clock, self.config)
-        self.router = Router(self.registry, self.store, self.inbox, self.clock)
+        self.inbox = Inbox(self.store, Delivery(self.registry, self.clock), self.clock, self.config)
+        self.router = Router(self.inbox.delivery, self.store, self.inbox, self.clock)
         for node_id in ("alice", "bob", "carol"):
             self.store.remember_node(node_id, None, 0)
 

@@ -10,6 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from allspark.envelope import FrameError, Message, parse_frame
+from allspark.delivery import Delivery
 from allspark.inbox import Inbox
 from allspark.registry import Registry
 from allspark.router import Router, Sender
@@ -31,8 +32,8 @@ class RouterTests(unittest.TestCase):
         self.clock.advance(1_700_000_000)
         self.store = MemoryStore()
         self.registry = Registry()
-        self.inbox = Inbox(self.store, self.registry, self.clock)
-        self.router = Router(self.registry, self.store, self.inbox, self.clock)
+        self.inbox = Inbox(self.store, Delivery(self.registry, self.clock), self.clock)
+        self.router = Router(self.inbox.delivery, self.store, self.inbox, self.clock)
 
     def connect(self, node_id: str, client_id: str | None = None) -> FakeConnection:
         """A node that is online now (and so known to the store)."""

@@ -17,13 +17,13 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from allspark import sessions as sessions_module
+from allspark import delivery as delivery_module
 from allspark.auth import AuthKeyVerifier, ValidationTokens
 from allspark.envelope import Control, FrameError, Message, parse_frame
 from allspark.inbox import DeliveryConfig
 from allspark.router import Sender
 from allspark.server import Server, ServerConfig
-from allspark.sessions import Sessions, http_args
+from allspark.sessions import http_args
 from allspark.store.memory import MemoryStore
 from tests.fakes import FakeConnection
 
@@ -36,9 +36,7 @@ class SessionsTestCase(unittest.TestCase):
         config = ServerConfig(server_id="srv", host="127.0.0.1", port=1, listen=())
         tokens = ValidationTokens(b"k" * 32, "srv", self.clock)
         self.server = Server(config, self.store, AuthKeyVerifier([b"secret"]), tokens, self.clock)
-        self.sessions = Sessions(self.server)
-        self.server.sessions = self.sessions
-        self.server.router.sessions = self.sessions
+        self.sessions = self.server.new_sessions()
         self.conns: dict[str, FakeConnection] = {}
 
     # -- helpers ----------------------------------------------------------
@@ -294,6 +292,7 @@ class SessionStreamQuotaTests(SessionsTestCase):
         super().setUp()
         self.server.config = replace(self.server.config, delivery=DeliveryConfig(
             max_session_rows_per_sender=2, max_session_rows=3, session_quota_window_ms=60_000))
+        self.sessions.config = self.server.config.delivery
         for node_id in ("alice", "bob", "carol"):
             self.online(node_id)
         self.op("alice", "create_session", session_id="s1")
@@ -384,7 +383,7 @@ class Cache(SessionsTestCase):
 
 class FanOut(SessionsTestCase):
     def test_large_broadcast_goes_out_in_slices(self) -> None:
-        self.patch(sessions_module, "FANOUT_SLICE", 10)
+        self.patch(delivery_module, "FANOUT_SLICE", 10)
         self.op("alice", "create_session", session_id="big")
         for i in range(35):
             self.online(f"n{i}")
@@ -402,7 +401,7 @@ class FanOut(SessionsTestCase):
         self.assertEqual(got, 35)
         # encoded once: every member got the same bytes object
         self.assertEqual(len({id(self.conns[f"n{i}"].raw[0]) for i in range(35)}), 1)
-        self.assertEqual(len(self.sessions._fanouts), 0)
+        self.assertEqual(len(self.sessions.delivery._fanouts), 0)
 
     def test_a_copy_that_fails_costs_only_that_copy(self) -> None:
         for node_id in ("bob", "carol"):
@@ -422,7 +421,7 @@ class FanOut(SessionsTestCase):
         self.assertEqual(first["status"], "delivered")
         self.assertEqual([m["payload"] for m in self.messages("carol")], ["one"])  # after bob's failure
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-        self.assertEqual(len(self.sessions._fanouts), 0)  # nothing left at the head of the queue
+        self.assertEqual(len(self.sessions.delivery._fanouts), 0)  # nothing left at the head of the queue
         # later fan-outs, in any session, and joins go on
         del self.conns["bob"].send
         self.assertEqual(self.send("alice", dest_session_id="s2", payload="two")["status"], "delivered")

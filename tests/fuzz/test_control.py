@@ -31,7 +31,6 @@ from allspark.auth import AuthKeyVerifier, ValidationTokens
 from allspark.envelope import CONTROL_OPS, Control, FrameError, Message, encode, parse_frame
 from allspark.router import Sender
 from allspark.server import Server, ServerConfig
-from allspark.sessions import Sessions
 from allspark.store.memory import MemoryStore
 from tests.fakes import FakeConnection
 from tests.fuzz import SERVER_FAILURE_CODES, documented_error_codes, fuzz_settings
@@ -88,7 +87,7 @@ def build_world() -> World:
     config = ServerConfig(server_id="srv", host="127.0.0.1", port=1, listen=())
     tokens = ValidationTokens(b"k" * 32, "srv", clock)
     server = Server(config, store, AuthKeyVerifier([b"secret-0123456789abcdef"]), tokens, clock)
-    server.sessions = Sessions(server)
+    server.new_sessions()
     server.router.sessions = server.sessions
     conns: dict[str, ControlConnection] = {}
     for node_id, client_id in ONLINE:
