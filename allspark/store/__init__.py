@@ -33,7 +33,8 @@ Two storage shapes, chosen for their cost:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from twisted.internet.defer import Deferred
@@ -189,6 +190,41 @@ class MemberRecord:
     joined_at: int
     joined_seq: int
     acked_seq: int
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """One server of the cluster, as it announces itself in the store.
+
+    Written by the server at start (its identity claim), rewritten by its
+    heartbeat every few seconds, removed by a clean stop.  ``holder`` names
+    the process holding the identity (``<hostname>/<pid>/<random>``): only
+    that process may rewrite or remove the record (see
+    :meth:`Store.put_server`).  ``state`` is ``live`` or ``draining``;
+    ``heartbeat_ms`` is when the holder last wrote it.
+    """
+
+    server_id: str
+    holder: str
+    host: str
+    port: int
+    proxy_address: str | None
+    scheme: str
+    capacity: int
+    connections: int
+    state: str
+    heartbeat_ms: int
+    started_ms: int
+
+    def to_json(self) -> str:
+        """The record as one JSON object (how the backends keep it)."""
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ServerRecord":
+        """A record from :meth:`to_json`'s output (unknown fields ignored)."""
+        data = json.loads(text)
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
 
 
 @runtime_checkable
@@ -357,6 +393,25 @@ class Store(Protocol):
         past ``last_seq``); returns the new ``acked_seq``, or 0 when
         ``node_id`` is not a member.  Stream rows are not deleted by an ack.
         """
+
+    # -- server records (the cluster) --------------------------------------
+    def get_server(self, server_id: str) -> Deferred[ServerRecord | None]:
+        """The record of ``server_id``, or None."""
+
+    def list_servers(self) -> Deferred[list[ServerRecord]]:
+        """Every server record, by ``server_id`` (dead ones too: the caller
+        judges liveness from ``heartbeat_ms``)."""
+
+    def put_server(self, record: ServerRecord, expect_holder: str | None) -> Deferred[bool]:
+        """Write ``record`` if, atomically, the stored record of its
+        ``server_id`` is held by ``expect_holder`` (None: there is no
+        record); whether it was written.  A compare-and-set: two processes
+        claiming one identity at once cannot both succeed, and a process
+        whose identity was taken (``--force`` elsewhere) stops writing."""
+
+    def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
+        """Delete the record of ``server_id`` if ``holder`` holds it; whether
+        it was deleted."""
 
 
 def open_store(url: str, reactor: Any) -> Store:

@@ -23,6 +23,7 @@ from allspark.store import (
     InboxQuota,
     MemberRecord,
     SessionFull,
+    ServerRecord,
     SessionRecord,
     StoredMessage,
     StoreError,
@@ -98,6 +99,7 @@ class MemoryStore:
         self._sessions: dict[str, _Session] = {}
         #: (session_id, sender_id or "" for the whole session) -> (window end, rows)
         self._stream_quota: dict[tuple[str, str], tuple[int, int]] = {}
+        self._servers: dict[str, ServerRecord] = {}
 
     @staticmethod
     def _run(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
@@ -406,3 +408,28 @@ class MemoryStore:
         if acked != member.acked_seq:
             session.members[node_id] = replace(member, acked_seq=acked)
         return succeed(acked)
+
+    # -- server records ---------------------------------------------------
+    def get_server(self, server_id: str) -> Deferred[ServerRecord | None]:
+        """See :meth:`allspark.store.Store.get_server`."""
+        return succeed(self._servers.get(server_id))
+
+    def list_servers(self) -> Deferred[list[ServerRecord]]:
+        """See :meth:`allspark.store.Store.list_servers`."""
+        return succeed([self._servers[k] for k in sorted(self._servers)])
+
+    def put_server(self, record: ServerRecord, expect_holder: str | None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.put_server`."""
+        current = self._servers.get(record.server_id)
+        if (current.holder if current is not None else None) != expect_holder:
+            return succeed(False)
+        self._servers[record.server_id] = record
+        return succeed(True)
+
+    def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_server`."""
+        current = self._servers.get(server_id)
+        if current is None or current.holder != holder:
+            return succeed(False)
+        del self._servers[server_id]
+        return succeed(True)

@@ -98,6 +98,7 @@ from allspark.store import (
     InboxPage,
     InboxQuota,
     MemberRecord,
+    ServerRecord,
     SessionFull,
     SessionRecord,
     StoredMessage,
@@ -316,6 +317,50 @@ class MongoStore:
     async def _nodes_of_client(self, client_id: str) -> list[str]:
         docs = await self._c("nodes").find({"client_id": client_id}, {"_id": True}, sort=_by("_id"))
         return [d["_id"] for d in docs]
+
+    # -- server records (collection ``servers``: _id, holder, record as JSON) -----
+    def get_server(self, server_id: str) -> Deferred[ServerRecord | None]:
+        """See :meth:`allspark.store.Store.get_server`."""
+        return self._run(self._get_server, server_id)
+
+    async def _get_server(self, server_id: str) -> ServerRecord | None:
+        doc = await self._c("servers").find_one({"_id": server_id})
+        return None if doc is None else ServerRecord.from_json(doc["record"])
+
+    def list_servers(self) -> Deferred[list[ServerRecord]]:
+        """See :meth:`allspark.store.Store.list_servers`."""
+        return self._run(self._list_servers)
+
+    async def _list_servers(self) -> list[ServerRecord]:
+        docs = await self._c("servers").find({}, sort=_by("_id"))
+        return [ServerRecord.from_json(d["record"]) for d in docs]
+
+    def put_server(self, record: ServerRecord, expect_holder: str | None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.put_server`."""
+        return self._run(self._put_server, record, expect_holder)
+
+    async def _put_server(self, record: ServerRecord, expect_holder: str | None) -> bool:
+        servers = self._c("servers")
+        if expect_holder is None:
+            try:
+                await servers.insert_one({"_id": record.server_id, "holder": record.holder,
+                                          "record": record.to_json()})
+            except DuplicateKeyError:
+                return False
+            return True
+        result = await servers.update_one(
+            {"_id": record.server_id, "holder": expect_holder},
+            {"$set": {"holder": record.holder, "record": record.to_json()}},
+        )
+        return bool(result.matched_count == 1)
+
+    def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_server`."""
+        return self._run(self._remove_server, server_id, holder)
+
+    async def _remove_server(self, server_id: str, holder: str) -> bool:
+        result = await self._c("servers").delete_one({"_id": server_id, "holder": holder})
+        return bool(result.deleted_count == 1)
 
     # -- appends: locks, commit markers, recovery (see the module docstring) ------
     def _wall_ms(self) -> int:

@@ -113,6 +113,7 @@ from allspark.store import (
     InboxPage,
     InboxQuota,
     MemberRecord,
+    ServerRecord,
     SessionFull,
     SessionRecord,
     StoredMessage,
@@ -204,6 +205,15 @@ MIGRATIONS: list[tuple[str, ...]] = [
             window_end bigint NOT NULL,
             rows bigint NOT NULL,
             PRIMARY KEY (session_id, sender_id)
+        )""",
+    ),
+    # 2: server records (the cluster): the record as JSON, its holder beside it
+    # for the compare-and-set of put_server
+    (
+        """CREATE TABLE servers (
+            server_id text COLLATE "C" PRIMARY KEY,
+            holder text NOT NULL,
+            record text NOT NULL
         )""",
     ),
 ]
@@ -316,6 +326,32 @@ def _op_get_node(cur: Any, node_id: str) -> tuple[str, str | None] | None:
     cur.execute("SELECT node_id, client_id FROM nodes WHERE node_id = %s", (node_id,))
     row = cur.fetchone()
     return None if row is None else (row[0], row[1])
+
+
+def _op_get_server(cur: Any, server_id: str) -> ServerRecord | None:
+    cur.execute("SELECT record FROM servers WHERE server_id = %s", (server_id,))
+    row = cur.fetchone()
+    return None if row is None else ServerRecord.from_json(row[0])
+
+
+def _op_list_servers(cur: Any) -> list[ServerRecord]:
+    cur.execute("SELECT record FROM servers ORDER BY server_id")
+    return [ServerRecord.from_json(r[0]) for r in cur.fetchall()]
+
+
+def _op_put_server(cur: Any, record: ServerRecord, expect_holder: str | None) -> bool:
+    if expect_holder is None:
+        cur.execute("INSERT INTO servers (server_id, holder, record) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (server_id) DO NOTHING", (record.server_id, record.holder, record.to_json()))
+    else:
+        cur.execute("UPDATE servers SET holder = %s, record = %s WHERE server_id = %s AND holder = %s",
+                    (record.holder, record.to_json(), record.server_id, expect_holder))
+    return bool(cur.rowcount == 1)
+
+
+def _op_remove_server(cur: Any, server_id: str, holder: str) -> bool:
+    cur.execute("DELETE FROM servers WHERE server_id = %s AND holder = %s", (server_id, holder))
+    return bool(cur.rowcount == 1)
 
 
 def _op_nodes_of_client(cur: Any, client_id: str) -> list[str]:
@@ -1085,6 +1121,23 @@ class PostgresStore:
     def nodes_of_client(self, client_id: str) -> Deferred[list[str]]:
         """See :meth:`allspark.store.Store.nodes_of_client`."""
         return self._submit(_op_nodes_of_client, client_id)
+
+    # -- server records ---------------------------------------------------
+    def get_server(self, server_id: str) -> Deferred[ServerRecord | None]:
+        """See :meth:`allspark.store.Store.get_server`."""
+        return self._submit(_op_get_server, server_id)
+
+    def list_servers(self) -> Deferred[list[ServerRecord]]:
+        """See :meth:`allspark.store.Store.list_servers`."""
+        return self._submit(_op_list_servers)
+
+    def put_server(self, record: ServerRecord, expect_holder: str | None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.put_server`."""
+        return self._submit(_op_put_server, record, expect_holder)
+
+    def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_server`."""
+        return self._submit(_op_remove_server, server_id, holder)
 
     # -- inbox ------------------------------------------------------------
     def append_inbox(

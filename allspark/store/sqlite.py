@@ -77,6 +77,7 @@ from allspark.store import (
     InboxQuota,
     MemberRecord,
     SessionFull,
+    ServerRecord,
     SessionRecord,
     StoredMessage,
     StoreError,
@@ -199,6 +200,15 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (session_id, sender_id)
         ) WITHOUT ROWID""",
     ),
+    # 4: server records (the cluster): the record as JSON, its holder beside it
+    # for the compare-and-set of put_server
+    (
+        """CREATE TABLE servers (
+            server_id TEXT PRIMARY KEY,
+            holder TEXT NOT NULL,
+            record TEXT NOT NULL
+        ) WITHOUT ROWID""",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -306,6 +316,31 @@ def _op_remember_node(cur: sqlite3.Cursor, node_id: str, client_id: str | None, 
 def _op_get_node(cur: sqlite3.Cursor, node_id: str) -> tuple[str, str | None] | None:
     row = cur.execute("SELECT node_id, client_id FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
     return None if row is None else (row[0], row[1])
+
+
+def _op_get_server(cur: sqlite3.Cursor, server_id: str) -> ServerRecord | None:
+    row = cur.execute("SELECT record FROM servers WHERE server_id = ?", (server_id,)).fetchone()
+    return None if row is None else ServerRecord.from_json(row[0])
+
+
+def _op_list_servers(cur: sqlite3.Cursor) -> list[ServerRecord]:
+    rows = cur.execute("SELECT record FROM servers ORDER BY server_id").fetchall()
+    return [ServerRecord.from_json(r[0]) for r in rows]
+
+
+def _op_put_server(cur: sqlite3.Cursor, record: ServerRecord, expect_holder: str | None) -> bool:
+    if expect_holder is None:
+        cur.execute("INSERT INTO servers (server_id, holder, record) VALUES (?, ?, ?) "
+                    "ON CONFLICT (server_id) DO NOTHING", (record.server_id, record.holder, record.to_json()))
+    else:
+        cur.execute("UPDATE servers SET holder = ?, record = ? WHERE server_id = ? AND holder = ?",
+                    (record.holder, record.to_json(), record.server_id, expect_holder))
+    return cur.rowcount == 1
+
+
+def _op_remove_server(cur: sqlite3.Cursor, server_id: str, holder: str) -> bool:
+    cur.execute("DELETE FROM servers WHERE server_id = ? AND holder = ?", (server_id, holder))
+    return cur.rowcount == 1
 
 
 def _op_nodes_of_client(cur: sqlite3.Cursor, client_id: str) -> list[str]:
@@ -1039,6 +1074,23 @@ class SQLiteStore:
     def nodes_of_client(self, client_id: str) -> Deferred[list[str]]:
         """See :meth:`allspark.store.Store.nodes_of_client`."""
         return self._submit(_op_nodes_of_client, client_id)
+
+    # -- server records ---------------------------------------------------
+    def get_server(self, server_id: str) -> Deferred[ServerRecord | None]:
+        """See :meth:`allspark.store.Store.get_server`."""
+        return self._submit(_op_get_server, server_id)
+
+    def list_servers(self) -> Deferred[list[ServerRecord]]:
+        """See :meth:`allspark.store.Store.list_servers`."""
+        return self._submit(_op_list_servers)
+
+    def put_server(self, record: ServerRecord, expect_holder: str | None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.put_server`."""
+        return self._submit(_op_put_server, record, expect_holder)
+
+    def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_server`."""
+        return self._submit(_op_remove_server, server_id, holder)
 
     # -- inbox ------------------------------------------------------------
     def append_inbox(

@@ -23,6 +23,7 @@ import tempfile
 import textwrap
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, Awaitable, Callable, Coroutine
 
 import orjson
@@ -32,6 +33,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from allspark.inbox import send_page
 from allspark.store import (
+    ServerRecord,
     AppendResult,
     DuplicateSession,
     InboxFull,
@@ -163,6 +165,30 @@ class StoreContract:
         self.assertEqual(await self.store.nodes_of_client("c1"), ["n1"])
         self.assertEqual(await self.store.nodes_of_client("c2"), ["n2"])
         self.assertEqual(await self.store.nodes_of_client("nobody"), [])
+
+    # -- server records -------------------------------------------------------------
+    @inline
+    async def test_server_records_are_claimed_by_compare_and_set(self) -> None:
+        """put_server writes only over the holder it expects (None: no record);
+        the holder alone rewrites or removes it; records list by server_id."""
+        a = ServerRecord("s-b", "host/1/x", "127.0.0.1", 8081, None, "ws", 100, 0, "live", 1000, 900)
+        self.assertIsNone(await self.store.get_server("s-b"))
+        self.assertTrue(await self.store.put_server(a, None))
+        self.assertFalse(await self.store.put_server(replace(a, holder="other/2/y"), None))  # taken
+        self.assertEqual(await self.store.get_server("s-b"), a)
+        beat = replace(a, connections=7, state="draining", heartbeat_ms=4000)
+        self.assertFalse(await self.store.put_server(beat, "other/2/y"))  # not its holder
+        self.assertTrue(await self.store.put_server(beat, "host/1/x"))
+        forced = replace(a, holder="host/3/z", proxy_address="wss://chat.example.com", heartbeat_ms=5000)
+        self.assertTrue(await self.store.put_server(forced, "host/1/x"))  # --force takes it over
+        self.assertFalse(await self.store.put_server(beat, "host/1/x"))  # the old holder lost it
+        other = replace(a, server_id="s-a", holder="h/4/w", port=8080)
+        self.assertTrue(await self.store.put_server(other, None))
+        self.assertEqual(await self.store.list_servers(), [other, forced])
+        self.assertFalse(await self.store.remove_server("s-b", "host/1/x"))
+        self.assertTrue(await self.store.remove_server("s-b", "host/3/z"))
+        self.assertIsNone(await self.store.get_server("s-b"))
+        self.assertEqual(await self.store.list_servers(), [other])
 
     # -- inbox --------------------------------------------------------------------
     @inline
@@ -1070,7 +1096,7 @@ class SQLiteStoreTests(TestCase):
                              [(1,), (2,), (3,)])
             conn.execute("INSERT INTO inbox_state (node_id, last_seq) VALUES ('a', 3)")
         store = await self.opened(path)
-        self.assertEqual(store.migrations_applied, [3])
+        self.assertEqual(store.migrations_applied, [3, 4])
         quota = InboxQuota(per_sender=10, per_inbox=4)
         self.assertEqual((await store.append_inbox("s", None, ["a"], b"m", b"", 2, WINDOW, quota)).seqs,
                          {"a": 4})
