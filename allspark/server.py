@@ -91,6 +91,8 @@ class Server:
         self.inbox = Inbox(store, self.delivery, clock, config.delivery)
         self.router = Router(self.delivery, store, self.inbox, clock, config.limits.max_message_size)
         self.sessions: Any = None  # allspark.sessions.Sessions, set by new_sessions()
+        #: the peer links (allspark.mesh.Mesh), set by the composition root
+        self.mesh: Any = None
         self.draining = False
         self.started_at = now_ms(clock)
         # connections with a sync being answered (one at a time each)
@@ -177,8 +179,8 @@ class Server:
 
     # -- status -----------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` answers."""
-        return {
+        """What ``GET /health`` answers (``peers``: the open peer links)."""
+        body = {
             "status": "ok",
             "node_id": self.config.server_id,
             "state": "draining" if self.draining else "live",
@@ -189,6 +191,9 @@ class Server:
             },
             "started_at": self.started_at,
         }
+        if self.mesh is not None:
+            body["peers"] = self.mesh.status()
+        return body
 
 
 class IdentityClaim:
@@ -384,6 +389,8 @@ class ServerService(service.Service):
         )
         self._retention: LoopingCall | None = None
         self._ready: Deferred[None] | None = None
+        #: the peer links (allspark.mesh.Mesh): started after the store, before listening
+        self.mesh: service.Service | None = None
         #: called with the exit status when a start fails after the reactor started
         self.exit_status_on_failure: Callable[[int], None] = exit_status_after_twistd
         #: set by ``--log-format=json``: the observer twistd logs to instead of its text one
@@ -451,6 +458,8 @@ class ServerService(service.Service):
         for port in self.ports:
             port.stopListening()
         self.ports = []
+        if self.mesh is not None and self.mesh.running:
+            self.mesh.stopService()
         self.server.store.close().addErrback(lambda f: log.failure("closing the store failed", f))
         self.claim.release()
 
@@ -460,6 +469,8 @@ class ServerService(service.Service):
             await self.server.store.start()
         except Exception as e:
             raise StartFailed(f"cannot open the store: {_one_line(e)}") from e
+        if self.mesh is not None:
+            self.mesh.startService()
         for description in config.listen:
             try:
                 endpoint = serverFromString(self.reactor, description)
@@ -520,6 +531,8 @@ class ServerService(service.Service):
                 conn.dropConnection(abort=True)
         if self._retention is not None and self._retention.running:
             self._retention.stop()
+        if self.mesh is not None and self.mesh.running:
+            await self.mesh.stopService()
         await server.store.close()
         self.claim.release()
         log.info("server {server_id} stopped", server_id=server.config.server_id)

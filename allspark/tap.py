@@ -104,6 +104,16 @@ class Options(usage.Options):
                                             "from all senders; more get session_full", _positive_int],
         ["session-quota-window", None, 60.0, "seconds of the window the session quotas count in",
          _positive_float],
+        ["peer-tls-ca", None, None, "PEM file of the CA that signs the peers' certificates: a wss:// peer "
+                                    "link is verified against it and the peer's host (default: the "
+                                    "system's trust store)"],
+        ["peer-tls-cert", None, None, "PEM certificate this server presents on its wss:// peer links "
+                                      "(mutual TLS; with --peer-tls-key)"],
+        ["peer-tls-key", None, None, "PEM private key of --peer-tls-cert"],
+        ["peer-heartbeat", None, 5.0, "seconds between pings on a peer link (unanswered for twice that: "
+                                      "the link is dropped and dialled again)", _positive_float],
+        ["peer-max-queue-bytes", None, 64 * 1024 * 1024, "send queue bound per peer link in bytes; an "
+                                                         "overflow closes the link", _positive_int],
     ]
 
     def __init__(self) -> None:
@@ -111,6 +121,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["auth-public-key-file"] = []
         self["trusted-proxy"] = []
+        self["peer"] = []
         for name, handler in list(self._dispatch.items()):
             if type(handler) is usage.CoerceParameter:
                 self._dispatch[name] = _NamedParameter(self, handler.coerce)
@@ -139,6 +150,11 @@ class Options(usage.Options):
         tcp:PORT:interface=HOST_ADDRESS)"""
         self["listen"].append(description)
 
+    def opt_peer(self, spec: str) -> None:
+        """a peer server to link with, as SERVER_ID=ws://host:port/peer (or
+        wss://; repeatable), besides those found in the store"""
+        self["peer"].append(spec)
+
     def opt_auth_public_key_file(self, path: str) -> None:
         """PEM public key (RS256/ES256) that also verifies auth keys (repeatable)"""
         self["auth-public-key-file"].append(path)
@@ -147,6 +163,7 @@ class Options(usage.Options):
         from allspark.auth import load_secrets
         from allspark.ids import is_valid_id
         from allspark.logs import FORMATS, LEVELS
+        from allspark.mesh import static_peers
 
         if self["log_level"] not in LEVELS:
             raise usage.UsageError(f"--log_level must be one of {', '.join(sorted(LEVELS))}")
@@ -178,6 +195,8 @@ class Options(usage.Options):
             self["auth-secrets"] = load_secrets(os.environ, self["auth-secret-file"])
             self["public-keys"] = [_read(path) for path in self["auth-public-key-file"]]
             self["cluster-secret"] = _cluster_secret(self["cluster-secret-file"])
+            self["peer-tls"] = _peer_tls(self["peer-tls-ca"], self["peer-tls-cert"], self["peer-tls-key"])
+            static_peers(self["peer"])  # checks the --peer values
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
 
@@ -216,6 +235,16 @@ def _cluster_secret(path: str | None) -> bytes | None:
     return secret
 
 
+def _peer_tls(ca: str | None, cert: str | None, key: str | None) -> Any:
+    """The TLS settings of peer links from the ``--peer-tls-*`` files."""
+    from allspark.mesh import PeerTLS
+
+    if (cert is None) != (key is None):
+        raise ValueError("--peer-tls-cert and --peer-tls-key go together")
+    return PeerTLS(ca_pem=_read(ca) if ca else None, cert_pem=_read(cert) if cert else None,
+                   key_pem=_read(key) if key else None)
+
+
 def _retention_ms(days: float, seconds: float | None) -> int:
     """How long unacked messages are kept, in ms: ``seconds`` when given, else ``days``."""
     if seconds is not None:
@@ -230,6 +259,7 @@ def makeService(options: Options) -> Any:
     from allspark.auth import AuthKeyVerifier, ValidationTokens, derive_token_key
     from allspark.inbox import DeliveryConfig
     from allspark.logs import json_observer, set_level, twistd_log_file
+    from allspark.mesh import PEER_PATH, Mesh, PeerLimits, static_peers
     from allspark.server import Server, ServerConfig, ServerService
     from allspark.sessions import session_resources
     from allspark.store import open_store
@@ -281,8 +311,16 @@ def makeService(options: Options) -> Any:
     store = open_store(options["store"], reactor)
     server = Server(config, store, verifier, tokens, reactor)
     server.new_sessions()
-    site = build_site(server, ClientFactory(server, limits), session_resources(server))
+    mesh = Mesh(config.server_id, options["cluster-secret"], reactor, static_peers(options["peer"]),
+                server.delivery.deliver_local,
+                PeerLimits(heartbeat=options["peer-heartbeat"], heartbeat_timeout=options["peer-heartbeat"] * 2,
+                           max_queue_bytes=options["peer-max-queue-bytes"]),
+                options["peer-tls"])
+    server.delivery.remote = mesh
+    server.mesh = mesh
+    site = build_site(server, ClientFactory(server, limits), {**session_resources(server), PEER_PATH.encode(): mesh.resource()})
     service = ServerService(server, site, reactor)
+    service.mesh = mesh
     if options["log-format"] == "json":
         service.log_observer = json_observer(twistd_log_file(options.parent))
     return service

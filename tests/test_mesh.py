@@ -1,0 +1,234 @@
+"""Unit tests of allspark.mesh: the peer handshake auth, the frame codec and
+what the mesh does with frames (never forwards one it received)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from allspark.auth import ValidationTokens, derive_token_key, mint_auth_key
+from allspark.mesh import (
+    MAX_DELIVER_IDS,
+    PEER_TOKEN_TTL,
+    Mesh,
+    PeerAuth,
+    PeerAuthError,
+    PeerFrameError,
+    decode_peer_frame,
+    derive_peer_key,
+    encode_peer_frame,
+    static_peers,
+)
+
+SECRET = b"cluster-secret-0123456789abcdef012345"
+KEY = derive_peer_key(SECRET)
+
+
+def auth_pair(clock: Clock, key: bytes = KEY) -> tuple[PeerAuth, PeerAuth]:
+    return PeerAuth(key, "a", clock), PeerAuth(KEY, "b", clock)
+
+
+class PeerAuthTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.a, self.b = auth_pair(self.clock)
+
+    def refused(self, token: object) -> str:
+        with self.assertRaises(PeerAuthError) as caught:
+            self.b.verify(token)
+        return caught.exception.code
+
+    def test_a_fresh_token_names_its_sender_once(self) -> None:
+        token = self.a.token("b")
+        self.assertEqual(self.b.verify(token), "a")
+        self.assertEqual(self.refused(token), "replayed_token")
+
+    def test_the_key_is_not_the_secret_nor_the_token_key(self) -> None:
+        self.assertNotEqual(KEY, SECRET)
+        self.assertNotEqual(KEY, derive_token_key(SECRET))
+
+    def test_a_wrong_cluster_secret_is_refused(self) -> None:
+        other = PeerAuth(derive_peer_key(b"another-secret-0123456789abcdef"), "a", self.clock)
+        self.assertEqual(self.refused(other.token("b")), "bad_token")
+
+    def test_a_token_for_another_server_is_refused(self) -> None:
+        self.assertEqual(self.refused(self.a.token("c")), "foreign_token")
+
+    def test_a_token_from_itself_is_refused(self) -> None:
+        self.assertEqual(self.refused(self.b.token("b")), "foreign_token")
+
+    def test_an_old_token_is_refused(self) -> None:
+        token = self.a.token("b")
+        self.clock.advance(PEER_TOKEN_TTL)
+        self.assertEqual(self.refused(token), "expired_token")
+
+    def test_a_token_from_before_a_restart_is_refused(self) -> None:
+        token = self.a.token("b")
+        self.clock.advance(1)
+        restarted = PeerAuth(KEY, "b", self.clock)  # its remembered nonces are gone
+        with self.assertRaises(PeerAuthError) as caught:
+            restarted.verify(token)
+        self.assertEqual(caught.exception.code, "expired_token")
+
+    def test_a_client_auth_key_or_validation_token_is_refused(self) -> None:
+        auth_key = mint_auth_key(SECRET.decode(), "a", None, ttl=60)
+        tokens = ValidationTokens(derive_token_key(SECRET), "b", self.clock)
+        validation_token, _ = tokens.issue("a", "b")
+        self.assertEqual(self.refused(auth_key), "bad_token")
+        self.assertEqual(self.refused(validation_token), "bad_token")
+
+    def test_missing_and_malformed_tokens_are_refused(self) -> None:
+        self.assertEqual(self.refused(None), "missing_token")
+        self.assertEqual(self.refused(""), "missing_token")
+        for bad in ("x", "a.b.c", "!!!.???", "é.é", "a" * 5000, 42):
+            self.assertEqual(self.refused(bad), "bad_token", bad)
+
+    def test_nonces_are_forgotten_once_their_tokens_expire(self) -> None:
+        for _ in range(3):
+            self.b.verify(self.a.token("b"))
+        self.assertEqual(self.b.remembered, 3)
+        self.clock.advance(PEER_TOKEN_TTL + 1)
+        self.b.verify(self.a.token("b"))
+        self.assertEqual(self.b.remembered, 1)
+
+    def test_the_acceptor_proves_it_holds_the_key(self) -> None:
+        token = self.a.token("b")
+        self.assertTrue(self.a.check_proof(token, self.b.proof(token)))
+        impostor = PeerAuth(derive_peer_key(b"another-secret-0123456789abcdef"), "b", self.clock)
+        self.assertFalse(self.a.check_proof(token, impostor.proof(token)))
+        self.assertFalse(self.a.check_proof(token, None))
+        self.assertFalse(self.a.check_proof(token, self.b.proof(self.a.token("b"))))
+
+
+class CodecTests(TestCase):
+    def test_round_trip_keeps_the_payload_as_it_is(self) -> None:
+        payload = b'{"op":"message","body":"line\\nbreak","dest_id":"n1"}\n\x00raw'
+        frame = decode_peer_frame(encode_peer_frame("deliver", payload, to=["n1", "n2"], id=7))
+        self.assertEqual(frame.type, "deliver")
+        self.assertEqual(frame.fields, {"to": ["n1", "n2"], "id": 7})
+        self.assertEqual(frame.payload, payload)
+
+    def test_header_is_versioned_and_typed(self) -> None:
+        head = encode_peer_frame("hello", server_id="a").split(b"\n")[0]
+        self.assertEqual(orjson.loads(head), {"v": 1, "t": "hello", "server_id": "a"})
+
+    def code_of(self, data: bytes) -> str:
+        with self.assertRaises(PeerFrameError) as caught:
+            decode_peer_frame(data)
+        return caught.exception.code
+
+    def test_unknown_versions_and_types_are_named(self) -> None:
+        self.assertEqual(self.code_of(b'{"v":2,"t":"hello","server_id":"a"}\n'), "unsupported_version")
+        self.assertEqual(self.code_of(b'{"v":true,"t":"hello","server_id":"a"}\n'), "unsupported_version")
+        self.assertEqual(self.code_of(b'{"t":"hello"}\n'), "unsupported_version")
+        self.assertEqual(self.code_of(b'{"v":1,"t":"forward","to":["a"]}\nx'), "unknown_type")
+        with self.assertRaises(PeerFrameError) as caught:
+            decode_peer_frame(b'{"v":1,"t":"nope","id":5}\n')
+        self.assertEqual(caught.exception.frame_id, 5)
+
+    def test_malformed_frames(self) -> None:
+        for data in (b"", b"no newline", b"[1]\n", b"{bad json\n", b'{"v":1,"t":"deliver","to":["a"]}\n',
+                     b'{"v":1,"t":"deliver","to":[]}\nx', b'{"v":1,"t":"deliver","to":["bad id!"]}\nx',
+                     b'{"v":1,"t":"deliver","to":"a"}\nx', b'{"v":1,"t":"hello"}\n',
+                     b'{"v":1,"t":"invalidate","what":"session"}\n', b'{"v":1,"t":"error"}\n',
+                     b'{"v":1,"t":"hello","server_id":"a","id":[1]}\n'):
+            self.assertEqual(self.code_of(data), "bad_frame", data)
+        too_many = orjson.dumps({"v": 1, "t": "deliver", "to": [f"n{i}" for i in range(MAX_DELIVER_IDS + 1)]})
+        self.assertEqual(self.code_of(too_many + b"\nx"), "bad_frame")
+
+
+class FakeLink:
+    def __init__(self, peer_id: str, direction: str = "in") -> None:
+        self.peer_id = peer_id
+        self.direction = direction
+        self.sent: list[bytes] = []
+        self.closed: list[int] = []
+
+    def send(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed.append(code)
+
+
+class MeshTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.written: list[tuple[tuple[str, ...], bytes]] = []
+        self.here = {"local"}
+        self.mesh = Mesh("b", SECRET, self.clock, lambda: succeed([]), self.deliver_local)
+
+    def deliver_local(self, node_ids: Any, frame: bytes) -> int:
+        self.written.append((tuple(node_ids), frame))
+        return sum(1 for n in node_ids if n in self.here)
+
+    def test_a_received_deliver_is_written_here_only_never_forwarded(self) -> None:
+        from_a, to_c = FakeLink("a"), FakeLink("c", "out")
+        self.mesh.link_up(from_a)  # type: ignore[arg-type]
+        self.mesh.link_up(to_c)  # type: ignore[arg-type]
+        # the records (wrongly) say "elsewhere" is on c and "local" is on a
+        self.mesh.locations.update({"elsewhere": "c", "local": "a"})
+        frame = decode_peer_frame(encode_peer_frame("deliver", b"{}", to=["local", "elsewhere"], id=1))
+        self.mesh.handle(from_a, frame)  # type: ignore[arg-type]
+        self.assertEqual(self.written, [(("local",), b"{}"), (("elsewhere",), b"{}")])
+        self.assertEqual(to_c.sent, [])  # nothing went on to another server
+        answer = decode_peer_frame(from_a.sent[-1])
+        self.assertEqual((answer.type, answer.fields), ("delivered", {"id": 1, "missing": ["elsewhere"]}))
+
+    def test_forward_sends_one_deliver_per_server_split_at_the_bound(self) -> None:
+        to_a, to_c = FakeLink("a", "out"), FakeLink("c")
+        self.mesh.link_up(to_a)  # type: ignore[arg-type]
+        self.mesh.link_up(to_c)  # type: ignore[arg-type]
+        many = [f"n{i}" for i in range(MAX_DELIVER_IDS + 1)]
+        self.mesh.locations.update({n: "a" for n in many})
+        self.mesh.locations.update({"x": "c", "nowhere": "z"})
+        self.assertTrue(self.mesh.holds("x"))
+        self.assertFalse(self.mesh.holds("nowhere"))  # no link to z
+        self.mesh.forward([*many, "x", "nowhere", "unknown"], b"F")
+        frames = [decode_peer_frame(f) for f in to_a.sent]
+        self.assertEqual([len(f.fields["to"]) for f in frames], [MAX_DELIVER_IDS, 1])
+        self.assertEqual([f.payload for f in frames], [b"F", b"F"])
+        self.assertEqual([decode_peer_frame(f).fields["to"] for f in to_c.sent], [["x"]])
+
+    def test_a_newer_link_to_a_peer_replaces_the_older(self) -> None:
+        old, new = FakeLink("a"), FakeLink("a")
+        self.mesh.link_up(old)  # type: ignore[arg-type]
+        self.mesh.link_up(new)  # type: ignore[arg-type]
+        self.assertEqual(old.closed, [4009])
+        self.mesh.link_down(old)  # type: ignore[arg-type]  # its close arrives later
+        self.assertIs(self.mesh.links["a"], new)
+        self.assertEqual(list(self.mesh.status()), ["a"])
+
+    def test_invalidate_reaches_the_hook_and_every_link(self) -> None:
+        seen: list[tuple[str, str]] = []
+        self.mesh.on_invalidate = lambda what, key: seen.append((what, key))
+        link = FakeLink("a")
+        self.mesh.link_up(link)  # type: ignore[arg-type]
+        self.mesh.handle(link, decode_peer_frame(encode_peer_frame("invalidate", what="session", key="s1")))  # type: ignore[arg-type]
+        self.assertEqual(seen, [("session", "s1")])
+        self.mesh.invalidate("session", "s2")
+        self.assertEqual(decode_peer_frame(link.sent[-1]).fields, {"what": "session", "key": "s2"})
+
+    def test_only_the_lower_id_dials(self) -> None:
+        self.mesh._match([("a", "ws://127.0.0.1:1/peer"), ("c", "ws://127.0.0.1:2/peer"), ("b", "ws://x/peer")])
+        self.assertEqual(sorted(self.mesh._dialers), ["c"])
+        self.mesh._match([])
+        self.assertEqual(self.mesh._dialers, {})
+
+    def test_no_cluster_secret_means_no_links(self) -> None:
+        mesh = Mesh("b", None, self.clock, lambda: succeed([("c", "ws://127.0.0.1:2/peer")]), self.deliver_local)
+        mesh.startService()
+        self.assertIsNone(mesh.auth)
+        self.assertEqual(mesh._dialers, {})
+        mesh.stopService()
+
+    def test_static_peers(self) -> None:
+        source = static_peers(["c=ws://127.0.0.1:2/peer"])
+        self.assertEqual(self.successResultOf(source()), [("c", "ws://127.0.0.1:2/peer")])
+        for bad in ("c", "c=http://x/peer", "bad id!=ws://x/peer"):
+            self.assertRaises(ValueError, static_peers, [bad])
