@@ -115,6 +115,10 @@ class AuthError(Exception):
     def __init__(self, code: str, message: str) -> None:
         if code not in self.CODES:
             raise ValueError(f"unknown AuthError code: {code!r}")
+        # a message may quote the key (a JWT header is parsed by the json
+        # module, which lets lone surrogates through): keep it valid UTF-8,
+        # or the JSON answer that carries it could not be encoded
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.code = code
         self.message = message

@@ -157,7 +157,11 @@ class JSONEndpoint(resource.Resource):
             log.failure("internal error in {path}", path=request.path)
             status, body = 500, {"error": "internal_error", "message": "the server could not answer"}
         if not finished:
-            write_json(request, status, body)
+            try:
+                write_json(request, status, body)
+            except TypeError:  # a string orjson cannot encode: answer anyway, never leave it hanging
+                log.failure("could not encode the answer to {path}", path=request.path)
+                write_json(request, 500, {"error": "internal_error", "message": "the server could not answer"})
 
 
 class Root(resource.Resource):

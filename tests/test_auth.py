@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -331,6 +332,16 @@ def test_hostile_header_needs_no_valid_signature() -> None:
     """A crit header with a forged signature is refused like any malformed key."""
     token = signed_raw(b'{"alg":"HS256","crit":["x"]}', GOOD_CLAIMS, OTHER_SECRET)
     refused("malformed_key", AuthKeyVerifier([SECRET]).verify, token, now=NOW)
+
+
+@pytest.mark.parametrize("header", [b'{"alg":"HS256","crit":["\\ud800"]}', b'{"alg":"HS256","crit":["\\udfff x"]}'])
+def test_a_refusal_quoting_the_key_is_valid_utf8(header: bytes) -> None:
+    """Found by tests/fuzz: a header the json module parses with a lone
+    surrogate was quoted in the message, which could then not be encoded as
+    the JSON answer (an unhandled error and an unanswered request)."""
+    with pytest.raises(AuthError) as refusal:
+        AuthKeyVerifier([SECRET]).verify(signed_raw(header, GOOD_CLAIMS), now=NOW)
+    orjson.dumps({"message": refusal.value.message, "str": str(refusal.value)})
 
 
 def test_unforeseen_parser_error_is_malformed_key(monkeypatch: pytest.MonkeyPatch) -> None:

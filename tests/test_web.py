@@ -85,3 +85,23 @@ class TrustedProxiesTests(unittest.SynchronousTestCase):
     def test_ipv4_mapped_and_ipv6_peers(self) -> None:
         self.assertEqual(self.proxies.client_address("::ffff:127.0.0.1", ["203.0.113.7"]), "203.0.113.7")
         self.assertEqual(self.proxies.client_address("fd00::5", ["2001:db8::7"]), "2001:db8::7")
+
+
+class AnswerTests(unittest.SynchronousTestCase):
+    """Every request gets a JSON answer, even one whose body cannot be encoded."""
+
+    def test_an_answer_that_cannot_be_encoded_is_a_500_not_a_hang(self) -> None:
+        """Found by tests/fuzz: an AuthError message quoting a lone surrogate
+        made write_json raise, and the request was never answered."""
+        import orjson
+
+        from allspark.web import JSONEndpoint
+
+        request = DummyRequest([b""])
+        request.method = b"GET"
+        request.path = b"/x"
+        JSONEndpoint(lambda request, args: {"message": "\ud800"}).render(request)
+        self.assertEqual(request.finished, 1)
+        self.assertEqual(request.responseCode, 500)
+        self.assertEqual(orjson.loads(b"".join(request.written))["error"], "internal_error")
+        self.flushLoggedErrors(TypeError)

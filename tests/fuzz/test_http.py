@@ -52,6 +52,12 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def signed_jwt(header: bytes, claims: bytes) -> str:
+    """A JWT of these raw header and claims bytes, signed with the test secret."""
+    signing_input = f"{b64url(header)}.{b64url(claims)}"
+    return f"{signing_input}.{b64url(hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest())}"
+
+
 @st.composite
 def crafted_jwts(draw: Any) -> str:
     """A JWT-shaped key with any header and claims, signed with the test
@@ -280,6 +286,8 @@ class HTTPFuzzTests(unittest.TestCase):
     @example("/v1/pre_connection_info", "GET", b64url(b'{"alg":"HS256","crit":["exp"]}') + ".e30.x")
     @example("/v1/pre_connection_info", "GET", b64url(b'{"alg":"HS256","kid":1}') + ".e30.x")
     @example("/get_session_info", "POST", b64url(b'{"alg":"HS256","kid":[]}') + ".e30.x")
+    @example("/join_session", "POST", signed_jwt(b'{"alg":"HS256","crit":["\\ud800"]}', b"null"))
+    @example("/v1/pre_connection_info", "GET", signed_jwt(b'{"alg":"HS256","crit":["\\udfff"]}', b"{}"))
     def test_crafted_auth_keys(self, path: str, method: str, auth_key: str) -> None:
         query = {"auth_key": auth_key, "session_id": "grp"}
         if path == "/":
