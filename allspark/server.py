@@ -31,11 +31,20 @@ from allspark.logs import logger
 
 from allspark.auth import AuthKeyVerifier, ValidationTokens
 from allspark.envelope import DEFAULT_SYNC_LIMIT, Control, FrameError, encode
+from allspark.cluster import (
+    DEFAULT_DEAD_AFTER_S,
+    DEFAULT_HEARTBEAT_S,
+    ClaimRefused,
+    ClusterRecords,
+    beat_now,
+    new_holder,
+    pre_connection_url,
+)
 from allspark.delivery import Delivery
 from allspark.inbox import DeliveryConfig, Inbox, fetch_rows, now_ms
 from allspark.registry import Registry
 from allspark.router import Router
-from allspark.store import Store
+from allspark.store import ServerRecord, Store
 from allspark.ws import SocketLimits
 
 if TYPE_CHECKING:
@@ -67,6 +76,10 @@ class ServerConfig:
     limits: SocketLimits = field(default_factory=SocketLimits)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     drain_timeout: float = 5.0
+    #: seconds between heartbeats of this server's record in the store (--server-heartbeat)
+    server_heartbeat: float = DEFAULT_HEARTBEAT_S
+    #: seconds without a heartbeat after which a server is dead (--server-dead-after)
+    server_dead_after: float = DEFAULT_DEAD_AFTER_S
 
 
 class Server:
@@ -94,7 +107,21 @@ class Server:
         #: the peer links (allspark.mesh.Mesh), set by the composition root
         self.mesh: Any = None
         self.draining = False
+        #: true from the service's start until this server's record is claimed:
+        #: handshakes and pre-connections are refused meanwhile
+        self.starting = False
         self.started_at = now_ms(clock)
+        #: this server's record in the store and the cluster view (allspark.cluster)
+        self.cluster = ClusterRecords(
+            store,
+            ServerRecord(config.server_id, new_holder(), config.host, config.port, config.proxy_address,
+                         config.scheme, config.max_connections, 0, "live", 0, 0),
+            clock,
+            connections=lambda: len(self.registry),
+            state=lambda: "draining" if self.draining else "live",
+            heartbeat_s=config.server_heartbeat,
+            dead_after_s=config.server_dead_after,
+        )
         # connections with a sync being answered (one at a time each)
         self._syncing: set[Any] = set()
 
@@ -179,11 +206,13 @@ class Server:
 
     # -- status -----------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` answers (``peers``: the open peer links)."""
-        body = {
+        """What ``GET /health`` answers (``peers``: the open peer links;
+        ``cluster``: every server record this server last read, with its
+        state ``live``, ``draining`` or ``dead``)."""
+        body: dict[str, Any] = {
             "status": "ok",
             "node_id": self.config.server_id,
-            "state": "draining" if self.draining else "live",
+            "state": "draining" if self.draining else "starting" if self.starting else "live",
             "load": {
                 "connections": len(self.registry),
                 "nodes": self.registry.node_count(),
@@ -193,6 +222,7 @@ class Server:
         }
         if self.mesh is not None:
             body["peers"] = self.mesh.status()
+        body["cluster"] = self.cluster.view()
         return body
 
 
@@ -376,10 +406,25 @@ class ClosableConnection(Protocol):
     def dropConnection(self, abort: bool = False) -> None: ...
 
 
-class ServerService(service.Service):
-    """Starts and stops one :class:`Server` inside twistd."""
+class ServerService(service.MultiService):
+    """Starts and stops one :class:`Server` inside twistd: the process's one
+    composed service.
+
+    Start, in order: the store; the mesh (:attr:`mesh`); child services
+    added with :meth:`addService` (push, later), each in the order added;
+    the listening ports; this server's record in the store (the identity
+    claim, :class:`~allspark.cluster.ClusterRecords`) and its heartbeat.
+    Only then is the server ``live``: until its record is claimed it
+    refuses handshakes and pre-connections (503), so the ports can be bound
+    before twistd daemonizes (a port in use is refused at once) while no
+    client is served by a server that does not hold its identity.  Stop
+    is the reverse: drain (record marked ``draining``, clients told to
+    reconnect and closed with 1001), the children in reverse order, the
+    mesh, the record removed, the store closed.
+    """
 
     def __init__(self, server: Server, site_factory: Any, reactor: Any) -> None:
+        super().__init__()
         self.server = server
         self.site_factory = site_factory
         self.reactor = reactor
@@ -429,7 +474,8 @@ class ServerService(service.Service):
         except OSError as e:
             self._refuse(f"cannot use the data dir {self.server.config.data_dir!r} for the identity "
                          f"claim: {_one_line(e)}")
-        super().startService()
+        service.Service.startService(self)  # children are started in order by _start
+        self.server.starting = True
         self._ready = defer.ensureDeferred(self._start())
         if not self._ready.called:  # waiting for the store: fails later, if at all
             self._ready.addErrback(self._failed_start)
@@ -458,8 +504,13 @@ class ServerService(service.Service):
         for port in self.ports:
             port.stopListening()
         self.ports = []
+        for child in reversed(list(self)):
+            if child.running:
+                child.stopService()
         if self.mesh is not None and self.mesh.running:
             self.mesh.stopService()
+        released = defer.ensureDeferred(self.server.cluster.release())
+        released.addErrback(lambda f: log.failure("removing this server's record failed", f))
         self.server.store.close().addErrback(lambda f: log.failure("closing the store failed", f))
         self.claim.release()
 
@@ -471,6 +522,8 @@ class ServerService(service.Service):
             raise StartFailed(f"cannot open the store: {_one_line(e)}") from e
         if self.mesh is not None:
             self.mesh.startService()
+        for child in self:
+            child.startService()
         for description in config.listen:
             try:
                 endpoint = serverFromString(self.reactor, description)
@@ -479,10 +532,36 @@ class ServerService(service.Service):
                 raise StartFailed(f"cannot listen on {description}: {_one_line(e)}") from e
             self.ports.append(port)
             log.info("listening on {description}", description=description)
+        cluster = self.server.cluster
+        try:
+            await cluster.claim(config.force)
+        except ClaimRefused as e:
+            raise StartFailed(str(e)) from e
+        except Exception as e:
+            raise StartFailed(f"cannot write this server's record to the store: {_one_line(e)}") from e
+        cluster.on_lost = self._identity_lost
+        cluster.start_heartbeat()
+        self.server.starting = False
         self._retention = self.server.inbox.retention_loop()
         self._retention.start(config.delivery.purge_interval_s, now=True)
         tune_gc()
         log.info("server {server_id} is live", server_id=config.server_id)
+
+    async def _reconnect_frame(self) -> dict[str, Any]:
+        """The ``reconnect`` frame a draining server sends each client before
+        closing it with 1001: ``pre_connection_url`` names the live server
+        the balancer picks (none when no other server is live)."""
+        frame: dict[str, Any] = {"op": "reconnect", "reason": "server shutting down",
+                                 "server_id": self.server.config.server_id}
+        cluster = self.server.cluster
+        try:
+            await cluster.refresh()
+        except Exception:
+            log.failure("could not read the cluster view while draining")
+        target = cluster.pick(exclude=self.server.config.server_id)
+        if target is not None:
+            frame["pre_connection_url"] = pre_connection_url(target)
+        return frame
 
     def _failed_start(self, failure: Failure) -> None:
         """A start that failed while the reactor ran: say why, stop (which
@@ -501,8 +580,17 @@ class ServerService(service.Service):
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
 
+    def _identity_lost(self) -> None:
+        """Another process took this server's identity (``--force``): stop
+        serving under it, exit status 1."""
+        say_on_stderr(f"allspark: server identity {self.server.config.server_id} was taken over by "
+                      f"another process; stopping")
+        self.exit_status_on_failure(1)
+        if self.reactor.running:
+            self.reactor.stop()
+
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        service.Service.stopService(self)  # children are stopped in reverse order by _stop
         d = defer.ensureDeferred(self._stop())
         # twistd would swallow a failure here: say what went wrong
         return d.addErrback(lambda failure: log.failure("stopping the server failed", failure))
@@ -512,14 +600,22 @@ class ServerService(service.Service):
         server.draining = True
         if self._ready is not None and not self._ready.called:
             self._ready.cancel()
+        cluster = server.cluster
+        if cluster.held:
+            await beat_now(cluster)  # the record says draining: no server hands this one out
         for port in self.ports:
             stopped = port.stopListening()  # a Deferred, or None when it stopped at once
             if stopped is not None:
                 await stopped
         self.ports = []
         conns = [conn for conn in server.registry if isinstance(conn, ClosableConnection)]
-        log.info("draining: closing {count} client connections", count=len(conns))
+        reconnect = encode(await self._reconnect_frame())
+        log.info("draining: telling {count} clients to reconnect, closing them", count=len(conns))
         for conn in conns:
+            try:
+                conn.send(reconnect)
+            except Exception:
+                log.failure("could not send reconnect to {node_id}", node_id=getattr(conn, "node_id", None))
             conn.going_away("server shutting down")
         deadline = self.server.config.drain_timeout
         waited = 0.0
@@ -531,8 +627,15 @@ class ServerService(service.Service):
                 conn.dropConnection(abort=True)
         if self._retention is not None and self._retention.running:
             self._retention.stop()
+        for child in reversed(list(self)):
+            if child.running:
+                await defer.maybeDeferred(child.stopService)
         if self.mesh is not None and self.mesh.running:
             await self.mesh.stopService()
+        try:
+            await cluster.release()
+        except Exception:
+            log.failure("removing this server's record failed")
         await server.store.close()
         self.claim.release()
         log.info("server {server_id} stopped", server_id=server.config.server_id)

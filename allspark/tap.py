@@ -114,6 +114,11 @@ class Options(usage.Options):
                                       "the link is dropped and dialled again)", _positive_float],
         ["peer-max-queue-bytes", None, 64 * 1024 * 1024, "send queue bound per peer link in bytes; an "
                                                          "overflow closes the link", _positive_int],
+        ["server-heartbeat", None, 2.0, "seconds between heartbeats of this server's record in the store "
+                                        "(state, connections)", _positive_float],
+        ["server-dead-after", None, 10.0, "seconds without a heartbeat after which a server is dead: never "
+                                          "handed out again (at least twice --server-heartbeat)",
+         _positive_float],
     ]
 
     def __init__(self) -> None:
@@ -185,6 +190,8 @@ class Options(usage.Options):
                 f"--port ({self['port']}) is the port clients are sent to: it must be one of the "
                 f"--listen ports ({', '.join(str(p) for p in ports if p is not None) or 'none found'})"
             )
+        if self["server-dead-after"] < 2 * self["server-heartbeat"]:
+            raise usage.UsageError("--server-dead-after must be at least twice --server-heartbeat")
         if self["server-id"] is None:
             self["server-id"] = f"{self['host_address']}:{self['port']}"
         if not is_valid_id(self["server-id"]):
@@ -259,7 +266,7 @@ def makeService(options: Options) -> Any:
     from allspark.auth import AuthKeyVerifier, ValidationTokens, derive_token_key
     from allspark.inbox import DeliveryConfig
     from allspark.logs import json_observer, set_level, twistd_log_file
-    from allspark.mesh import PEER_PATH, Mesh, PeerLimits, static_peers
+    from allspark.mesh import PEER_PATH, Mesh, PeerLimits, combined_peers, record_peers, static_peers
     from allspark.server import Server, ServerConfig, ServerService
     from allspark.sessions import session_resources
     from allspark.store import open_store
@@ -292,6 +299,8 @@ def makeService(options: Options) -> Any:
         max_connections=options["max-connections"],
         max_connections_per_node=options["max-connections-per-node"],
         request_timeout=options["request-timeout"],
+        server_heartbeat=options["server-heartbeat"],
+        server_dead_after=options["server-dead-after"],
         trusted_proxies=tuple(options["trusted-proxy"]),
         limits=limits,
         delivery=DeliveryConfig(
@@ -311,7 +320,9 @@ def makeService(options: Options) -> Any:
     store = open_store(options["store"], reactor)
     server = Server(config, store, verifier, tokens, reactor)
     server.new_sessions()
-    mesh = Mesh(config.server_id, options["cluster-secret"], reactor, static_peers(options["peer"]),
+    # peers: the --peer options, and every live server in the store's records
+    peers = combined_peers(static_peers(options["peer"]), record_peers(server.cluster))
+    mesh = Mesh(config.server_id, options["cluster-secret"], reactor, peers,
                 server.delivery.deliver_local,
                 PeerLimits(heartbeat=options["peer-heartbeat"], heartbeat_timeout=options["peer-heartbeat"] * 2,
                            max_queue_bytes=options["peer-max-queue-bytes"]),

@@ -186,30 +186,45 @@ class Root(resource.Resource):
                 "docs": "see docs/protocol.md"}
 
     def pre_connection(self, request: IRequest, args: dict[str, Any]) -> dict[str, Any]:
-        """Where to open the WebSocket: the best live server, a token bound to
-        the caller's node_id and that server, and the ``ws_url`` to use."""
+        """Where to open the WebSocket: the least loaded live server of the
+        cluster (:meth:`allspark.cluster.ClusterRecords.pick`; this one when
+        it knows no records, e.g. before its first heartbeat), a token bound
+        to the caller's node_id and that server, and the ``ws_url`` to use."""
         server = self.app
         identity = authenticate(server, args)
         if server.draining:
             raise HTTPError(503, "unavailable", "this server is shutting down; ask another")
+        if server.starting:
+            raise HTTPError(503, "unavailable", "this server is starting; ask again in a moment")
         need_proxy = parse_bool(args, "need_proxy")
         config = server.config
-        if need_proxy and not config.proxy_address:
-            raise HTTPError(503, "no_proxy", "no server of this cluster has a proxy address")
-        token, expires_in = server.tokens.issue(identity.node_id, config.server_id)
-        query = urlencode({"auth_key": args["auth_key"], "validation_token": token})
-        if need_proxy and config.proxy_address:  # (refused above without one)
-            ws_url = f"{proxy_base(config.proxy_address)}/{config.ws_path}?{query}"
+        if server.cluster.servers:
+            target = server.cluster.pick(need_proxy)
+            if target is None:
+                if need_proxy:
+                    raise HTTPError(503, "no_proxy", "no live server of this cluster has a proxy address")
+                raise HTTPError(503, "unavailable", "no live server in this cluster")
+            server_id, host, port = target.server_id, target.host, target.port
+            scheme, proxy_address = target.scheme, target.proxy_address
         else:
-            ws_url = f"{config.scheme}://{_host_for_url(config.host)}:{config.port}/{config.ws_path}?{query}"
+            server_id, host, port = config.server_id, config.host, config.port
+            scheme, proxy_address = config.scheme, config.proxy_address
+        if need_proxy and not proxy_address:
+            raise HTTPError(503, "no_proxy", "no server of this cluster has a proxy address")
+        token, expires_in = server.tokens.issue(identity.node_id, server_id)
+        query = urlencode({"auth_key": args["auth_key"], "validation_token": token})
+        if need_proxy and proxy_address:  # (refused above without one)
+            ws_url = f"{proxy_base(proxy_address)}/{config.ws_path}?{query}"
+        else:
+            ws_url = f"{scheme}://{_host_for_url(host)}:{port}/{config.ws_path}?{query}"
         return {
             "validation_token": token,
             "expires_in": expires_in,
             "node": {
-                "node_id": config.server_id,
-                "host": config.host,
-                "port": config.port,
-                "proxy_address": config.proxy_address,
+                "node_id": server_id,
+                "host": host,
+                "port": port,
+                "proxy_address": proxy_address,
                 "ws_url": ws_url,
             },
         }

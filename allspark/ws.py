@@ -110,6 +110,8 @@ class ClientProtocol(WebSocketServerProtocol):
         self.client_address = self._client_address(request.headers)
         if server.draining:
             self._deny(503, "unavailable", "server is shutting down")
+        if server.starting:
+            self._deny(503, "unavailable", "server is starting")
         if len(server.registry) >= server.config.max_connections:
             self._deny(503, "too_many_connections", "server is at its connection limit")
         params = request.params

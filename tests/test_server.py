@@ -15,7 +15,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial import unittest
 
 from allspark import server as server_module
+from allspark.cluster import ClusterRecords, new_holder
 from allspark.server import IdentityClaim, ServerService
+from allspark.store import ServerRecord
 from allspark.store import StoreError
 
 
@@ -92,7 +94,10 @@ class FailedStartTests(unittest.SynchronousTestCase):
         config = SimpleNamespace(data_dir=data_dir, host="127.0.0.1", port=8080, server_id="127.0.0.1:8080",
                                  force=False, listen=("tcp:8080:interface=127.0.0.1",))
         reactor = FakeReactor()
-        service = ServerService(SimpleNamespace(config=config, store=store), None, reactor)  # type: ignore[arg-type]
+        cluster = ClusterRecords(store, ServerRecord("127.0.0.1:8080", new_holder(), "127.0.0.1", 8080, None, "ws",
+                                                     10, 0, "live", 0, 0), reactor, lambda: 0, lambda: "live")
+        service = ServerService(SimpleNamespace(config=config, store=store, cluster=cluster),  # type: ignore[arg-type]
+                                None, reactor)
         statuses: list[int] = []
         service.exit_status_on_failure = statuses.append
         said: list[str] = []
