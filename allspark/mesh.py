@@ -497,6 +497,7 @@ class PeerClientProtocol(_LinkMixin, WebSocketClientProtocol):  # type: ignore[m
         self._init_link()
         self._token = ""
         self._proven = False
+        self._opened_once = False
 
     @property
     def mesh(self) -> "Mesh":  # type: ignore[override]
@@ -533,6 +534,7 @@ class PeerClientProtocol(_LinkMixin, WebSocketClientProtocol):  # type: ignore[m
         if not self._proven:
             self.dropConnection(abort=True)
             return
+        self._opened_once = True
         try:
             self._open_link()
         except Exception:
@@ -541,6 +543,16 @@ class PeerClientProtocol(_LinkMixin, WebSocketClientProtocol):  # type: ignore[m
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self._close_link()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """Say why a dial that never opened the link failed (a refused
+        handshake, a TLS certificate that did not verify); ClientService
+        dials again after its backoff."""
+        if not self._opened_once:
+            why = reason.getErrorMessage() if hasattr(reason, "getErrorMessage") else str(reason)
+            log.warn("could not open the peer link to {peer_id}: {reason}", peer_id=self.peer_id,
+                     reason=self.wasNotCleanReason or why, error=why)
+        super().connectionLost(reason)
 
 
 def _protocol_options(limits: PeerLimits) -> dict[str, Any]:
@@ -793,6 +805,45 @@ class Mesh(service.MultiService):
         from allspark.web import SocketResource
 
         return SocketResource(self.server_factory)
+
+
+def peer_url(scheme: str, host: str, port: int) -> str:
+    """The peer link URL of a server whose clients use ``scheme`` (ws or
+    wss) at ``host:port``: peers dial the same port, on ``/peer``."""
+    host = f"[{host}]" if ":" in host else host
+    return f"{'wss' if scheme == 'wss' else 'ws'}://{host}:{port}/{PEER_PATH}"
+
+
+def record_peers(cluster: Any) -> PeerSource:
+    """A peer source from the cluster view (``allspark.cluster.ClusterRecords``:
+    ``servers`` as last read by the heartbeat, ``alive(record)``): every
+    other server whose heartbeat is within the dead time, live or draining
+    (a draining server still holds clients until they move)."""
+    from twisted.internet.defer import succeed
+
+    def live_servers() -> Deferred[list[tuple[str, str]]]:
+        return succeed([(r.server_id, peer_url(r.scheme, r.host, r.port)) for r in list(cluster.servers.values())
+                        if r.server_id != cluster.server_id and cluster.alive(r)])
+
+    return live_servers
+
+
+def combined_peers(*sources: PeerSource) -> PeerSource:
+    """A peer source that asks each of ``sources``; the first URL given for
+    a server id wins."""
+    from twisted.internet.defer import gatherResults
+
+    def combined() -> Deferred[list[tuple[str, str]]]:
+        def merge(results: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
+            seen: dict[str, str] = {}
+            for peers in results:
+                for peer_id, url in peers:
+                    seen.setdefault(peer_id, url)
+            return list(seen.items())
+
+        return gatherResults([source() for source in sources], consumeErrors=True).addCallback(merge)
+
+    return combined
 
 
 def static_peers(specs: Iterable[str]) -> PeerSource:

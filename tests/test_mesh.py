@@ -21,6 +21,8 @@ from allspark.mesh import (
     decode_peer_frame,
     derive_peer_key,
     encode_peer_frame,
+    combined_peers,
+    record_peers,
     static_peers,
 )
 
@@ -226,6 +228,19 @@ class MeshTests(TestCase):
         self.assertIsNone(mesh.auth)
         self.assertEqual(mesh._dialers, {})
         mesh.stopService()
+
+    def test_peers_from_the_records_are_the_other_live_servers(self) -> None:
+        from types import SimpleNamespace
+
+        def record(server_id: str, scheme: str, host: str, port: int, dead: bool = False) -> Any:
+            return SimpleNamespace(server_id=server_id, scheme=scheme, host=host, port=port, dead=dead)
+
+        cluster = SimpleNamespace(server_id="b", alive=lambda r: not r.dead, servers={
+            "a": record("a", "ws", "10.0.0.1", 8080), "b": record("b", "ws", "10.0.0.2", 8080),
+            "c": record("c", "wss", "::1", 8443), "d": record("d", "ws", "10.0.0.4", 8080, dead=True)})
+        source = combined_peers(static_peers(["a=ws://override:1/peer"]), record_peers(cluster))
+        self.assertEqual(sorted(self.successResultOf(source())),
+                         [("a", "ws://override:1/peer"), ("c", "wss://[::1]:8443/peer")])
 
     def test_static_peers(self) -> None:
         source = static_peers(["c=ws://127.0.0.1:2/peer"])
