@@ -447,7 +447,6 @@ class PeerServerProtocol(_LinkMixin, WebSocketServerProtocol):  # type: ignore[m
         refuse with 401 (503 without a cluster secret or while stopping)."""
         mesh = self.mesh
         auth = mesh.auth
-        peer = getattr(self.transport.getPeer(), "host", "-") if self.transport is not None else "-"
         if auth is None:
             self._deny(503, "no_cluster_secret", "peer links need a cluster secret, and this server has none")
         if not mesh.running:
@@ -456,7 +455,6 @@ class PeerServerProtocol(_LinkMixin, WebSocketServerProtocol):  # type: ignore[m
         try:
             self.peer_id = auth.verify(token)
         except PeerAuthError as e:
-            log.warn("refused a peer link from {client}: {code}", client=peer, code=e.code)
             self._deny(401, e.code, str(e))
         assert isinstance(token, str)
         return None, {PEER_PROOF_HEADER: auth.proof(token)}
@@ -464,6 +462,21 @@ class PeerServerProtocol(_LinkMixin, WebSocketServerProtocol):  # type: ignore[m
     def _deny(self, status: int, code: str, message: str) -> NoReturn:
         self._refusal = (code, message)
         raise ConnectionDeny(status, f"{code}: {message}")
+
+    def failHandshake(self, reason: str, code: int = 400,
+                      responseHeaders: list[tuple[str, str]] | None = None) -> None:
+        """Refuse the handshake: one log line (the address, the status and
+        the error code, never the token), the JSON answer, then the
+        connection closes.  Autobahn's own lines for it are left out."""
+        transport = self.transport
+        client = (getattr(transport.getPeer(), "host", None) if transport is not None else None) or "-"
+        error = self._refusal[0] if self._refusal is not None else "bad_handshake"
+        log.warn("refused a peer link from {client}: {status} {code}", client=client, status=code, code=error,
+                 reason=reason if self._refusal is None else None)
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.wasClean = True  # the refusal is ours: Autobahn need not warn about the close
+        self.dropConnection(abort=False)
 
     def sendHttpErrorResponse(self, code: int, reason: str,
                               responseHeaders: list[tuple[str, str]] | None = None) -> None:
@@ -625,6 +638,24 @@ PeerSource = Callable[[], "Deferred[list[tuple[str, str]]]"]
 LocalDelivery = Callable[[Sequence[str], bytes], int]
 
 
+@implementer(IStreamClientEndpoint)
+class _SayWhyEndpoint:
+    """An endpoint that logs each failed connection attempt to a peer
+    (ClientService retries silently)."""
+
+    def __init__(self, inner: IStreamClientEndpoint, peer_id: str) -> None:
+        self.inner = inner
+        self.peer_id = peer_id
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def failed(failure: Any) -> Any:
+            log.info("could not reach peer {peer_id}: {reason}", peer_id=self.peer_id,
+                     reason=failure.getErrorMessage())
+            return failure
+
+        return self.inner.connect(factory).addErrback(failed)
+
+
 @dataclass
 class _Dialer:
     url: str
@@ -718,7 +749,7 @@ class Mesh(service.MultiService):
         if parts.scheme == "wss":
             endpoint = wrapClientTLS(self.tls.options_for(host), endpoint)
         factory = PeerClientFactory(self, peer_id, url)
-        dialer = ClientService(endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
+        dialer = ClientService(_SayWhyEndpoint(endpoint, peer_id), factory, retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
                                clock=self.clock)
         self._dialers[peer_id] = _Dialer(url, dialer)
         dialer.setServiceParent(self)
