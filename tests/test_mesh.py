@@ -16,6 +16,8 @@ from allspark.mesh import (
     PEER_TOKEN_TTL,
     Mesh,
     PeerAuth,
+    PeerLimits,
+    _LinkMixin,
     PeerAuthError,
     PeerFrameError,
     decode_peer_frame,
@@ -247,3 +249,54 @@ class MeshTests(TestCase):
         self.assertEqual(self.successResultOf(source()), [("c", "ws://127.0.0.1:2/peer")])
         for bad in ("c", "c=http://x/peer", "bad id!=ws://x/peer"):
             self.assertRaises(ValueError, static_peers, [bad])
+
+
+class RecordingLink(_LinkMixin):
+    """The link mixin over a recording 'socket' (what Autobahn would write)."""
+
+    peer_id = "a"
+    direction = "in"
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.limits = PeerLimits(max_queue_bytes=10)
+        self._init_link()
+        self._link_open = True
+        self.wire: list[bytes] = []
+        self.closes: list[int] = []
+        self.state = 3  # Autobahn's STATE_OPEN
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        self.wire.append(payload)
+
+    def sendClose(self, code: int, reason: str) -> None:
+        self.closes.append(code)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        pass
+
+
+class LinkQueueTests(TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.mesh = Mesh("b", SECRET, self.clock, lambda: succeed([]), lambda ids, frame: 0)
+        self.link = RecordingLink(self.mesh)
+        self.mesh.link_up(self.link)
+
+    def test_frames_wait_while_paused_and_go_in_order(self) -> None:
+        self.link.pauseProducing()
+        self.link.send(b"1234")
+        self.link.send(b"5678")
+        self.assertEqual((self.link.wire, self.link.queued_bytes), ([], 8))
+        self.link.resumeProducing()
+        self.assertEqual((self.link.wire, self.link.queued_bytes), ([b"1234", b"5678"], 0))
+
+    def test_an_overflowing_queue_closes_the_link_with_4008(self) -> None:
+        self.link.pauseProducing()
+        self.link.send(b"123456")
+        self.link.send(b"123456")
+        self.assertEqual(self.link.closes, [4008])
+        self.assertEqual(self.link.queued_bytes, 0)
+        self.assertNotIn("a", self.mesh.links)  # nothing more is sent to it
+        self.link.send(b"x")
+        self.assertEqual(self.link.queued_bytes, 0)
