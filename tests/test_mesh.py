@@ -300,3 +300,71 @@ class LinkQueueTests(TestCase):
         self.assertNotIn("a", self.mesh.links)  # nothing more is sent to it
         self.link.send(b"x")
         self.assertEqual(self.link.queued_bytes, 0)
+
+
+class DeliveryThroughTheMeshTests(TestCase):
+    """Two servers' Delivery objects joined by the mesh, with the links
+    replaced by a direct hand-over of the bytes."""
+
+    def setUp(self) -> None:
+        from allspark.delivery import Delivery
+        from allspark.registry import Registry
+        from tests.fakes import FakeConnection
+
+        self.clock = Clock()
+        self.registries = {"a": Registry(), "b": Registry()}
+        self.deliveries = {sid: Delivery(reg, self.clock) for sid, reg in self.registries.items()}
+        self.meshes = {sid: Mesh(sid, SECRET, self.clock, lambda: succeed([]), d.deliver_local)
+                       for sid, d in self.deliveries.items()}
+        for sid, delivery in self.deliveries.items():
+            delivery.remote = self.meshes[sid]
+        self.wires: dict[str, "WireLink"] = {}
+        for here, there in (("a", "b"), ("b", "a")):
+            link = WireLink(there, self)
+            self.wires[here] = link
+            self.meshes[here].link_up(link)  # type: ignore[arg-type]
+        self.on_b = FakeConnection("n-b")
+        self.registries["b"].add(self.on_b)
+
+    def test_deliver_forwards_to_the_named_server_which_writes_locally(self) -> None:
+        self.meshes["a"].locations["n-b"] = "b"
+        frame = b'{"body":"hi","dest_id":"n-b"}'
+        self.assertTrue(self.deliveries["a"].is_live("n-b"))
+        self.assertTrue(self.deliveries["a"].deliver("n-b", frame))
+        self.assertEqual(self.on_b.raw, [frame])
+
+    def test_a_stale_location_on_the_receiver_never_sends_the_frame_back(self) -> None:
+        self.meshes["a"].locations["gone"] = "b"
+        self.meshes["b"].locations["gone"] = "a"  # b believes it is on a: a loop, if b forwarded
+        self.deliveries["a"].deliver("gone", b"{}")
+        self.assertEqual([decode_peer_frame(f).type for f in self.wires["a"].carried], ["deliver"])
+        self.assertEqual(self.wires["b"].carried, [])  # b wrote nothing back to a
+
+    def test_many_recipients_cross_once_per_server(self) -> None:
+        from tests.fakes import FakeConnection
+
+        others = [FakeConnection(f"m{i}") for i in range(3)]
+        for conn in others:
+            self.registries["b"].add(conn)
+            self.meshes["a"].locations[conn.node_id] = "b"
+        self.deliveries["a"].deliver_many(b"{}", [c.node_id for c in others])
+        self.assertEqual(len(self.wires["a"].carried), 1)
+        self.assertEqual([c.raw for c in others], [[b"{}"]] * 3)
+
+
+class WireLink:
+    """A link whose frames are handed straight to the other mesh."""
+
+    direction = "out"
+
+    def __init__(self, peer_id: str, test: DeliveryThroughTheMeshTests) -> None:
+        self.peer_id = peer_id
+        self.test = test
+        self.carried: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        self.carried.append(frame)
+        self.test.meshes[self.peer_id].handle(self.test.wires[self.peer_id], decode_peer_frame(frame))  # type: ignore[arg-type]
+
+    def close(self, code: int, reason: str) -> None:
+        pass
