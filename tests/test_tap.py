@@ -73,3 +73,45 @@ class OptionsTests(unittest.SynchronousTestCase):
         for argv in (["--max-inbox=0"], ["--max-inbox-per-sender=-1"], ["--session-quota-window=0"]):
             with self.assertRaises((usage.UsageError, ValueError)):
                 self.parse(*argv)
+
+
+class PeerOptionsTests(unittest.SynchronousTestCase):
+    """The --peer* options and what they compose."""
+
+    def setUp(self) -> None:
+        os.environ["ALLSPARK_AUTH_SECRET"] = SECRET
+        self.addCleanup(os.environ.pop, "ALLSPARK_AUTH_SECRET", None)
+
+    def parse(self, *argv: str) -> Options:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options
+
+    def test_refusals_name_the_option(self) -> None:
+        for argv, says in ((["--peer=no-url"], "--peer"), (["--peer=a=http://x/peer"], "--peer"),
+                           (["--peer-tls-cert=/etc/hostname"], "--peer-tls-key"),
+                           (["--peer-tls-ca=/nonexistent/ca.pem"], "/nonexistent/ca.pem")):
+            with self.assertRaises(usage.UsageError) as refused:
+                self.parse(*argv)
+            self.assertIn(says, str(refused.exception))
+
+    def test_the_mesh_is_composed_and_is_the_remote_route(self) -> None:
+        from allspark.tap import makeService
+
+        os.environ["ALLSPARK_CLUSTER_SECRET"] = "cluster-secret-0123456789abcdef"
+        self.addCleanup(os.environ.pop, "ALLSPARK_CLUSTER_SECRET", None)
+        service = makeService(self.parse("--store=memory:", "--peer=b=ws://127.0.0.1:1/peer",
+                                         "--peer-heartbeat=2", "--peer-max-queue-bytes=1000"))
+        mesh = service.server.mesh
+        self.assertIs(service.mesh, mesh)
+        self.assertIs(service.server.delivery.remote, mesh)
+        self.assertIsNotNone(mesh.auth)
+        self.assertEqual((mesh.limits.heartbeat, mesh.limits.heartbeat_timeout, mesh.limits.max_queue_bytes),
+                         (2.0, 4.0, 1000))
+        self.assertIn(b"peer", service.site_factory.resource.children)
+
+    def test_no_cluster_secret_no_peer_auth(self) -> None:
+        from allspark.tap import makeService
+
+        os.environ.pop("ALLSPARK_CLUSTER_SECRET", None)
+        self.assertIsNone(makeService(self.parse("--store=memory:")).server.mesh.auth)
