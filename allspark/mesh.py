@@ -748,6 +748,9 @@ class Mesh(service.MultiService):
         endpoint: IStreamClientEndpoint = HostnameEndpoint(self.clock, host, port, timeout=10)
         if parts.scheme == "wss":
             endpoint = wrapClientTLS(self.tls.options_for(host), endpoint)
+        elif not _on_a_private_network(host):
+            log.warn("the peer link to {peer_id} is plain ws:// to {host}: messages cross the network in "
+                     "clear (use wss:// outside one host or a private network)", peer_id=peer_id, host=host)
         factory = PeerClientFactory(self, peer_id, url)
         dialer = ClientService(_SayWhyEndpoint(endpoint, peer_id), factory, retryPolicy=backoffPolicy(initialDelay=0.5, maxDelay=10.0),
                                clock=self.clock)
@@ -836,6 +839,20 @@ class Mesh(service.MultiService):
         from allspark.web import SocketResource
 
         return SocketResource(self.server_factory)
+
+
+def _on_a_private_network(host: str) -> bool:
+    """Whether ``host`` is a loopback or private address (or ``localhost``),
+    where plain ``ws://`` peer links are acceptable."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: it could resolve anywhere
+    return address.is_loopback or address.is_private or address.is_link_local
 
 
 def peer_url(scheme: str, host: str, port: int) -> str:

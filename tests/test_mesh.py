@@ -368,3 +368,13 @@ class WireLink:
 
     def close(self, code: int, reason: str) -> None:
         pass
+
+
+class PlainLinkWarningTests(TestCase):
+    def test_only_public_hosts_count_as_in_clear(self) -> None:
+        from allspark.mesh import _on_a_private_network
+
+        for host in ("127.0.0.1", "::1", "localhost", "10.1.2.3", "192.168.0.9", "fd00::1"):
+            self.assertTrue(_on_a_private_network(host), host)
+        for host in ("8.8.8.8", "2001:4860::8888", "chat.example.com"):
+            self.assertFalse(_on_a_private_network(host), host)
