@@ -13,6 +13,7 @@ import base64
 import datetime
 import json
 import os
+import signal
 import socket
 import tempfile
 import time
@@ -115,6 +116,18 @@ class PeerLinkTests(TestCase):
         self.assertEqual(peers_of(low)[server_id(high)]["direction"], "out")
         self.assertEqual(peers_of(high)[server_id(low)]["direction"], "in")
         self.assertIn("peer link up", a.log())
+
+    async def test_a_frozen_peer_is_dropped_by_the_pings_and_relinked_when_it_wakes(self) -> None:
+        a, b = pair(self, ("--peer-heartbeat=1",), ("--peer-heartbeat=1",))
+        await wait_until(lambda: linked(a, b), 20, 0.1, "the peer link")
+        low, high = sorted((a, b), key=server_id)
+        assert high.proc is not None
+        high.proc.send_signal(signal.SIGSTOP)  # no FIN, no RST: only the pings can tell
+        try:
+            await wait_until(lambda: not peers_of(low), 30, 0.1, "the ping timeout")
+        finally:
+            high.proc.send_signal(signal.SIGCONT)
+        await wait_until(lambda: linked(a, b), 30, 0.1, "the link coming back")
 
     async def test_servers_sharing_a_store_find_each_other_in_their_records(self) -> None:
         a = ServerProcess().start()
