@@ -26,7 +26,12 @@ What it does for you:
 - user-wide sends (``send(dest_client_id=...)``): every device of that user
   gets the message, and so do the sender's own other devices.  A copy of your
   own message (sent from another of your devices) is one whose
-  ``src_client_id`` equals your own ``client_id`` (:meth:`Client.is_own_copy`).
+  ``src_client_id`` equals your own ``client_id`` (:meth:`Client.is_own_copy`);
+- moving: a server that drains sends ``{"op": "reconnect", "pre_connection_url":
+  ...}`` before closing with 1001; a client made by :func:`connect` then asks
+  that URL (else its first one) for pre-connection, opens the new socket with
+  the same :class:`Client` (its de-duplication state kept) and syncs, so
+  nothing accepted meanwhile is lost (:meth:`Client.reconnect`).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import orjson
 import treq
 from autobahn.exception import Disconnected
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol, connectWS
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import deferLater
@@ -151,6 +156,13 @@ class Client:
         #: gaps reported by sync: ``{"after", "upto"[, "session_id"]}``, each
         #: a range of seqs the server removed by retention before they were acked
         self.gaps: list[dict[str, Any]] = []
+        #: where :func:`connect` pre-connected, and with which key: set, the
+        #: client follows a server's ``reconnect`` frame by itself
+        self.base_url: str | None = None
+        self.auth_key: str | None = None
+        #: how many times the client moved to a new socket after a ``reconnect``
+        self.reconnections = 0
+        self._reconnect_to: str | None = None
 
     # -- sending ----------------------------------------------------------
     def _next_id(self) -> str:
@@ -390,6 +402,10 @@ class Client:
             if not self._hello.called:  # not after open_socket gave up waiting
                 self._hello.callback(frame)
             return
+        if op == "reconnect":
+            # the server is draining: move to the server it names once the
+            # socket closes (none named: no other server is live)
+            self._reconnect_to = frame.get("pre_connection_url")
         if op == "member_joined" and frame.get("you"):
             # the owner added this node: its stream cursor starts where it joined
             self._joined(frame["session_id"], frame["member"])
@@ -450,6 +466,41 @@ class Client:
             self._hello.errback(ConnectionDone(f"connection closed before hello ({code}: {reason})"))
         if not self.closed.called:
             self.closed.callback((code, reason))
+        target, self._reconnect_to = self._reconnect_to, None
+        if target is not None and self.auth_key is not None:
+            moving = ensureDeferred(self.reconnect(target))
+            moving.addErrback(lambda f: log.failure("could not reconnect to {url}", f, url=target))
+
+    async def reconnect(self, base_url: str | None = None, attempts: int = 8) -> None:
+        """Pre-connect at ``base_url`` (else the first URL), open a new socket
+        for this client and sync, keeping what was already handed to the app
+        (so nothing is handed over twice).  Retries with a growing pause
+        (0.2 s, doubling, at most 2 s), ``attempts`` times, alternating
+        between ``base_url`` and the first URL."""
+        if self.auth_key is None:
+            raise RuntimeError("this client was not made by connect(): it has no key to reconnect with")
+        urls = [u for u in (base_url, self.base_url) if u]
+        pause = 0.2
+        for attempt in range(attempts):
+            url = urls[attempt % len(urls)]
+            try:
+                info = await pre_connection(url, self.auth_key)
+                self._hello = Deferred()
+                self.closed = Deferred()
+                _dial(self.reactor, self, info["node"]["ws_url"])
+                await self._hello.addTimeout(15, self.reactor)
+                await self.sync()
+            except Exception as e:
+                log.info("reconnect to {url} failed ({error}); attempt {attempt}", url=url,
+                         error=type(e).__name__, attempt=attempt + 1)
+                if self.protocol is not None:
+                    self.drop()
+                await deferLater(self.reactor, pause)
+                pause = min(2.0, pause * 2)
+                continue
+            self.reconnections += 1
+            return
+        raise ConnectionDone(f"could not reconnect after {attempts} attempts")
 
     def close(self) -> Deferred[tuple[int | None, str | None]]:
         """Close the socket; fires with (code, reason) once closed."""
@@ -481,6 +532,13 @@ async def pre_connection(base_url: str, auth_key: str, need_proxy: bool = False)
 async def open_socket(reactor: Any, ws_url: str, **options: Any) -> Client:
     """Open the WebSocket at ``ws_url`` and wait for the hello frame."""
     client = Client(reactor, **options)
+    _dial(reactor, client, ws_url)
+    await client._hello.addTimeout(15, reactor)
+    return client
+
+
+def _dial(reactor: Any, client: Client, ws_url: str) -> None:
+    """Open a WebSocket at ``ws_url`` whose frames go to ``client``."""
     factory = WebSocketClientFactory(ws_url, reactor=reactor)
     factory.setProtocolOptions(autoPingInterval=0, maxMessagePayloadSize=0, maxFramePayloadSize=0)
 
@@ -492,8 +550,6 @@ async def open_socket(reactor: Any, ws_url: str, **options: Any) -> Client:
 
     factory.buildProtocol = build  # type: ignore[method-assign]
     connectWS(factory, timeout=10)
-    await client._hello.addTimeout(15, reactor)
-    return client
 
 
 async def connect(
@@ -507,6 +563,7 @@ async def connect(
         reactor = default_reactor
     info = await pre_connection(base_url, auth_key)
     client = await open_socket(reactor, info["node"]["ws_url"], **options)
+    client.base_url, client.auth_key = base_url, auth_key
     if sync:
         await client.sync()
     return client

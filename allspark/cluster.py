@@ -43,6 +43,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from allspark.auth import VALIDATION_CLOCK_SKEW
 from allspark.logs import logger
 from allspark.store import ServerRecord, Store
 
@@ -98,6 +99,8 @@ class ClusterRecords:
         self.state = state
         self.heartbeat_s = heartbeat_s
         self.dead_after_ms = int(dead_after_s * 1000)
+        #: ms after its start before another server is handed out (see :meth:`pick`)
+        self.young_ms = int(VALIDATION_CLOCK_SKEW * 1000)
         self.on_lost: Callable[[], None] = lambda: None
         self.held = False
         #: the last records read from the store, by server_id (this server's included)
@@ -218,7 +221,7 @@ class ClusterRecords:
                 "server_id": r.server_id, "host": r.host, "port": r.port, "scheme": r.scheme,
                 "proxy_address": r.proxy_address, "state": r.state if self.alive(r) else "dead",
                 "connections": r.connections, "capacity": r.capacity,
-                "heartbeat_age_ms": max(0, now - r.heartbeat_ms),
+                "heartbeat_age_ms": max(0, now - r.heartbeat_ms), "started_ms": r.started_ms,
             })
         return out
 
@@ -234,9 +237,12 @@ class ClusterRecords:
         address; None when there is none.  The load is the connections its
         last heartbeat reported plus the clients handed to it since (counted
         here, reset by its next heartbeat), so a burst of pre-connections
-        is spread before any of them connects."""
+        is spread before any of them connects.  Another server is handed out
+        only once it has run :data:`~allspark.auth.VALIDATION_CLOCK_SKEW`
+        seconds (5): before that it refuses tokens minted elsewhere."""
         best: tuple[float, str] | None = None
         chosen: ServerRecord | None = None
+        now = self._now_ms()
         for r in self.servers.values():
             if r.server_id == exclude or r.state != "live" or not self.alive(r):
                 continue
@@ -244,6 +250,8 @@ class ClusterRecords:
                 continue
             if need_proxy and not r.proxy_address:
                 continue
+            if r.server_id != self.server_id and now - r.started_ms < self.young_ms:
+                continue  # it refuses tokens other servers mint for it (allspark.auth, "Restarts")
             handed = self._handed_since(r)
             # a full server (load 1 or more) comes last; if all are full, its
             # handshake answers too_many_connections

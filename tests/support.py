@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -86,8 +87,10 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=1) as r:
-                    if r.status == 200:
+                    # "starting": listening, its record in the store not claimed yet
+                    if r.status == 200 and json.loads(r.read()).get("state") != "starting":
                         return self
+                    time.sleep(0.05)
             except OSError:
                 time.sleep(0.05)
         self.kill()

@@ -1,0 +1,163 @@
+"""Three real servers sharing one SQLite file: server records, the balancer,
+dead servers, and a drain that moves clients without losing anything.
+
+Live cross-server delivery needs the mesh (tests/e2e/test_mesh.py); here a
+moved client gets what was accepted for it by syncing on its new server.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from allspark.client import Client, open_socket
+from tests.e2e.helpers import http_get, pre_connect, raw_handshake, wait_until, ws_path_and_query
+from tests.support import ServerProcess, key
+
+#: Shorter than the defaults (2 s, 10 s) so the dead-server test is quick;
+#: the rule is the same.
+HEARTBEAT = "0.5"
+DEAD_AFTER = 3.0
+
+
+class ThreeServers(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.shared = tempfile.mkdtemp(prefix="allspark-cluster-")
+        self.addCleanup(shutil.rmtree, self.shared, True)
+        store = "sqlite://" + os.path.join(self.shared, "allspark.db")
+        self.servers: list[ServerProcess] = []
+        for _ in range(3):
+            server = ServerProcess(args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
+                                         f"--server-dead-after={DEAD_AFTER}"))
+            self.addCleanup(shutil.rmtree, server.data_dir, True)
+            self.addCleanup(server.stop)
+            self.servers.append(server.start())
+        self.by_id = {f"127.0.0.1:{s.port}": s for s in self.servers}
+
+    # -- helpers ------------------------------------------------------------
+    def cluster_view(self, server: ServerProcess) -> dict[str, str]:
+        """server_id -> state, as ``server``'s /health shows the cluster."""
+        body = http_get(server.base_url + "/health").json()
+        return {entry["server_id"]: entry["state"] for entry in body.get("cluster", [])}
+
+    async def all_live_on(self, server: ServerProcess) -> None:
+        """Wait until ``server`` sees three live servers, each running long
+        enough to be handed out (5 s: allspark.auth, "Restarts")."""
+        await wait_until(lambda: sorted(self.cluster_view(server).values()) == ["live"] * 3, 15,
+                         interval=0.1, what=f"three live servers in {server.port}'s view")
+
+        def old_enough() -> bool:
+            body = http_get(server.base_url + "/health").json()
+            return all(time.time() * 1000 - e["started_ms"] > 5_500 for e in body["cluster"])
+
+        await wait_until(old_enough, 20, interval=0.2, what="servers running for 5 s")
+
+    def pre_connections(self, server: ServerProcess, count: int) -> list[dict[str, Any]]:
+        answers = []
+        for i in range(count):
+            answer = pre_connect(server, {"auth_key": key(f"spread-{i}")})
+            self.assertEqual(answer.status, 200, answer.body)
+            answers.append(answer.json())
+        return answers
+
+    async def client_on(self, server: ServerProcess, node_id: str) -> Client:
+        """A client of ``node_id`` connected to ``server`` itself (asking its
+        pre-connection until the balancer names it), set up to follow a
+        ``reconnect`` like one made by :func:`allspark.client.connect`."""
+        auth_key = key(node_id)
+        for _ in range(30):
+            info = pre_connect(server, {"auth_key": auth_key}).json()
+            if info["node"]["port"] == server.port:
+                break
+        else:
+            raise AssertionError(f"the balancer never named {server.port}")
+        client = await open_socket(reactor, info["node"]["ws_url"])
+        client.base_url, client.auth_key = server.base_url, auth_key
+        await client.sync()
+
+        async def close() -> None:
+            if client.protocol is not None:
+                client.protocol.dropConnection(abort=True)
+                await client.closed
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        return client
+
+    # -- tests --------------------------------------------------------------
+    async def test_pre_connections_on_one_server_are_spread_over_all_three(self) -> None:
+        first = self.servers[0]
+        await self.all_live_on(first)
+        answers = self.pre_connections(first, 30)
+        counts = Counter(a["node"]["node_id"] for a in answers)
+        self.assertEqual(set(counts), set(self.by_id), counts)
+        self.assertLessEqual(max(counts.values()), 15, counts)
+        # each token opens a socket on the server it names, and only there
+        for i, answer in enumerate(answers[:6]):
+            named = self.by_id[answer["node"]["node_id"]]
+            self.assertEqual(answer["node"]["port"], named.port)
+            other = next(s for s in self.servers if s is not named)
+            path = ws_path_and_query(answer["node"]["ws_url"])
+            self.assertEqual(raw_handshake(other, path).status, 401, f"token {i} redeemed elsewhere")
+            opened = raw_handshake(named, path)
+            self.assertEqual(opened.status, 101, opened.body)
+
+    async def test_a_stopped_or_dead_server_gets_no_clients(self) -> None:
+        first, stopped, crashed = self.servers
+        await self.all_live_on(first)
+        self.assertEqual(stopped.terminate(), -15)  # a clean stop (SIGTERM) removes its record
+        crashed.kill()  # its record stays, its heartbeats stop
+        await wait_until(lambda: self.cluster_view(first).get(f"127.0.0.1:{crashed.port}") == "dead",
+                         DEAD_AFTER + 10, interval=0.2, what="the killed server shown dead")
+        view = self.cluster_view(first)
+        self.assertNotIn(f"127.0.0.1:{stopped.port}", view)
+        answers = self.pre_connections(first, 30)
+        self.assertEqual({a["node"]["port"] for a in answers}, {first.port})
+        # the crashed server's identity: --force takes it back, and it is handed out again
+        restarted = ServerProcess(data_dir=crashed.data_dir, port=crashed.port, args=crashed.args)
+        self.addCleanup(restarted.stop)
+        restarted.start(force=True)
+        await wait_until(lambda: self.cluster_view(first).get(f"127.0.0.1:{crashed.port}") == "live",
+                         15, interval=0.1, what="the restarted server shown live")
+
+    async def test_sigterm_moves_clients_and_loses_nothing_accepted(self) -> None:
+        first, second, draining = self.servers
+        await self.all_live_on(first)
+        receiver = await self.client_on(draining, "mover")
+        sender = await self.client_on(first, "talker")
+        accepted = 0
+        total = 120
+        for i in range(total):
+            if i == 40:
+                self.assertEqual(draining.proc.poll(), None)  # type: ignore[union-attr]
+                draining.proc.send_signal(15)  # type: ignore[union-attr]
+            answer = await sender.send(dest_id="mover", payload=i, id=f"m-{i}")
+            self.assertIn(answer["status"], ("delivered", "stored"))
+            accepted += 1
+        self.assertEqual(draining.proc.wait(15), -15)  # type: ignore[union-attr]
+        self.assertEqual(receiver.close_code, 1001)
+        await wait_until(lambda: receiver.reconnections == 1, 30, interval=0.1, what="the client moved")
+        assert receiver.hello is not None
+        self.assertIn(receiver.hello["server_id"], (f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"))
+        # what was stored after its reconnect's sync reaches it live only once
+        # the mesh knows where it is (locations: not built yet), else on sync
+        await receiver.sync()
+        got: list[int] = []
+        while len(got) < total:
+            message = await receiver.next_message(timeout=20)
+            got.append(message["payload"])
+        self.assertEqual(sorted(got), list(range(total)))  # every accepted message, once
+        self.assertEqual(len(set(got)), accepted)
+        reconnect_events = []
+        while receiver.events.pending:
+            reconnect_events.append(receiver.events.pending.pop(0))
+        self.assertIn("reconnect", [e.get("op") for e in reconnect_events])
