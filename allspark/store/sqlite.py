@@ -209,6 +209,13 @@ MIGRATIONS: list[tuple[str, ...]] = [
             record TEXT NOT NULL
         ) WITHOUT ROWID""",
     ),
+    # 5: no trigger on inbox deletions.  inbox_unacked ran for every deleted
+    # row (most acks: the inbox is not tracked, it found nothing to update)
+    # and cost more than the rest of an ack; acks and retention now take a
+    # tracked inbox's deleted rows off its per-sender counts themselves
+    # (_op_ack_inbox, _op_purge).  As for version 2: stop every process on a
+    # file before a version-5 one migrates it.
+    ("DROP TRIGGER IF EXISTS inbox_unacked",),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -384,8 +391,14 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
     ``quota.per_sender`` unacked messages cannot have a sender over it, so
     nothing is counted per sender.  When it reaches that, its rows are
     counted per sender once (``_track``) and from then on appends add to
-    ``inbox_senders`` and deletions take off (a trigger), until acks bring it
-    under half of where tracking began (``_untrack`` at its next append).
+    ``inbox_senders`` and acks and retention take off what they delete
+    (:func:`_op_ack_inbox`, :func:`_op_purge`), until acks bring it under
+    half of where tracking began (``_untrack`` at its next append).
+
+    Quota checks: each append adds at most one copy to an inbox, so a run
+    whose fullest inbox plus the run's length stays under both bounds (under
+    half of ``per_sender`` and under ``per_inbox``) cannot bring any message
+    to either, and skips the per-message checks.
     """
     known: dict[tuple[str, str], tuple[int, Any, bytes]] = {}
     keys = [(a[0], a[1]) for a in appends if a[1] is not None]
@@ -408,7 +421,7 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
     for node_id in untrack:
         _untrack(cur, node_id)
     stored_counts: dict[tuple[str, str], int] = {}  # (node, sender) counts stored before this run
-    added: dict[tuple[str, str], int] = {}  # copies this run adds per (node, sender)
+    added: dict[tuple[str, str], int] = {}  # copies this run adds per (node, sender), tracked inboxes only
 
     def sender_count(pair: tuple[str, str]) -> int:
         if pair not in stored_counts:
@@ -416,6 +429,15 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
             stored_counts[pair] = 0 if row is None else row[0]
         return stored_counts[pair] + added.get(pair, 0)
 
+    # Below half of per_sender (and under per_inbox) no sender can be over
+    # its share.  Each append adds at most one copy to an inbox, so when the
+    # fullest inbox of the run plus the run's length stays below that, no
+    # message of the run needs a look (nearly every run).
+    quotas = {a[7] for a in appends if a[7] is not None}
+    check = bool(quotas) and (
+        max(unacked.values(), default=0) + len(appends)
+        > min(min(q.per_sender // 2, q.per_inbox) for q in quotas)
+    )
     touched: set[str] = set()
     inbox_rows: list[tuple[str, int, int, bytes, str]] = []
     dedup_rows: list[tuple[str, str, int, bytes, bytes]] = []
@@ -426,19 +448,23 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
             if duplicate is not None:
                 results.append(duplicate)
                 continue
-        if quota is not None:
-            full, per_sender = [], False
-            for node_id in dict.fromkeys(recipients):
+        if check and quota is not None:
+            full: list[str] = []
+            per_sender = False
+            unchecked = min(quota.per_sender // 2, quota.per_inbox)
+            for node_id in recipients if len(recipients) == 1 else dict.fromkeys(recipients):
                 count = unacked.get(node_id, 0)
+                if count < unchecked:
+                    continue
                 if count >= quota.per_inbox:
                     full.append(node_id)
                     continue
-                if count < quota.per_sender // 2:
-                    continue  # no sender can be over its share
                 if node_id not in tracked:
-                    # counts the rows stored before this run; ``added`` has the rest
-                    _track(cur, node_id, count)
+                    _track(cur, node_id, count)  # counts the rows stored before this run
                     tracked.add(node_id)
+                    for row in inbox_rows:  # and this run's copies so far
+                        if row[0] == node_id:
+                            added[(node_id, row[4])] = added.get((node_id, row[4]), 0) + 1
                 if sender_count((node_id, sender)) >= quota.per_sender:
                     full.append(node_id)
                     per_sender = True
@@ -451,9 +477,11 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
                 continue
             seq = last.get(node_id, 0) + 1
             last[node_id] = seqs[node_id] = seq
-            unacked[node_id] = unacked.get(node_id, 0) + 1
-            pair = (node_id, sender)
-            added[pair] = added.get(pair, 0) + 1
+            if check:
+                unacked[node_id] = unacked.get(node_id, 0) + 1
+            if tracked and node_id in tracked:
+                pair = (node_id, sender)
+                added[pair] = added.get(pair, 0) + 1
             touched.add(node_id)
             inbox_rows.append((node_id, seq, now_ms, body, sender))
         if dedup_id is not None:
@@ -462,9 +490,8 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
         results.append(AppendResult(False, seqs, answer))
     cur.executemany(_INSERT_INBOX, inbox_rows)
     cur.executemany(_SET_LAST_SEQ, [(node_id, last[node_id]) for node_id in touched])
-    if tracked:
-        cur.executemany(_ADD_SENDER_PENDING,
-                        [(*pair, count) for pair, count in added.items() if pair[0] in tracked])
+    if added:
+        cur.executemany(_ADD_SENDER_PENDING, [(*pair, count) for pair, count in added.items()])
     if dedup_rows:
         cur.executemany(_DEDUP_PUT, dedup_rows)
     return results
@@ -504,9 +531,39 @@ def _op_fetch_inbox(cur: sqlite3.Cursor, node_id: str, after: int, limit: int) -
     return InboxPage(messages, state[0], state[1], messages[-1].seq if messages else after)
 
 
+_ACK_INBOX = "DELETE FROM inbox WHERE node_id = ? AND seq <= ?"
+_TRACKED = "SELECT tracked FROM inbox_state WHERE node_id = ?"
+_UNCOUNT_ACKED = (
+    "UPDATE inbox_senders SET pending = pending - gone.n FROM "
+    "(SELECT sender_id, COUNT(*) AS n FROM inbox WHERE node_id = ? AND seq <= ? GROUP BY sender_id) AS gone "
+    "WHERE inbox_senders.node_id = ? AND inbox_senders.sender_id = gone.sender_id"
+)
+_UNCOUNT_PURGED = (
+    "UPDATE inbox_senders SET pending = pending - gone.n FROM "
+    "(SELECT node_id, sender_id, COUNT(*) AS n FROM inbox WHERE stored_at < ? "
+    "GROUP BY node_id, sender_id) AS gone "
+    "WHERE inbox_senders.node_id = gone.node_id AND inbox_senders.sender_id = gone.sender_id"
+)
+
+
 def _op_ack_inbox(cur: sqlite3.Cursor, node_id: str, upto: int) -> int:
-    # the inbox_unacked trigger takes the rows off a tracked inbox's per-sender counts
-    return cur.execute("DELETE FROM inbox WHERE node_id = ? AND seq <= ?", (node_id, upto)).rowcount
+    """Delete ``node_id``'s rows up to ``upto``.  An untracked inbox (the
+    common case) costs one key lookup more than the DELETE; a tracked one
+    first takes the rows off its per-sender counts, in a savepoint with the
+    DELETE so that both or neither happen."""
+    row = cur.execute(_TRACKED, (node_id,)).fetchone()
+    if row is None or not row[0]:
+        return cur.execute(_ACK_INBOX, (node_id, upto)).rowcount
+    cur.execute("SAVEPOINT ack")
+    try:
+        cur.execute(_UNCOUNT_ACKED, (node_id, upto, node_id))
+        count: int = cur.execute(_ACK_INBOX, (node_id, upto)).rowcount
+    except BaseException:
+        cur.execute("ROLLBACK TO ack")
+        cur.execute("RELEASE ack")
+        raise
+    cur.execute("RELEASE ack")
+    return count
 
 
 def _op_inbox_state(cur: sqlite3.Cursor, node_id: str) -> tuple[int, int]:
@@ -524,7 +581,7 @@ def _op_purge(cur: sqlite3.Cursor, stored_before: int, dedup_before: int) -> int
         "WHERE inbox_state.node_id = gone.node_id AND gone.top > inbox_state.purged_upto",
         (stored_before,),
     )
-    # (the inbox_unacked trigger takes the rows off the per-sender counts)
+    cur.execute(_UNCOUNT_PURGED, (stored_before,))  # off the tracked inboxes' per-sender counts
     count = cur.execute("DELETE FROM inbox WHERE stored_at < ?", (stored_before,)).rowcount
     cur.execute(
         "UPDATE sessions SET purged_upto = gone.top FROM "

@@ -1084,7 +1084,7 @@ class SQLiteStoreTests(TestCase):
     async def test_version_2_file_migrates_with_its_unacked_counts(self) -> None:
         """Migrating a version-2 file counts the rows already there against
         their inbox (under no sender), and acks take them off again."""
-        from allspark.store.sqlite import MIGRATIONS
+        from allspark.store.sqlite import MIGRATIONS, SCHEMA_VERSION
 
         path = self.new_path()
         os.makedirs(os.path.dirname(path))
@@ -1096,7 +1096,7 @@ class SQLiteStoreTests(TestCase):
                              [(1,), (2,), (3,)])
             conn.execute("INSERT INTO inbox_state (node_id, last_seq) VALUES ('a', 3)")
         store = await self.opened(path)
-        self.assertEqual(store.migrations_applied, [3, 4])
+        self.assertEqual(store.migrations_applied, list(range(3, SCHEMA_VERSION + 1)))
         quota = InboxQuota(per_sender=10, per_inbox=4)
         self.assertEqual((await store.append_inbox("s", None, ["a"], b"m", b"", 2, WINDOW, quota)).seqs,
                          {"a": 4})
@@ -1115,6 +1115,52 @@ class SQLiteStoreTests(TestCase):
             await store.append_inbox("t", None, ["a"], b"m", b"", 2, WINDOW, sender_quota)
         self.assertEqual((await store.append_inbox("u", None, ["a"], b"m", b"", 2, WINDOW, sender_quota)).seqs,
                          {"a": 7})
+
+    @inline
+    async def test_version_4_file_loses_the_deletion_trigger(self) -> None:
+        """Version 5 drops the trigger that ran for every deleted inbox row:
+        acks and retention take a tracked inbox's rows off its per-sender
+        counts themselves, once (not again through a leftover trigger), also
+        in a run of appends that skips the quota checks."""
+        from allspark.store.sqlite import MIGRATIONS
+
+        path = self.new_path()
+        os.makedirs(os.path.dirname(path))
+        with sqlite3.connect(path) as conn:
+            for migration in MIGRATIONS[:4]:
+                for statement in migration:
+                    conn.execute(statement)
+            conn.execute("PRAGMA user_version = 4")
+        store = await self.opened(path)
+        self.assertEqual(store.migrations_applied[0], 5)
+        self.assertEqual(store._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'inbox'").fetchall(), [])
+        quota = InboxQuota(per_sender=10, per_inbox=100)
+
+        def pending() -> list[tuple[str, int]]:
+            return store._conn.execute("SELECT sender_id, pending FROM inbox_senders WHERE node_id = 'a'").fetchall()
+
+        async def append(at: int) -> None:
+            await store.append_inbox("x", None, ["a"], b"m", b"", at, WINDOW, quota)
+
+        for _ in range(10):  # tracked from the 6th (5 >= 10 // 2)
+            await append(1000)
+        with self.assertRaises(InboxFull):
+            await append(1000)
+        self.assertEqual(await store.ack_inbox("a", 1), 1)  # x has 9 unacked: one more fits
+        await append(1000)
+        with self.assertRaises(InboxFull):
+            await append(1000)
+        self.assertEqual(await store.ack_inbox("a", 7), 6)  # 4 unacked, still tracked (4 >= 5 / 2)
+        self.assertEqual(pending(), [("x", 4)])
+        await append(2000)  # 4 stored + a run of 1 <= 10 // 2: the run skips the checks, and counts
+        self.assertEqual(pending(), [("x", 5)])
+        for _ in range(5):
+            await append(2000)
+        with self.assertRaises(InboxFull):
+            await append(2000)
+        self.assertEqual(await store.purge(1500, 0), 4)  # seqs 8-11
+        self.assertEqual(pending(), [("x", 6)])
 
     @inline
     async def test_per_sender_counts_start_and_stop_with_the_inbox_size(self) -> None:
