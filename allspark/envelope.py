@@ -202,9 +202,11 @@ def parse_frame(data: bytes, is_binary: bool = False) -> Message | Control:
     if _LONG_DIGIT_RUN in data.translate(_DIGIT_MASK):
         _check_integers(data, frame_id)
     if not DEST_SET.isdisjoint(frame):
-        # only a frame with that many brackets can nest that deep: the walk is
-        # skipped for nearly every frame
-        if data.count(b"[") + data.count(b"{") > MAX_CONTENT_DEPTH and _nested_deeper(frame, MAX_CONTENT_DEPTH):
+        # only a frame with that many brackets (each opened and closed: more
+        # than twice as many bytes) can nest that deep: the counts and the walk
+        # are skipped for nearly every frame
+        if (len(data) > 2 * MAX_CONTENT_DEPTH and data.count(b"[") + data.count(b"{") > MAX_CONTENT_DEPTH
+                and _nested_deeper(frame, MAX_CONTENT_DEPTH)):
             raise FrameError(
                 "bad_frame", f"the content is nested more than {MAX_CONTENT_DEPTH} levels deep", frame_id
             )

@@ -121,8 +121,9 @@ class Inbox:
             self.config.dedup_window_ms,
             self._quota,
         )
-        stored = d.addCallback(self._deliver_stored, body)
-        return stored.addErrback(self._refuse_full, sender_id, dedup_id, len(recipients))
+        # one callback pair: _refuse_full only ever sees the store's failure
+        return d.addCallbacks(self._deliver_stored, self._refuse_full, callbackArgs=(body,),
+                              errbackArgs=(sender_id, dedup_id, len(recipients)))
 
     def _refuse_full(
         self, failure: Failure, sender_id: str, frame_id: str | None, recipients: int

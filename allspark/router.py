@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from allspark.envelope import FrameError, Message, addressed, check_deliverable, delivery_body, encode
+from allspark.envelope import (
+    DELIVERY_OVERHEAD, FrameError, Message, addressed, check_deliverable, delivery_body, encode,
+)
 from allspark.inbox import Inbox, now_ms
 from allspark.delivery import Delivery
 from allspark.store import Store
@@ -177,7 +179,8 @@ class Router:
         is_live = self.delivery.is_live
         live = sum(1 for r in recipients if is_live(r))
         body = delivery_body(msg, body_src, body_client, now_ms(self.clock))
-        check_deliverable(body, self.max_message_size, msg.id)
+        if len(body) + DELIVERY_OVERHEAD > self.max_message_size:
+            check_deliverable(body, self.max_message_size, msg.id)  # raises too_large
         if msg.ephemeral:
             deliver = self.delivery.deliver
             for node_id in recipients:

@@ -433,10 +433,12 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
     # its share.  Each append adds at most one copy to an inbox, so when the
     # fullest inbox of the run plus the run's length stays below that, no
     # message of the run needs a look (nearly every run).
-    quotas = {a[7] for a in appends if a[7] is not None}
+    # (by identity: a run nearly always shares one quota object, and hashing
+    # the dataclass would cost a Python call per message)
+    quotas = {id(a[7]): a[7] for a in appends if a[7] is not None}
     check = bool(quotas) and (
         max(unacked.values(), default=0) + len(appends)
-        > min(min(q.per_sender // 2, q.per_inbox) for q in quotas)
+        > min(min(q.per_sender // 2, q.per_inbox) for q in quotas.values())
     )
     touched: set[str] = set()
     inbox_rows: list[tuple[str, int, int, bytes, str]] = []
