@@ -193,6 +193,20 @@ class MemberRecord:
 
 
 @dataclass(frozen=True)
+class LocationRecord:
+    """Where one connection of an online node is: ``node_id`` is connected
+    to server ``server_id``; ``epoch`` tells this connection from the
+    node's earlier and later ones on that server (unique per connection of
+    one server process).  Written when the connection opens, removed when
+    it closes, dropped in bulk with its server (:meth:`Store.drop_locations`).
+    """
+
+    node_id: str
+    server_id: str
+    epoch: int
+
+
+@dataclass(frozen=True)
 class ServerRecord:
     """One server of the cluster, as it announces itself in the store.
 
@@ -412,6 +426,22 @@ class Store(Protocol):
     def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
         """Delete the record of ``server_id`` if ``holder`` holds it; whether
         it was deleted."""
+
+    # -- locations (which server holds which online node) -----------------
+    def put_location(self, record: LocationRecord) -> Deferred[None]:
+        """Record that ``record.node_id`` has a connection on
+        ``record.server_id`` (idempotent for the same three fields)."""
+
+    def remove_location(self, record: LocationRecord) -> Deferred[bool]:
+        """Delete exactly this location (node, server and epoch); whether it
+        existed.  A later connection of the node (another epoch) stays."""
+
+    def drop_locations(self, server_id: str) -> Deferred[int]:
+        """Delete every location of ``server_id`` (it died or restarted); how
+        many."""
+
+    def list_locations(self) -> Deferred[list[LocationRecord]]:
+        """Every location, ordered by ``(node_id, server_id, epoch)``."""
 
 
 def open_store(url: str, reactor: Any) -> Store:

@@ -23,6 +23,7 @@ from allspark.store import (
     InboxQuota,
     MemberRecord,
     SessionFull,
+    LocationRecord,
     ServerRecord,
     SessionRecord,
     StoredMessage,
@@ -100,6 +101,7 @@ class MemoryStore:
         #: (session_id, sender_id or "" for the whole session) -> (window end, rows)
         self._stream_quota: dict[tuple[str, str], tuple[int, int]] = {}
         self._servers: dict[str, ServerRecord] = {}
+        self._locations: set[LocationRecord] = set()
 
     @staticmethod
     def _run(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
@@ -433,3 +435,26 @@ class MemoryStore:
             return succeed(False)
         del self._servers[server_id]
         return succeed(True)
+
+    # -- locations ----------------------------------------------------------
+    def put_location(self, record: LocationRecord) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.put_location`."""
+        self._locations.add(record)
+        return succeed(None)
+
+    def remove_location(self, record: LocationRecord) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_location`."""
+        if record not in self._locations:
+            return succeed(False)
+        self._locations.discard(record)
+        return succeed(True)
+
+    def drop_locations(self, server_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.drop_locations`."""
+        gone = {r for r in self._locations if r.server_id == server_id}
+        self._locations -= gone
+        return succeed(len(gone))
+
+    def list_locations(self) -> Deferred[list[LocationRecord]]:
+        """See :meth:`allspark.store.Store.list_locations`."""
+        return succeed(sorted(self._locations, key=lambda r: (r.node_id, r.server_id, r.epoch)))

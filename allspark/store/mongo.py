@@ -98,6 +98,7 @@ from allspark.store import (
     InboxPage,
     InboxQuota,
     MemberRecord,
+    LocationRecord,
     ServerRecord,
     SessionFull,
     SessionRecord,
@@ -264,6 +265,7 @@ class MongoStore:
             ("dedup", _by("sender_id", "dedup_id"), {"unique": True}),
             ("dedup", _by("created_at"), {}),
             ("txns", _by("at"), {}),
+            ("locations", _by("server_id"), {}),
         ]
         for collection, spec, options in indexes:
             await self._c(collection).create_index(spec, **options)
@@ -361,6 +363,47 @@ class MongoStore:
     async def _remove_server(self, server_id: str, holder: str) -> bool:
         result = await self._c("servers").delete_one({"_id": server_id, "holder": holder})
         return bool(result.deleted_count == 1)
+
+    # -- locations (collection ``locations``: _id "node_id server_id epoch") ----
+    @staticmethod
+    def _location_id(record: LocationRecord) -> str:
+        # ids never hold a space, so the three fields cannot run together
+        return f"{record.node_id} {record.server_id} {record.epoch}"
+
+    def put_location(self, record: LocationRecord) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.put_location`."""
+        return self._run(self._put_location, record)
+
+    async def _put_location(self, record: LocationRecord) -> None:
+        await self._c("locations").update_one(
+            {"_id": self._location_id(record)},
+            {"$set": {"node_id": record.node_id, "server_id": record.server_id, "epoch": record.epoch}},
+            upsert=True)
+
+    def remove_location(self, record: LocationRecord) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_location`."""
+        return self._run(self._remove_location, record)
+
+    async def _remove_location(self, record: LocationRecord) -> bool:
+        result = await self._c("locations").delete_one({"_id": self._location_id(record)})
+        return bool(result.deleted_count == 1)
+
+    def drop_locations(self, server_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.drop_locations`."""
+        return self._run(self._drop_locations, server_id)
+
+    async def _drop_locations(self, server_id: str) -> int:
+        result = await self._c("locations").delete_many({"server_id": server_id})
+        return int(result.deleted_count)
+
+    def list_locations(self) -> Deferred[list[LocationRecord]]:
+        """See :meth:`allspark.store.Store.list_locations`."""
+        return self._run(self._list_locations)
+
+    async def _list_locations(self) -> list[LocationRecord]:
+        docs = await self._c("locations").find({})
+        records = [LocationRecord(d["node_id"], d["server_id"], int(d["epoch"])) for d in docs]
+        return sorted(records, key=lambda r: (r.node_id, r.server_id, r.epoch))
 
     # -- appends: locks, commit markers, recovery (see the module docstring) ------
     def _wall_ms(self) -> int:

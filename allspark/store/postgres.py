@@ -113,6 +113,7 @@ from allspark.store import (
     InboxPage,
     InboxQuota,
     MemberRecord,
+    LocationRecord,
     ServerRecord,
     SessionFull,
     SessionRecord,
@@ -215,6 +216,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
             holder text NOT NULL,
             record text NOT NULL
         )""",
+    ),
+    # 3: locations (which server holds which online node): one row per
+    # connection, dropped in bulk by server
+    (
+        """CREATE TABLE locations (
+            node_id text COLLATE "C" NOT NULL,
+            server_id text COLLATE "C" NOT NULL,
+            epoch bigint NOT NULL,
+            PRIMARY KEY (node_id, server_id, epoch)
+        )""",
+        "CREATE INDEX locations_by_server ON locations (server_id)",
     ),
 ]
 
@@ -352,6 +364,27 @@ def _op_put_server(cur: Any, record: ServerRecord, expect_holder: str | None) ->
 def _op_remove_server(cur: Any, server_id: str, holder: str) -> bool:
     cur.execute("DELETE FROM servers WHERE server_id = %s AND holder = %s", (server_id, holder))
     return bool(cur.rowcount == 1)
+
+
+def _op_put_location(cur: Any, record: LocationRecord) -> None:
+    cur.execute("INSERT INTO locations (node_id, server_id, epoch) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (record.node_id, record.server_id, record.epoch))
+
+
+def _op_remove_location(cur: Any, record: LocationRecord) -> bool:
+    cur.execute("DELETE FROM locations WHERE node_id = %s AND server_id = %s AND epoch = %s",
+                (record.node_id, record.server_id, record.epoch))
+    return bool(cur.rowcount == 1)
+
+
+def _op_drop_locations(cur: Any, server_id: str) -> int:
+    cur.execute("DELETE FROM locations WHERE server_id = %s", (server_id,))
+    return int(cur.rowcount)
+
+
+def _op_list_locations(cur: Any) -> list[LocationRecord]:
+    cur.execute("SELECT node_id, server_id, epoch FROM locations ORDER BY node_id, server_id, epoch")
+    return [LocationRecord(r[0], r[1], r[2]) for r in cur.fetchall()]
 
 
 def _op_nodes_of_client(cur: Any, client_id: str) -> list[str]:
@@ -1138,6 +1171,23 @@ class PostgresStore:
     def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
         """See :meth:`allspark.store.Store.remove_server`."""
         return self._submit(_op_remove_server, server_id, holder)
+
+    # -- locations ----------------------------------------------------------
+    def put_location(self, record: LocationRecord) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.put_location`."""
+        return self._submit(_op_put_location, record)
+
+    def remove_location(self, record: LocationRecord) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_location`."""
+        return self._submit(_op_remove_location, record)
+
+    def drop_locations(self, server_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.drop_locations`."""
+        return self._submit(_op_drop_locations, server_id)
+
+    def list_locations(self) -> Deferred[list[LocationRecord]]:
+        """See :meth:`allspark.store.Store.list_locations`."""
+        return self._submit(_op_list_locations)
 
     # -- inbox ------------------------------------------------------------
     def append_inbox(

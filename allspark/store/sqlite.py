@@ -77,6 +77,7 @@ from allspark.store import (
     InboxQuota,
     MemberRecord,
     SessionFull,
+    LocationRecord,
     ServerRecord,
     SessionRecord,
     StoredMessage,
@@ -216,6 +217,17 @@ MIGRATIONS: list[tuple[str, ...]] = [
     # (_op_ack_inbox, _op_purge).  As for version 2: stop every process on a
     # file before a version-5 one migrates it.
     ("DROP TRIGGER IF EXISTS inbox_unacked",),
+    # 6: locations (which server holds which online node): one row per
+    # connection, dropped in bulk by server
+    (
+        """CREATE TABLE locations (
+            node_id TEXT NOT NULL,
+            server_id TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            PRIMARY KEY (node_id, server_id, epoch)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX locations_by_server ON locations (server_id)",
+    ),
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -348,6 +360,27 @@ def _op_put_server(cur: sqlite3.Cursor, record: ServerRecord, expect_holder: str
 def _op_remove_server(cur: sqlite3.Cursor, server_id: str, holder: str) -> bool:
     cur.execute("DELETE FROM servers WHERE server_id = ? AND holder = ?", (server_id, holder))
     return cur.rowcount == 1
+
+
+def _op_put_location(cur: sqlite3.Cursor, record: LocationRecord) -> None:
+    cur.execute("INSERT INTO locations (node_id, server_id, epoch) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (record.node_id, record.server_id, record.epoch))
+
+
+def _op_remove_location(cur: sqlite3.Cursor, record: LocationRecord) -> bool:
+    cur.execute("DELETE FROM locations WHERE node_id = ? AND server_id = ? AND epoch = ?",
+                (record.node_id, record.server_id, record.epoch))
+    return cur.rowcount == 1
+
+
+def _op_drop_locations(cur: sqlite3.Cursor, server_id: str) -> int:
+    cur.execute("DELETE FROM locations WHERE server_id = ?", (server_id,))
+    return cur.rowcount
+
+
+def _op_list_locations(cur: sqlite3.Cursor) -> list[LocationRecord]:
+    rows = cur.execute("SELECT node_id, server_id, epoch FROM locations ORDER BY node_id, server_id, epoch")
+    return [LocationRecord(r[0], r[1], r[2]) for r in rows.fetchall()]
 
 
 def _op_nodes_of_client(cur: sqlite3.Cursor, client_id: str) -> list[str]:
@@ -1150,6 +1183,23 @@ class SQLiteStore:
     def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
         """See :meth:`allspark.store.Store.remove_server`."""
         return self._submit(_op_remove_server, server_id, holder)
+
+    # -- locations ----------------------------------------------------------
+    def put_location(self, record: LocationRecord) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.put_location`."""
+        return self._submit(_op_put_location, record)
+
+    def remove_location(self, record: LocationRecord) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_location`."""
+        return self._submit(_op_remove_location, record)
+
+    def drop_locations(self, server_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.drop_locations`."""
+        return self._submit(_op_drop_locations, server_id)
+
+    def list_locations(self) -> Deferred[list[LocationRecord]]:
+        """See :meth:`allspark.store.Store.list_locations`."""
+        return self._submit(_op_list_locations)
 
     # -- inbox ------------------------------------------------------------
     def append_inbox(

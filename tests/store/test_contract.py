@@ -33,6 +33,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from allspark.inbox import send_page
 from allspark.store import (
+    LocationRecord,
     ServerRecord,
     AppendResult,
     DuplicateSession,
@@ -189,6 +190,28 @@ class StoreContract:
         self.assertTrue(await self.store.remove_server("s-b", "host/3/z"))
         self.assertIsNone(await self.store.get_server("s-b"))
         self.assertEqual(await self.store.list_servers(), [other])
+
+    # -- locations -------------------------------------------------------------------
+    @inline
+    async def test_locations_are_per_connection_and_dropped_by_server(self) -> None:
+        """A location is one connection (node, server, epoch): writing it twice
+        keeps one, removing it leaves the node's other connections, and
+        drop_locations deletes every location of one server only."""
+        self.assertEqual(await self.store.list_locations(), [])
+        a1 = LocationRecord("n1", "s-a", 1)
+        a2 = LocationRecord("n1", "s-a", 2)
+        b1 = LocationRecord("n1", "s-b", 1)
+        other = LocationRecord("n2", "s-a", 3)
+        for record in (a2, b1, other, a1, a1):
+            await self.store.put_location(record)
+        self.assertEqual(await self.store.list_locations(), [a1, a2, b1, other])
+        self.assertTrue(await self.store.remove_location(a1))
+        self.assertFalse(await self.store.remove_location(a1))  # already gone
+        self.assertFalse(await self.store.remove_location(LocationRecord("n1", "s-b", 9)))  # another epoch
+        self.assertEqual(await self.store.list_locations(), [a2, b1, other])
+        self.assertEqual(await self.store.drop_locations("s-a"), 2)
+        self.assertEqual(await self.store.list_locations(), [b1])
+        self.assertEqual(await self.store.drop_locations("s-a"), 0)
 
     # -- inbox --------------------------------------------------------------------
     @inline
