@@ -9,6 +9,10 @@ stdout.  For HS256 the secret comes from the file named by ``--auth-secret-file`
 or else from ``$ALLSPARK_AUTH_SECRET`` (the first secret mints); it is never taken
 from the command line itself.  Usage errors and a missing or unsafe secret print a
 message on stderr and exit with status 2.
+
+``allspark drain URL [--cluster-secret-file F]`` asks the server at ``URL`` to
+drain and stop, as SIGTERM does (``POST /admin/drain`` with a single-use admin
+token made from the cluster secret, default ``$ALLSPARK_CLUSTER_SECRET``).
 """
 
 from __future__ import annotations
@@ -119,12 +123,69 @@ def _run_keygen(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- drain
+
+
+def _configure_drain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="the server's HTTP base URL, e.g. http://127.0.0.1:8082")
+    parser.add_argument(
+        "--cluster-secret-file",
+        default=None,
+        metavar="FILE",
+        help="file holding the cluster secret (default: $ALLSPARK_CLUSTER_SECRET)",
+    )
+
+
+def _run_drain(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """Ask one server to drain (``POST /admin/drain`` with an admin token made
+    from the cluster secret); prints its answer.  Exit 0 when it drains, 1
+    when it refused or could not be reached."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    from allspark.cluster import admin_token, derive_admin_key
+
+    try:
+        if args.cluster_secret_file is not None:
+            with open(args.cluster_secret_file, "rb") as handle:
+                secret = handle.read().strip()
+        else:
+            secret = env.get("ALLSPARK_CLUSTER_SECRET", "").strip().encode()
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.cluster_secret_file}: {exc.strerror}") from None
+    if len(secret) < 16:
+        raise UsageError("a cluster secret of at least 16 bytes is needed (--cluster-secret-file or "
+                         "$ALLSPARK_CLUSTER_SECRET)")
+    base = args.url.rstrip("/")
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=10) as answer:
+            server_id = json.loads(answer.read())["node_id"]
+        token = admin_token(derive_admin_key(secret), "drain", server_id, time.time())
+        request = urllib.request.Request(base + "/admin/drain", data=b"", method="POST",
+                                         headers={"Authorization": f"Allspark-Admin {token}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            print(answer.read().decode())
+        return 0
+    except urllib.error.HTTPError as exc:
+        print(f"allspark drain: refused ({exc.code}): {exc.read().decode(errors='replace')}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"allspark drain: cannot reach {base}: {exc}", file=sys.stderr)
+    return 1
+
+
 #: Every subcommand by name; add new ones here.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "keygen": Subcommand(
         help="mint an auth key (JWT) for a node",
         configure=_configure_keygen,
         run=_run_keygen,
+    ),
+    "drain": Subcommand(
+        help="ask a server to drain and stop (its clients move to other servers)",
+        configure=_configure_drain,
+        run=_run_drain,
     ),
 }
 

@@ -33,6 +33,11 @@ draining or dead one; with ``need_proxy`` only servers with a proxy address).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import hmac
+import json
 import os
 import secrets
 import socket
@@ -278,3 +283,77 @@ def pre_connection_url(record: ServerRecord) -> str:
 def beat_now(records: ClusterRecords) -> Deferred[None]:
     """Write ``records``' heartbeat at once (a state change); never fails."""
     return ensureDeferred(records._beat_logged())
+
+
+# -- the admin drain request ---------------------------------------------------------
+
+#: Seconds an admin token is valid.
+ADMIN_TOKEN_TTL = 60.0
+_ADMIN_KEY_LABEL = b"allspark admin v1"
+
+
+class AdminAuthError(Exception):
+    """An admin token was refused; ``code`` says why (``bad_token``,
+    ``foreign_token``, ``expired_token``, ``replayed_token``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def derive_admin_key(cluster_secret: bytes) -> bytes:
+    """The admin key: ``HMAC-SHA256(cluster secret, "allspark admin v1")``,
+    distinct from the peer link and token keys, so no peer handshake token
+    or validation token is an admin token."""
+    return hmac.new(cluster_secret, _ADMIN_KEY_LABEL, hashlib.sha256).digest()
+
+
+def admin_token(key: bytes, op: str, server_id: str, now: float) -> str:
+    """A single-use token asking ``server_id`` to do ``op`` (``drain``):
+    ``base64url(JSON {"op", "s": server_id, "i": issued at, "n": nonce}) "."
+    base64url(HMAC-SHA256(admin key, first part))``."""
+    claims = {"op": op, "s": server_id, "i": now, "n": secrets.token_urlsafe(16)}
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode("ascii")
+    mac = hmac.new(key, body.encode("ascii"), hashlib.sha256).digest()
+    return body + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+
+
+class AdminAuth:
+    """Checks admin tokens for one server: right MAC, this server, this op,
+    issued within :data:`ADMIN_TOKEN_TTL` seconds and not before this process
+    started, each nonce once."""
+
+    def __init__(self, key: bytes, server_id: str, clock: IReactorTime) -> None:
+        self._key = key
+        self.server_id = server_id
+        self._clock = clock
+        self.started_at = clock.seconds()
+        self._seen: dict[str, float] = {}
+
+    def verify(self, token: object, op: str) -> None:
+        """Accept ``token`` for ``op`` once, or raise :class:`AdminAuthError`."""
+        if not isinstance(token, str) or not 0 < len(token) <= 1024 or token.count(".") != 1:
+            raise AdminAuthError("bad_token", "admin token is missing or malformed")
+        body, mac_text = token.split(".")
+        try:
+            mac = base64.urlsafe_b64decode(mac_text + "=" * (-len(mac_text) % 4))
+            claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+        except (ValueError, binascii.Error):
+            raise AdminAuthError("bad_token", "admin token is malformed") from None
+        if not hmac.compare_digest(mac, hmac.new(self._key, body.encode("ascii"), hashlib.sha256).digest()):
+            raise AdminAuthError("bad_token", "admin token signature is not valid")
+        if not isinstance(claims, dict) or not isinstance(claims.get("n"), str) \
+                or not isinstance(claims.get("i"), (int, float)):
+            raise AdminAuthError("bad_token", "admin token is malformed")
+        if claims.get("s") != self.server_id or claims.get("op") != op:
+            raise AdminAuthError("foreign_token", "admin token was issued for another server or operation")
+        now = self._clock.seconds()
+        issued = float(claims["i"])
+        if issued < self.started_at or now - issued > ADMIN_TOKEN_TTL or issued > now + 5:
+            raise AdminAuthError("expired_token", "admin token has expired (or predates this process)")
+        for nonce in [n for n, expiry in self._seen.items() if expiry < now]:
+            del self._seen[nonce]
+        if claims["n"] in self._seen:
+            raise AdminAuthError("replayed_token", "admin token was already used")
+        self._seen[claims["n"]] = issued + ADMIN_TOKEN_TTL

@@ -34,6 +34,7 @@ from allspark.envelope import DEFAULT_SYNC_LIMIT, Control, FrameError, encode
 from allspark.cluster import (
     DEFAULT_DEAD_AFTER_S,
     DEFAULT_HEARTBEAT_S,
+    AdminAuth,
     ClaimRefused,
     ClusterRecords,
     beat_now,
@@ -111,6 +112,10 @@ class Server:
         #: handshakes and pre-connections are refused meanwhile
         self.starting = False
         self.started_at = now_ms(clock)
+        #: checks admin tokens (POST /admin/drain); None without a cluster secret
+        self.admin: AdminAuth | None = None
+        #: starts a drain, as SIGTERM does (set by ServerService)
+        self.request_drain: Callable[[], None] | None = None
         #: this server's record in the store and the cluster view (allspark.cluster)
         self.cluster = ClusterRecords(
             store,
@@ -436,6 +441,7 @@ class ServerService(service.MultiService):
         self._ready: Deferred[None] | None = None
         #: the peer links (allspark.mesh.Mesh): started after the store, before listening
         self.mesh: service.Service | None = None
+        server.request_drain = self._drain_requested
         #: called with the exit status when a start fails after the reactor started
         self.exit_status_on_failure: Callable[[int], None] = exit_status_after_twistd
         #: set by ``--log-format=json``: the observer twistd logs to instead of its text one
@@ -579,6 +585,12 @@ class ServerService(service.MultiService):
             self.reactor.stop()
         else:
             self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _drain_requested(self) -> None:
+        """An admin asked for a drain (``POST /admin/drain``): stop as on
+        SIGTERM, once the answer is written; the exit status is 0."""
+        log.info("drain requested by an admin: stopping", server_id=self.server.config.server_id)
+        self.reactor.callLater(0.2, self.reactor.stop)
 
     def _identity_lost(self) -> None:
         """Another process took this server's identity (``--force``): stop

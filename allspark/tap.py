@@ -267,6 +267,7 @@ def makeService(options: Options) -> Any:
     from allspark.inbox import DeliveryConfig
     from allspark.logs import json_observer, set_level, twistd_log_file
     from allspark.mesh import PEER_PATH, Mesh, PeerLimits, combined_peers, record_peers, static_peers
+    from allspark.cluster import AdminAuth, derive_admin_key
     from allspark.server import Server, ServerConfig, ServerService
     from allspark.sessions import session_resources
     from allspark.store import open_store
@@ -328,6 +329,8 @@ def makeService(options: Options) -> Any:
                            max_queue_bytes=options["peer-max-queue-bytes"]),
                 options["peer-tls"])
     server.delivery.remote = mesh
+    if options["cluster-secret"]:
+        server.admin = AdminAuth(derive_admin_key(options["cluster-secret"]), config.server_id, reactor)
     server.mesh = mesh
     site = build_site(server, ClientFactory(server, limits), {**session_resources(server), PEER_PATH.encode(): mesh.resource()})
     service = ServerService(server, site, reactor)

@@ -591,6 +591,28 @@ class AllsparkSite(server.Site):
         )
 
 
+def admin_drain(srv: "Server", request: IRequest) -> dict[str, Any]:
+    """``POST /admin/drain``: drain this server as SIGTERM does (it answers
+    first).  Needs ``Authorization: Allspark-Admin <token>``, a single-use
+    token made with the cluster secret for this server
+    (:func:`allspark.cluster.admin_token`; ``allspark drain URL`` makes one)."""
+    from allspark.cluster import AdminAuthError
+
+    if srv.admin is None or srv.request_drain is None:
+        raise HTTPError(503, "no_cluster_secret", "admin requests need a cluster secret, and this server has none")
+    header = request.getHeader(b"authorization") or b""
+    scheme, _, token = header.decode("latin-1").partition(" ")
+    if scheme != "Allspark-Admin" or not token.strip():
+        raise HTTPError(401, "missing_token", "send Authorization: Allspark-Admin <token>")
+    try:
+        srv.admin.verify(token.strip(), "drain")
+    except AdminAuthError as e:
+        raise HTTPError(401, e.code, e.message) from None
+    if not srv.draining:
+        srv.request_drain()
+    return {"state": "draining", "server_id": srv.config.server_id}
+
+
 def build_site(srv: "Server", ws_factory: "ClientFactory", extra: dict[bytes, resource.Resource] | None = None) -> server.Site:
     """The one site that serves HTTP and the WebSocket on one port."""
     root = Root(srv)
@@ -599,6 +621,9 @@ def build_site(srv: "Server", ws_factory: "ClientFactory", extra: dict[bytes, re
     v1.putChild(b"pre_connection_info", JSONEndpoint(root.pre_connection))
     root.putChild(b"v1", v1)
     root.putChild(srv.config.ws_path.encode(), SocketResource(ws_factory))
+    admin = Directory()
+    admin.putChild(b"drain", JSONEndpoint(lambda request, args: admin_drain(srv, request), (b"POST",)))
+    root.putChild(b"admin", admin)
     for path, child in (extra or {}).items():
         root.putChild(path, child)
     site = AllsparkSite(root, srv.config.request_timeout, TrustedProxies(srv.config.trusted_proxies))

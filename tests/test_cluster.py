@@ -11,7 +11,17 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from allspark.cluster import ClaimRefused, ClusterRecords, new_holder, pre_connection_url
+from allspark.cluster import (
+    AdminAuth,
+    AdminAuthError,
+    ClaimRefused,
+    ClusterRecords,
+    admin_token,
+    derive_admin_key,
+    new_holder,
+    pre_connection_url,
+)
+from allspark.mesh import PeerAuth, derive_peer_key
 from allspark.store import ServerRecord
 from allspark.store.memory import MemoryStore
 
@@ -128,3 +138,41 @@ class ClusterTests(unittest.TestCase):
         assert target is not None
         self.assertEqual(target.server_id, "b")
         self.assertEqual(pre_connection_url(target), "https://127.0.0.1:8443")
+
+
+class AdminAuthTests(unittest.SynchronousTestCase):
+    SECRET = b"cluster-secret-0123456789"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.auth = AdminAuth(derive_admin_key(self.SECRET), "srv-a", self.clock)
+
+    def refused(self, token: object, code: str) -> None:
+        with self.assertRaises(AdminAuthError) as caught:
+            self.auth.verify(token, "drain")
+        self.assertEqual(caught.exception.code, code, caught.exception.message)
+
+    def token(self, server_id: str = "srv-a", op: str = "drain", key: bytes | None = None) -> str:
+        return admin_token(key or derive_admin_key(self.SECRET), op, server_id, self.clock.seconds())
+
+    def test_a_token_drains_once(self) -> None:
+        token = self.token()
+        self.auth.verify(token, "drain")
+        self.refused(token, "replayed_token")
+
+    def test_refusals(self) -> None:
+        self.refused(None, "bad_token")
+        self.refused("x.y.z", "bad_token")
+        self.refused(self.token(key=derive_admin_key(b"another-secret-0123456789")), "bad_token")
+        self.refused(self.token(server_id="srv-b"), "foreign_token")
+        self.refused(self.token(op="reboot"), "foreign_token")
+        old = self.token()
+        self.clock.advance(61)
+        self.refused(old, "expired_token")
+        before = admin_token(derive_admin_key(self.SECRET), "drain", "srv-a", self.auth.started_at - 1)
+        self.refused(before, "expired_token")
+
+    def test_no_peer_token_is_an_admin_token(self) -> None:
+        peer = PeerAuth(derive_peer_key(self.SECRET), "srv-b", self.clock).token("srv-a")
+        self.refused(peer, "bad_token")

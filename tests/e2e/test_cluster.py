@@ -7,25 +7,36 @@ moved client gets what was accepted for it by syncing on its new server.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
+from allspark import cli
 from allspark.client import Client, open_socket
 from tests.e2e.helpers import http_get, pre_connect, raw_handshake, wait_until, ws_path_and_query
-from tests.support import ServerProcess, key
+from tests.support import CLUSTER_SECRET, ServerProcess, key
 
 #: Shorter than the defaults (2 s, 10 s) so the dead-server test is quick;
 #: the rule is the same.
 HEARTBEAT = "0.5"
 DEAD_AFTER = 3.0
+
+
+def drain(url: str, cluster_secret: str) -> int:
+    """``allspark drain URL`` with ``cluster_secret`` in its environment; its exit status."""
+    args = cli.build_parser().parse_args(["drain", url])
+    return cli.SUBCOMMANDS["drain"].run(args, {"ALLSPARK_CLUSTER_SECRET": cluster_secret})
 
 
 class ThreeServers(TestCase):
@@ -161,3 +172,31 @@ class ThreeServers(TestCase):
         while receiver.events.pending:
             reconnect_events.append(receiver.events.pending.pop(0))
         self.assertIn("reconnect", [e.get("op") for e in reconnect_events])
+
+    async def test_an_admin_drain_moves_clients_and_the_drained_server_gets_none(self) -> None:
+        first, second, drained = self.servers
+        await self.all_live_on(first)
+        receiver = await self.client_on(drained, "mover")
+        sender = await self.client_on(first, "talker")
+        for i in range(20):
+            await sender.send(dest_id="mover", payload=i, id=f"a-{i}")
+        # a wrong secret, and no token, are refused; the server stays live
+        self.assertEqual(await deferToThread(drain, drained.base_url, "not-the-cluster-secret-at-all"), 1)
+        request = urllib.request.Request(drained.base_url + "/admin/drain", data=b"", method="POST")
+        with self.assertRaises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=5)
+        with refused.exception as answer:
+            self.assertEqual((answer.code, json.loads(answer.read())["error"]), (401, "missing_token"))
+        self.assertEqual(self.cluster_view(first)[f"127.0.0.1:{drained.port}"], "live")
+        self.assertEqual(await deferToThread(drain, drained.base_url, CLUSTER_SECRET), 0)
+        self.assertEqual(await deferToThread(drained.proc.wait, 15), 0)  # type: ignore[union-attr]
+        await wait_until(lambda: receiver.reconnections == 1, 30, interval=0.1, what="the client moved")
+        await wait_until(lambda: f"127.0.0.1:{drained.port}" not in self.cluster_view(first), 10,
+                         interval=0.1, what="the drained server's record gone from the view")
+        answers = self.pre_connections(first, 30)
+        self.assertEqual({a["node"]["port"] for a in answers} & {drained.port}, set())
+        await receiver.sync()
+        got = []
+        while len(got) < 20:
+            got.append((await receiver.next_message(timeout=20))["payload"])
+        self.assertEqual(sorted(got), list(range(20)))
