@@ -670,8 +670,11 @@ class Mesh(service.MultiService):
     ``deliver_local`` writes a frame that came over a link to this server's
     connections only.  ``locations`` maps a node_id to the server holding it
     (filled by the location records; empty until they exist): what
-    :meth:`holds` and :meth:`forward` use.  ``on_invalidate(what, key)`` is
-    called for each ``invalidate`` frame.
+    :meth:`holds` and :meth:`forward` use.  An ``invalidate`` frame goes to
+    ``invalidation_handlers[what](key)`` (``"session"``: the session cache,
+    :meth:`allspark.server.Server.share_caches`), else to
+    ``on_invalidate(what, key)``; every hook in ``on_link_up`` is called with
+    the peer's id when a link comes up.
     """
 
     def __init__(self, server_id: str, cluster_secret: bytes | None, clock: Any, peers: PeerSource,
@@ -689,6 +692,12 @@ class Mesh(service.MultiService):
         self.links: dict[str, _LinkMixin] = {}
         self.locations: dict[str, str] = {}
         self.on_invalidate: Callable[[str, str], None] = lambda what, key: None
+        #: what -> handler(key) for ``invalidate`` frames (a ``what`` without
+        #: one goes to :attr:`on_invalidate`)
+        self.invalidation_handlers: dict[str, Callable[[str], None]] = {}
+        #: called with the peer's id each time a link comes up (a peer that was
+        #: unreachable may have missed invalidations meanwhile)
+        self.on_link_up: list[Callable[[str], None]] = []
         self._dialers: dict[str, _Dialer] = {}
         self._poll: LoopingCall | None = None
         self._since: dict[str, float] = {}
@@ -767,6 +776,11 @@ class Mesh(service.MultiService):
         if old is not None and old is not link:
             old.close(CLOSE_REPLACED, "replaced by a newer link")
         log.info("peer link up: {peer_id} ({direction})", peer_id=link.peer_id, direction=link.direction)
+        for hook in list(self.on_link_up):
+            try:
+                hook(link.peer_id)
+            except Exception:
+                log.failure("a link-up hook failed for peer {peer_id}", peer_id=link.peer_id)
 
     def link_down(self, link: _LinkMixin) -> None:
         """A link closed."""
@@ -791,7 +805,11 @@ class Mesh(service.MultiService):
             if "id" in frame.fields:
                 link.send(encode_peer_frame("delivered", id=frame.fields["id"], missing=missing))
         elif frame.type == "invalidate":
-            self.on_invalidate(frame.fields["what"], frame.fields["key"])
+            handler = self.invalidation_handlers.get(frame.fields["what"])
+            if handler is not None:
+                handler(frame.fields["key"])
+            else:
+                self.on_invalidate(frame.fields["what"], frame.fields["key"])
         elif frame.type == "hello":
             if frame.fields["server_id"] != link.peer_id:
                 log.warn("peer {peer_id} says it is {claimed}", peer_id=link.peer_id,

@@ -81,6 +81,10 @@ class ServerConfig:
     server_heartbeat: float = DEFAULT_HEARTBEAT_S
     #: seconds without a heartbeat after which a server is dead (--server-dead-after)
     server_dead_after: float = DEFAULT_DEAD_AFTER_S
+    #: seconds a cached session (membership, options) is served before it is
+    #: read from the store again (--session-cache-ttl): the bound on stale
+    #: membership when a peer's invalidation was missed
+    session_cache_ttl: float = 5.0
 
 
 class Server:
@@ -136,9 +140,28 @@ class Server:
         from allspark.sessions import Sessions
 
         self.sessions = Sessions(self.store, self.delivery, self.router, self.clock,
-                                 self.config.delivery, self.config.limits.max_message_size)
+                                 self.config.delivery, self.config.limits.max_message_size,
+                                 cache_ttl=self.config.session_cache_ttl)
         self.router.sessions = self.sessions
         return self.sessions
+
+    def share_caches(self, mesh: Any) -> None:
+        """Keep the caches of this server and its peers consistent over
+        ``mesh`` (an :class:`allspark.mesh.Mesh`): a session change made here
+        is sent to every peer as ``invalidate`` (``what: "session"``, ``key``:
+        the session id), one received drops the cached session, and a link
+        coming up drops every cached session (what changed while it was down
+        was not reported).  The router's caches need nothing: known node ids
+        only grow (nodes are never forgotten) and a client's nodes are read
+        from the store for each message."""
+        from functools import partial
+
+        sessions = self.sessions
+        if sessions is None:
+            return
+        sessions.announce = partial(mesh.invalidate, "session")
+        mesh.invalidation_handlers["session"] = partial(sessions.membership_changed, from_peer=True)
+        mesh.on_link_up.append(sessions.drop_all)
 
     # -- connections ------------------------------------------------------
     def on_connected(self, conn: "ClientProtocol") -> None:

@@ -65,8 +65,14 @@ Membership cache
 ----------------
 Each session's record and members are cached in memory (LRU,
 ``cache_size`` sessions) on first use.  Every change goes through ONE method,
-:meth:`Sessions.membership_changed`; the multinode layer calls the same method
-when a peer reports a change.
+:meth:`Sessions.membership_changed`, which also tells the other servers
+(:attr:`Sessions.announce`: the mesh's ``invalidate`` frame, ``what:
+"session"``); a peer's report comes back into the same method with
+``from_peer=True`` and drops the cached session.  A server that misses a
+report (its link was down) serves a session it cached at most ``cache_ttl``
+seconds (default :data:`DEFAULT_CACHE_TTL`) after it read it from the store,
+and drops its whole cache whenever a link comes up (:meth:`Sessions.drop_all`).
+Cursor moves (``ack``) update the local entry only: they are not announced.
 
 Fan-out
 -------
@@ -114,6 +120,10 @@ if TYPE_CHECKING:
     from allspark.server import Server
 
 log = logger(__name__)
+
+#: Seconds a cached session is served before it is read from the store again
+#: (the bound on stale membership when an invalidation from a peer is missed).
+DEFAULT_CACHE_TTL = 5.0
 
 #: Bytes a paged answer keeps free under the frame limit for its ``id``,
 #: ``more`` and ``next`` (an id is at most 128 characters).
@@ -166,6 +176,8 @@ class _Entry:
     record: SessionRecord
     members: dict[str, MemberRecord]
     by_alias: dict[str, str]
+    #: clock time it was read from the store (served until loaded_at + cache_ttl)
+    loaded_at: float = 0.0
 
 
 def public_id(member: MemberRecord) -> str:
@@ -229,11 +241,14 @@ class Sessions:
         config: DeliveryConfig = DeliveryConfig(),
         max_message_size: int = 64 * 1024,
         cache_size: int = 10_000,
+        cache_ttl: float = DEFAULT_CACHE_TTL,
     ) -> None:
         """``delivery``: where events and broadcasts are written; ``router``:
         sends a message to one member (a direct copy); ``config``: the
         de-duplication window and stream quotas; ``max_message_size``: the
-        largest frame a member may be sent (broadcasts and info pages fit)."""
+        largest frame a member may be sent (broadcasts and info pages fit);
+        ``cache_ttl``: seconds a cached session is served before it is read
+        again."""
         self.store = store
         self.delivery = delivery
         self.router = router
@@ -241,6 +256,10 @@ class Sessions:
         self.config = config
         self.max_message_size = max_message_size
         self.cache_size = cache_size
+        self.cache_ttl = cache_ttl
+        #: tells the other servers that a session changed (its id); set when
+        #: the mesh is wired in (:meth:`allspark.server.Server.share_caches`)
+        self.announce: Callable[[str], None] | None = None
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         self._generation = 0
         self._ops: dict[str, Callable[[Sender, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
@@ -255,7 +274,8 @@ class Sessions:
 
     # -- the membership cache --------------------------------------------
     def membership_changed(
-        self, session_id: str, node_id: str | None = None, member: MemberRecord | None = None
+        self, session_id: str, node_id: str | None = None, member: MemberRecord | None = None,
+        *, from_peer: bool = False, announce: bool = True,
     ) -> None:
         """THE one place where cached membership changes.
 
@@ -266,9 +286,20 @@ class Sessions:
           peer without details): the cached session is dropped and is read
           from the store again on next use.
 
+        A change made here is announced to the other servers (:attr:`announce`)
+        unless ``announce`` is false (a cursor move); one a peer reported
+        (``from_peer``) drops the cached session and is never announced again.
         Loads of the session that were in flight when this ran are not cached.
         """
         self._generation += 1
+        if from_peer:
+            self._cache.pop(session_id, None)
+            return
+        if announce and self.announce is not None:
+            try:
+                self.announce(session_id)
+            except Exception:
+                log.failure("could not announce a change of session {session_id}", session_id=session_id)
         entry = self._cache.get(session_id)
         if entry is None:
             return
@@ -282,19 +313,28 @@ class Sessions:
             entry.members[node_id] = member
             entry.by_alias[member.alias] = node_id
 
+    def drop_all(self, *_: object) -> None:
+        """Forget every cached session (a peer link came up: changes made
+        while it was down were not reported); each is read again on next use."""
+        self._generation += 1
+        self._cache.clear()
+
     async def _entry(self, session_id: str) -> _Entry | None:
         """The cached session, loaded from the store when needed; None when
         there is no such session."""
         entry = self._cache.get(session_id)
+        now = self.clock.seconds()
         if entry is not None:
-            self._cache.move_to_end(session_id)
-            return entry
+            if now - entry.loaded_at < self.cache_ttl:
+                self._cache.move_to_end(session_id)
+                return entry
+            del self._cache[session_id]  # too old: a change elsewhere may have been missed
         generation = self._generation
         record = await self.store.get_session(session_id)
         if record is None:
             return None
         members = await self.store.get_members(session_id)
-        entry = _Entry(record, {m.node_id: m for m in members}, {m.alias: m.node_id for m in members})
+        entry = _Entry(record, {m.node_id: m for m in members}, {m.alias: m.node_id for m in members}, now)
         if generation == self._generation:
             self._cache[session_id] = entry
             while len(self._cache) > self.cache_size:
@@ -715,7 +755,7 @@ class Sessions:
         entry = self._cache.get(session_id)
         member = entry.members.get(sender.node_id) if entry is not None else None
         if member is not None and member.acked_seq != acked:
-            self.membership_changed(session_id, sender.node_id, replace(member, acked_seq=acked))
+            self.membership_changed(session_id, sender.node_id, replace(member, acked_seq=acked), announce=False)
         return {"op": "acked", "session_id": session_id, "upto": acked}
 
 

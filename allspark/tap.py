@@ -112,6 +112,9 @@ class Options(usage.Options):
         ["peer-tls-key", None, None, "PEM private key of --peer-tls-cert"],
         ["peer-heartbeat", None, 5.0, "seconds between pings on a peer link (unanswered for twice that: "
                                       "the link is dropped and dialled again)", _positive_float],
+        ["session-cache-ttl", None, 5.0, "seconds a server serves a session's membership from its cache "
+                                         "before reading it again (the bound on stale membership when a "
+                                         "peer's invalidation is missed)", _positive_float],
         ["peer-max-queue-bytes", None, 64 * 1024 * 1024, "send queue bound per peer link in bytes; an "
                                                          "overflow closes the link", _positive_int],
         ["server-heartbeat", None, 2.0, "seconds between heartbeats of this server's record in the store "
@@ -302,6 +305,7 @@ def makeService(options: Options) -> Any:
         request_timeout=options["request-timeout"],
         server_heartbeat=options["server-heartbeat"],
         server_dead_after=options["server-dead-after"],
+        session_cache_ttl=options["session-cache-ttl"],
         trusted_proxies=tuple(options["trusted-proxy"]),
         limits=limits,
         delivery=DeliveryConfig(
@@ -332,6 +336,7 @@ def makeService(options: Options) -> Any:
     if options["cluster-secret"]:
         server.admin = AdminAuth(derive_admin_key(options["cluster-secret"]), config.server_id, reactor)
     server.mesh = mesh
+    server.share_caches(mesh)
     site = build_site(server, ClientFactory(server, limits), {**session_resources(server), PEER_PATH.encode(): mesh.resource()})
     service = ServerService(server, site, reactor)
     service.mesh = mesh

@@ -218,6 +218,30 @@ class MeshTests(TestCase):
         self.mesh.invalidate("session", "s2")
         self.assertEqual(decode_peer_frame(link.sent[-1]).fields, {"what": "session", "key": "s2"})
 
+    def test_invalidate_goes_to_the_handler_for_its_kind(self) -> None:
+        handled: list[str] = []
+        others: list[tuple[str, str]] = []
+        self.mesh.invalidation_handlers["session"] = handled.append
+        self.mesh.on_invalidate = lambda what, key: others.append((what, key))
+        link = FakeLink("a")
+        self.mesh.link_up(link)  # type: ignore[arg-type]
+        for what in ("session", "other"):
+            frame = decode_peer_frame(encode_peer_frame("invalidate", what=what, key="k"))
+            self.mesh.handle(link, frame)  # type: ignore[arg-type]
+        self.assertEqual((handled, others), (["k"], [("other", "k")]))
+
+    def test_each_link_coming_up_calls_the_hooks_with_the_peer(self) -> None:
+        seen: list[str] = []
+
+        def broken(peer_id: str) -> None:
+            raise RuntimeError("a hook that fails")
+
+        self.mesh.on_link_up.extend([broken, seen.append])
+        self.mesh.link_up(FakeLink("a"))  # type: ignore[arg-type]
+        self.mesh.link_up(FakeLink("a"))  # type: ignore[arg-type]  # a relink is a link coming up too
+        self.assertEqual(seen, ["a", "a"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_only_the_lower_id_dials(self) -> None:
         self.mesh._match([("a", "ws://127.0.0.1:1/peer"), ("c", "ws://127.0.0.1:2/peer"), ("b", "ws://x/peer")])
         self.assertEqual(sorted(self.mesh._dialers), ["c"])

@@ -148,3 +148,88 @@ class DataModeTests(unittest.SynchronousTestCase):
             os.umask(previous)
         self.assertEqual(stat.S_IMODE(os.stat(claim.path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(claim.path)).st_mode), 0o700)
+
+
+class _PipeLink:
+    """An open peer link in memory: a frame sent on it is handled at once by
+    the other mesh, as if it came over the socket (``up`` false: a cut link
+    that loses what is sent)."""
+
+    direction = "out"
+
+    def __init__(self, to_mesh: Any, peer_id: str, from_id: str) -> None:
+        self.to_mesh = to_mesh
+        self.peer_id = peer_id
+        self.from_id = from_id
+        self.up = True
+
+    def send(self, frame: bytes) -> None:
+        from allspark.mesh import decode_peer_frame
+
+        if self.up:
+            self.to_mesh.handle(SimpleNamespace(peer_id=self.from_id, send=lambda f: None),
+                                decode_peer_frame(frame))
+
+    def close(self, code: int, reason: str) -> None:
+        self.up = False
+
+
+class ShareCachesTests(unittest.TestCase):
+    """Two servers on one store with their meshes joined in memory: a
+    membership change on one is seen by the other at once (the e2e form is
+    tests/e2e/test_mesh.py, SessionCacheAcrossServers)."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from allspark.auth import AuthKeyVerifier, ValidationTokens
+        from allspark.mesh import Mesh
+        from allspark.server import Server, ServerConfig
+        from allspark.store.memory import MemoryStore
+
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        store = MemoryStore()
+        self.servers: dict[str, Any] = {}
+        for sid in ("a", "b"):
+            config = ServerConfig(server_id=sid, host="127.0.0.1", port=1, listen=())
+            server = Server(config, store, AuthKeyVerifier([b"secret"]),
+                            ValidationTokens(b"k" * 32, sid, self.clock), self.clock)
+            server.new_sessions()
+            mesh = Mesh(sid, b"cluster-secret", self.clock, lambda: succeed([]), server.delivery.deliver_local)
+            server.mesh = mesh
+            server.share_caches(mesh)
+            self.servers[sid] = server
+        self.a_to_b = _PipeLink(self.servers["b"].mesh, "b", "a")
+        self.servers["a"].mesh.link_up(self.a_to_b)
+        self.servers["b"].mesh.link_up(_PipeLink(self.servers["a"].mesh, "a", "b"))
+
+    def op(self, server: str, caller: str, op: str, **args: Any) -> Any:
+        from twisted.internet.defer import ensureDeferred
+
+        from allspark.envelope import Control
+        from allspark.router import Sender
+
+        sessions = self.servers[server].sessions
+        return ensureDeferred(sessions.control(Sender(caller, None), Control(op, None, args)))
+
+    def members_seen_by(self, server: str) -> set[str]:
+        info = self.successResultOf(self.op(server, "owner", "get_session_info", session_id="s1"))
+        return {m["name"] for m in info["members"]}
+
+    def test_a_member_removed_on_one_server_is_gone_on_the_other_at_once(self) -> None:
+        self.successResultOf(self.op("a", "owner", "create_session", session_id="s1"))
+        self.successResultOf(self.op("a", "owner", "join_session", session_id="s1", node_id="m"))
+        self.assertEqual(self.members_seen_by("b"), {"owner", "m"})  # now cached on b
+        self.successResultOf(self.op("a", "owner", "unjoin_session", session_id="s1", node_id="m"))
+        self.assertEqual(self.members_seen_by("b"), {"owner"})
+
+    def test_a_change_missed_while_the_link_was_down_is_dropped_when_it_comes_up(self) -> None:
+        self.successResultOf(self.op("a", "owner", "create_session", session_id="s1"))
+        self.successResultOf(self.op("a", "owner", "join_session", session_id="s1", node_id="m"))
+        self.assertEqual(self.members_seen_by("b"), {"owner", "m"})
+        self.a_to_b.up = False  # the link is cut: the invalidation is lost
+        self.successResultOf(self.op("a", "owner", "unjoin_session", session_id="s1", node_id="m"))
+        self.assertEqual(self.members_seen_by("b"), {"owner", "m"})  # stale, within the ttl
+        self.servers["b"].mesh.link_up(_PipeLink(self.servers["a"].mesh, "a", "b"))  # relinked
+        self.assertEqual(self.members_seen_by("b"), {"owner"})

@@ -381,6 +381,65 @@ class Cache(SessionsTestCase):
         self.assertNotIn("s1", self.sessions._cache)
 
 
+class CacheAcrossServers(SessionsTestCase):
+    """The cache's side of invalidation over the mesh (the wiring itself is
+    tests/test_server.py, ShareCaches)."""
+
+    def count_loads(self) -> list[str]:
+        calls: list[str] = []
+        original = self.store.get_members
+        self.store.get_members = lambda sid: (calls.append(sid), original(sid))[1]  # type: ignore
+        return calls
+
+    def test_every_change_made_here_is_announced_but_not_a_cursor_move(self) -> None:
+        announced: list[str] = []
+        self.sessions.announce = announced.append
+        self.online("alice")
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True, session_type="game",
+                anonymous=True)
+        self.op("bob", "join_session", session_id="s1")
+        self.op("bob", "reveal_anonymity", session_id="s1")
+        self.op("alice", "set_master", session_id="s1", node_id="bob")
+        self.op("alice", "set_master", session_id="s1", node_id="alice")
+        self.op("bob", "unjoin_session", session_id="s1")
+        self.assertEqual(announced, ["s1"] * 6)
+        self.send("alice", dest_session_id="s1", payload=1)
+        self.done(self.sessions.ack(Sender("alice", None), "s1", 1))
+        self.assertEqual(announced, ["s1"] * 6)
+
+    def test_a_peers_report_drops_the_session_and_is_not_announced_again(self) -> None:
+        announced: list[str] = []
+        self.op("alice", "create_session", session_id="s1")
+        self.sessions.announce = announced.append
+        calls = self.count_loads()
+        self.sessions.membership_changed("s1", from_peer=True)
+        self.op("alice", "get_session_info", session_id="s1")
+        self.assertEqual((calls, announced), (["s1"], []))
+
+    def test_a_cached_session_is_read_again_after_the_ttl(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        calls = self.count_loads()
+        self.op("alice", "get_session_info", session_id="s1")
+        self.clock.advance(self.sessions.cache_ttl - 0.1)
+        self.op("alice", "get_session_info", session_id="s1")
+        self.assertEqual(calls, [])
+        # another server removed nothing here: the store changes behind the cache
+        self.done(self.store.add_member("s1", "bob", None, False, "anon-b", 0))
+        self.assertEqual(self.op("alice", "get_session_info", session_id="s1")["member_count"], 1)
+        self.clock.advance(0.1)
+        self.assertEqual(self.op("alice", "get_session_info", session_id="s1")["member_count"], 2)
+        self.assertEqual(calls, ["s1"])
+
+    def test_drop_all_forgets_every_session(self) -> None:
+        for sid in ("s1", "s2"):
+            self.op("alice", "create_session", session_id=sid)
+        calls = self.count_loads()
+        self.sessions.drop_all("peer-a")
+        for sid in ("s1", "s2"):
+            self.op("alice", "get_session_info", session_id=sid)
+        self.assertEqual(calls, ["s1", "s2"])
+
+
 class FanOut(SessionsTestCase):
     def test_large_broadcast_goes_out_in_slices(self) -> None:
         self.patch(delivery_module, "FANOUT_SLICE", 10)
