@@ -29,7 +29,13 @@ an opaque payload.  Types: ``hello`` (``server_id``), ``deliver`` (``to``: a
 list of node_ids; the payload is a client frame, written as it is),
 ``delivered`` (the answer to a ``deliver`` with an ``id``: ``missing``, the
 node_ids not connected here), ``invalidate`` (``what``, ``key``: a cache entry
-to drop), ``error`` (``code``, ``message``).  An unknown version or type, or a
+to drop), ``error`` (``code``, ``message``), ``location`` (``node_id``,
+``epoch``, ``online``: a connection of the sender opened or closed; with an
+``id`` it is answered ``location_ack`` with that ``id``; see
+:mod:`allspark.locations`).  A ``deliver`` with ``"report": "missing"`` is
+answered ``delivered`` only when some node_ids are missing, and the sender
+then drops those nodes' locations on the answering server (a stale cache is
+corrected, never looped).  An unknown version or type, or a
 malformed frame, is answered with an ``error`` frame and the link stays open.
 
 **No loops.**  A frame that came over a peer link is written to this server's
@@ -67,13 +73,14 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.types import ConnectingRequest, ConnectionDeny, ConnectionRequest, ConnectionResponse
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from allspark.ids import is_valid_id
+from allspark.locations import Locations
 from allspark.logs import logger
 
 log = logger(__name__)
@@ -91,7 +98,7 @@ PEER_CLOCK_SKEW = 5.0
 #: The peer frame version this server speaks.
 PEER_FRAME_VERSION = 1
 #: Peer frame types and the fields each must have.
-PEER_TYPES = ("hello", "deliver", "delivered", "invalidate", "error")
+PEER_TYPES = ("hello", "deliver", "delivered", "invalidate", "error", "location", "location_ack")
 #: Most node_ids one ``deliver`` frame may name (longer lists are split).
 MAX_DELIVER_IDS = 1000
 #: Longest token accepted, in characters.
@@ -299,6 +306,15 @@ def decode_peer_frame(data: bytes) -> PeerFrame:
         missing = fields.get("missing", [])
         if not isinstance(missing, list) or not all(isinstance(n, str) for n in missing):
             raise PeerFrameError("bad_frame", "delivered.missing must be a list of node_ids", frame_id)
+    elif frame_type == "location":
+        epoch = fields.get("epoch")
+        if (not is_valid_id(fields.get("node_id")) or isinstance(epoch, bool) or not isinstance(epoch, int)
+                or not isinstance(fields.get("online"), bool)):
+            raise PeerFrameError("bad_frame", "location needs node_id, epoch (integer) and online (boolean)",
+                                 frame_id)
+    elif frame_type == "location_ack":
+        if frame_id is None:
+            raise PeerFrameError("bad_frame", "location_ack needs id")
     elif frame_type == "error":
         if not isinstance(fields.get("code"), str):
             raise PeerFrameError("bad_frame", "error needs code", frame_id)
@@ -690,7 +706,12 @@ class Mesh(service.MultiService):
         self.tls = tls or PeerTLS()
         self.poll_interval = poll_interval
         self.links: dict[str, _LinkMixin] = {}
-        self.locations: dict[str, str] = {}
+        #: where online nodes are (allspark.locations: filled by the LocationTracker)
+        self.locations = Locations()
+        #: called with (peer_id, node_id, epoch, online) for each ``location`` frame
+        self.on_location: Callable[[str, str, int, bool], None] = lambda peer, node, epoch, online: None
+        #: announcement id -> (fires when every peer acknowledged, peers still to answer)
+        self._announcements: dict[int, tuple[Deferred[None], set[str]]] = {}
         self.on_invalidate: Callable[[str, str], None] = lambda what, key: None
         #: what -> handler(key) for ``invalidate`` frames (a ``what`` without
         #: one goes to :attr:`on_invalidate`)
@@ -787,6 +808,10 @@ class Mesh(service.MultiService):
         if self.links.get(link.peer_id) is link:
             del self.links[link.peer_id]
             self._since.pop(link.peer_id, None)
+            # announcements waiting for this peer's acknowledgement stop waiting:
+            # it reloads this server's locations from the store when it relinks
+            for frame_id in list(self._announcements):
+                self._acknowledged(frame_id, link.peer_id)
             log.info("peer link down: {peer_id} ({direction})", peer_id=link.peer_id, direction=link.direction)
 
     def status(self) -> dict[str, Any]:
@@ -802,8 +827,20 @@ class Mesh(service.MultiService):
         if frame.type == "deliver":
             to: list[str] = frame.fields["to"]
             missing = [n for n in to if self.deliver_local((n,), frame.payload) == 0]
-            if "id" in frame.fields:
+            if "id" in frame.fields and (missing or frame.fields.get("report") != "missing"):
                 link.send(encode_peer_frame("delivered", id=frame.fields["id"], missing=missing))
+        elif frame.type == "delivered":
+            # our location cache named this peer for nodes it does not hold: drop them
+            # (the copies are in the store; nothing is sent again, so nothing loops)
+            for node_id in frame.fields.get("missing", []):
+                self.locations.drop_node_at(node_id, link.peer_id)
+        elif frame.type == "location":
+            f = frame.fields
+            self.on_location(link.peer_id, f["node_id"], f["epoch"], f["online"])
+            if "id" in f:
+                link.send(encode_peer_frame("location_ack", id=f["id"]))
+        elif frame.type == "location_ack":
+            self._acknowledged(frame.fields["id"], link.peer_id)
         elif frame.type == "invalidate":
             handler = self.invalidation_handlers.get(frame.fields["what"])
             if handler is not None:
@@ -821,18 +858,19 @@ class Mesh(service.MultiService):
     # -- frames out (allspark.delivery.RemoteRoute) --------------------------
     def holds(self, node_id: str) -> bool:
         """Whether ``node_id`` is connected to another server we have a link to."""
-        server_id = self.locations.get(node_id)
-        return server_id is not None and server_id in self.links
+        links = self.links
+        return any(server_id in links for server_id in self.locations.servers_of(node_id))
 
     def forward(self, node_ids: Sequence[str], frame: bytes) -> None:
         """Send ``frame`` to the servers holding ``node_ids`` (from
         :attr:`locations`): one ``deliver`` per server and list of at most
         :data:`MAX_DELIVER_IDS` ids.  Never raises."""
         by_server: dict[str, list[str]] = {}
+        servers_of = self.locations.servers_of
         for node_id in node_ids:
-            server_id = self.locations.get(node_id)
-            if server_id is not None and server_id != self.server_id:
-                by_server.setdefault(server_id, []).append(node_id)
+            for server_id in servers_of(node_id):
+                if server_id != self.server_id:
+                    by_server.setdefault(server_id, []).append(node_id)
         for server_id, ids in by_server.items():
             self.send_to(server_id, ids, frame)
 
@@ -843,8 +881,51 @@ class Mesh(service.MultiService):
         if link is None or not node_ids:
             return False
         for start in range(0, len(node_ids), MAX_DELIVER_IDS):
-            link.send(encode_peer_frame("deliver", frame, to=list(node_ids[start:start + MAX_DELIVER_IDS])))
+            self._frame_ids += 1
+            link.send(encode_peer_frame("deliver", frame, to=list(node_ids[start:start + MAX_DELIVER_IDS]),
+                                        id=self._frame_ids, report="missing"))
         return True
+
+    def announce_location(self, node_id: str, epoch: int, online: bool,
+                          timeout: float | None = None) -> Deferred[None]:
+        """Tell every linked peer that a connection of ``node_id`` (``epoch``)
+        opened (``online``) or closed.  With a ``timeout``, each peer is asked
+        to acknowledge and the Deferred fires once all peers linked now have
+        (a peer whose link drops counts as answered), or after ``timeout``
+        seconds; without one it fires at once."""
+        links = list(self.links.values())
+        if timeout is None or not links:
+            frame = encode_peer_frame("location", node_id=node_id, epoch=epoch, online=online)
+            for link in links:
+                link.send(frame)
+            return succeed(None)
+        self._frame_ids += 1
+        frame_id = self._frame_ids
+        done: Deferred[None] = Deferred()
+        self._announcements[frame_id] = (done, {link.peer_id for link in links})
+        frame = encode_peer_frame("location", node_id=node_id, epoch=epoch, online=online, id=frame_id)
+        for link in links:
+            link.send(frame)
+        call = self.clock.callLater(timeout, self._announcement_timed_out, frame_id)
+        done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return done
+
+    def _acknowledged(self, frame_id: object, peer_id: str) -> None:
+        entry = self._announcements.get(frame_id)  # type: ignore[call-overload]
+        if entry is None:
+            return
+        done, waiting = entry
+        waiting.discard(peer_id)
+        if not waiting:
+            del self._announcements[frame_id]  # type: ignore[arg-type]
+            done.callback(None)
+
+    def _announcement_timed_out(self, frame_id: int) -> None:
+        entry = self._announcements.pop(frame_id, None)
+        if entry is not None:
+            log.warn("peers {peers} did not acknowledge a location within the timeout",
+                     peers=sorted(entry[1]))
+            entry[0].callback(None)
 
     def invalidate(self, what: str, key: str) -> None:
         """Tell every linked peer to drop its cache entry ``what``/``key``."""

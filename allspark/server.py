@@ -111,6 +111,8 @@ class Server:
         self.sessions: Any = None  # allspark.sessions.Sessions, set by new_sessions()
         #: the peer links (allspark.mesh.Mesh), set by the composition root
         self.mesh: Any = None
+        #: this server's locations (allspark.locations.LocationTracker), set with the mesh
+        self.locations: Any = None
         self.draining = False
         #: true from the service's start until this server's record is claimed:
         #: handshakes and pre-connections are refused meanwhile
@@ -168,9 +170,13 @@ class Server:
         """A client finished its handshake: remember its node."""
         d = self.store.remember_node(conn.node_id, conn.client_id, now_ms(self.clock))
         d.addErrback(lambda f: log.failure("could not remember node {node_id}", f, node_id=conn.node_id))
+        if self.locations is not None:
+            self.locations.connected(conn)  # its sync waits for this (see _sync)
 
     def on_disconnected(self, conn: "ClientProtocol") -> None:
-        """A client connection closed."""
+        """A client connection closed: its location goes."""
+        if self.locations is not None:
+            self.locations.disconnected(conn)
 
     # -- control frames ---------------------------------------------------
     async def control(self, conn: "ClientProtocol", frame: Control) -> dict[str, Any] | None:
@@ -206,6 +212,11 @@ class Server:
                              "this connection's previous sync is still being answered: wait for its answer")
         self._syncing.add(conn)
         try:
+            if self.locations is not None:
+                # the moving-client order: the sync reads the store only once this
+                # connection's location is written and known to every linked peer,
+                # so a message committed after the read is forwarded here live
+                await self.locations.ready(conn)
             args = frame.args
             limits = self.config.limits
             limit = args.get("limit", DEFAULT_SYNC_LIMIT)
@@ -570,6 +581,9 @@ class ServerService(service.MultiService):
             raise StartFailed(f"cannot write this server's record to the store: {_one_line(e)}") from e
         cluster.on_lost = self._identity_lost
         cluster.start_heartbeat()
+        if self.server.locations is not None:
+            # locations a previous process of this id left (a crash) go before any client is taken
+            await self.server.locations.start()
         self.server.starting = False
         self._retention = self.server.inbox.retention_loop()
         self._retention.start(config.delivery.purge_interval_s, now=True)
@@ -665,6 +679,8 @@ class ServerService(service.MultiService):
         for child in reversed(list(self)):
             if child.running:
                 await defer.maybeDeferred(child.stopService)
+        if server.locations is not None:
+            server.locations.stop()
         if self.mesh is not None and self.mesh.running:
             await self.mesh.stopService()
         try:

@@ -334,6 +334,10 @@ def makeService(options: Options) -> Any:
                 options["peer-tls"])
     server.delivery.remote = mesh
     if options["cluster-secret"]:
+        from allspark.locations import LocationTracker
+
+        server.locations = LocationTracker(config.server_id, store, mesh, reactor, server.cluster)
+    if options["cluster-secret"]:
         server.admin = AdminAuth(derive_admin_key(options["cluster-secret"]), config.server_id, reactor)
     server.mesh = mesh
     server.share_caches(mesh)

@@ -362,7 +362,55 @@ class DeliveryThroughTheMeshTests(TestCase):
         self.meshes["b"].locations["gone"] = "a"  # b believes it is on a: a loop, if b forwarded
         self.deliveries["a"].deliver("gone", b"{}")
         self.assertEqual([decode_peer_frame(f).type for f in self.wires["a"].carried], ["deliver"])
-        self.assertEqual(self.wires["b"].carried, [])  # b wrote nothing back to a
+        # b sends no copy back to a: only the answer that it does not hold the node
+        answers = [decode_peer_frame(f) for f in self.wires["b"].carried]
+        self.assertEqual([(f.type, f.fields["missing"]) for f in answers], [("delivered", ["gone"])])
+        self.assertNotIn("gone", self.meshes["a"].locations)  # a's stale entry is corrected
+
+    def test_a_delivered_node_is_not_answered(self) -> None:
+        """A forward that reached its node costs no frame back."""
+        self.meshes["a"].locations["n-b"] = "b"
+        self.deliveries["a"].deliver("n-b", b"{}")
+        self.assertEqual(self.wires["b"].carried, [])
+        self.assertIn("n-b", self.meshes["a"].locations)
+
+    def test_a_node_on_two_servers_gets_a_copy_on_each(self) -> None:
+        from tests.fakes import FakeConnection
+
+        self.meshes["a"].locations.add("twice", "b", 1)
+        self.meshes["a"].locations.add("twice", "c", 1)
+        on_b = FakeConnection("twice")
+        self.registries["b"].add(on_b)
+        self.deliveries["a"].deliver("twice", b"{}")  # c has no link: only b gets it
+        self.assertEqual(on_b.raw, [b"{}"])
+
+    def test_location_announcements_are_applied_and_acknowledged(self) -> None:
+        """A connection announced by b reaches a's cache; b's Deferred fires
+        when a acknowledged; a close is applied without an answer."""
+        seen: list[tuple[str, str, int, bool]] = []
+
+        def on_location(peer: str, node: str, epoch: int, online: bool) -> None:
+            seen.append((peer, node, epoch, online))
+            self.meshes["a"].locations.add(node, peer, epoch) if online else \
+                self.meshes["a"].locations.remove(node, peer, epoch)
+
+        self.meshes["a"].on_location = on_location
+        done = self.meshes["b"].announce_location("n-b", 7, True, timeout=5.0)
+        self.assertEqual(self.successResultOf(done), None)
+        self.assertEqual(list(self.meshes["a"].locations.servers_of("n-b")), ["b"])
+        self.assertEqual(self.successResultOf(self.meshes["b"].announce_location("n-b", 7, False)), None)
+        self.assertEqual(seen, [("b", "n-b", 7, True), ("b", "n-b", 7, False)])
+        self.assertNotIn("n-b", self.meshes["a"].locations)
+        self.assertEqual([decode_peer_frame(f).type for f in self.wires["a"].carried], ["location_ack"])
+
+    def test_an_unanswered_announcement_gives_up_after_its_timeout(self) -> None:
+        silent = WireLink("z", self)
+        silent.send = silent.carried.append  # type: ignore[method-assign]  # z never answers
+        self.meshes["b"].links["z"] = silent  # type: ignore[assignment]
+        done = self.meshes["b"].announce_location("n-b", 1, True, timeout=2.0)
+        self.assertNoResult(done)
+        self.clock.advance(2.0)
+        self.assertIsNone(self.successResultOf(done))
 
     def test_many_recipients_cross_once_per_server(self) -> None:
         from tests.fakes import FakeConnection
