@@ -270,6 +270,8 @@ class LocationTracker:
         if cluster is None:
             return None
         servers = dict(cluster.servers)
+        if self.server_id not in servers:
+            return None  # the cluster view is not read yet (or this record was lost): judge nothing
         alive = {sid for sid, r in servers.items() if cluster.alive(r)}
         alive.add(self.server_id)
         for server_id in self.mesh.locations.server_ids() - alive:

@@ -88,7 +88,13 @@ class TrackerTests(TestCase):
         pending.callback(self.successResultOf(real))
         self.assertEqual(sorted(self.mesh.locations), ["new", "stored"])
 
+    def test_the_sweep_judges_nothing_before_the_cluster_view_is_read(self) -> None:
+        self.mesh.locations.add("on-b", "b", 1)
+        self.assertIsNone(self.tracker.sweep())
+        self.assertEqual(list(self.mesh.locations), ["on-b"])
+
     def test_the_sweep_drops_dead_servers_from_the_cache_and_the_store(self) -> None:
+        self.cluster.servers["a"] = record("a")
         for server_id in ("b", "c"):
             self.cluster.servers[server_id] = record(server_id)
             self.store.put_location(LocationRecord(f"on-{server_id}", server_id, 1))
