@@ -160,7 +160,7 @@ class ThreeServers(TestCase):
         assert receiver.hello is not None
         self.assertIn(receiver.hello["server_id"], (f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"))
         # what was stored after its reconnect's sync reaches it live only once
-        # the mesh knows where it is (locations: not built yet), else on sync
+        # the mesh knows where it is (its location), else on sync
         await receiver.sync()
         got: list[int] = []
         while len(got) < total:
