@@ -161,7 +161,7 @@ class LocationTracker:
         self._swept: set[tuple[str, int]] = set()
         self._sweep: LoopingCall | None = None
         mesh.on_location = self.peer_location
-        mesh.on_link_up.append(self.reload)
+        mesh.on_link_up.append(self._reload_on_link_up)
 
     # -- life cycle ------------------------------------------------------------
     def start(self) -> Deferred[int]:
@@ -199,14 +199,18 @@ class LocationTracker:
             if self.announce_delay:
                 from twisted.internet.task import deferLater
 
-                return deferLater(self.clock, self.announce_delay, self._announce_online, conn, record)
+                held: Deferred[None] = deferLater(self.clock, self.announce_delay, lambda: None)
+                return held.addCallback(lambda _: self._announce_online(conn, record))
             return self._announce_online(conn, record)
 
         def failed(failure: Any) -> None:
             log.failure("could not write the location of {node_id}", failure, node_id=record.node_id)
 
-        d = self.store.put_location(record).addCallback(announce).addErrback(failed)
-        d.addBoth(lambda _: ready.called or ready.callback(None))
+        def settle(_: object) -> None:
+            if not ready.called:
+                ready.callback(None)
+
+        self.store.put_location(record).addCallback(announce).addErrback(failed).addBoth(settle)
         return ready
 
     def _announce_online(self, conn: Any, record: LocationRecord) -> Deferred[None]:
@@ -243,6 +247,9 @@ class LocationTracker:
             self.mesh.locations.add(node_id, peer_id, epoch)
         else:
             self.mesh.locations.remove(node_id, peer_id, epoch)
+
+    def _reload_on_link_up(self, peer_id: str) -> None:
+        self.reload(peer_id)
 
     def reload(self, peer_id: str) -> Deferred[None]:
         """A link to ``peer_id`` came up: read its locations from the store
@@ -282,6 +289,9 @@ class LocationTracker:
             key = (server_id, record.heartbeat_ms)
             if server_id not in alive and key not in self._swept:
                 self._swept.add(key)
-                drops.append(self.store.drop_locations(server_id).addErrback(
-                    lambda f, s=server_id: log.failure("could not drop the locations of {dead}", f, dead=s)))
+                drops.append(self.store.drop_locations(server_id).addErrback(self._drop_failed, server_id))
         return DeferredList(drops) if drops else None
+
+    @staticmethod
+    def _drop_failed(failure: Any, server_id: str) -> None:
+        log.failure("could not drop the locations of {dead}", failure, dead=server_id)
