@@ -59,7 +59,7 @@ MAX_STALLED_PAGES = 200
 
 #: Answers the server sends to a request, matched by the request's id.
 ANSWER_OPS = frozenset({"accepted", "acked", "synced", "error", "pong", "session", "member",
-                        "left", "revealed", "master", "sessions", "sync_done"})
+                        "left", "revealed", "master", "sessions", "sync_done", "presence"})
 
 
 class AllsparkError(Exception):
@@ -268,6 +268,12 @@ class Client:
             if not answer.get("more"):
                 return members
             after = answer["next"]
+
+    def presence(self, **query: Any) -> Deferred[dict[str, Any]]:
+        """``presence`` with ``session_id=`` (and ``subscribe=``, ``after=``,
+        ``limit=``), ``client_id=`` or ``node_id=``; the ``presence`` answer.
+        ``presence_changed`` events arrive through :meth:`next_event`."""
+        return self.request({"op": "presence", **query})
 
     def reveal_anonymity(self, session_id: str) -> Deferred[dict[str, Any]]:
         """``reveal_anonymity``; the ``revealed`` answer."""

@@ -175,6 +175,14 @@ CONTROL_OPS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
         "after": (_an_id("after"), False),
         "limit": (_limit, False),
     },
+    "presence": {
+        "session_id": (_an_id("session_id"), False),
+        "client_id": (_an_id("client_id"), False),
+        "node_id": (_an_id("node_id"), False),
+        "subscribe": (_flag("subscribe"), False),
+        "after": (_an_id("after"), False),
+        "limit": (_limit, False),
+    },
 }
 
 

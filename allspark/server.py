@@ -109,6 +109,8 @@ class Server:
         self.inbox = Inbox(store, self.delivery, clock, config.delivery)
         self.router = Router(self.delivery, store, self.inbox, clock, config.limits.max_message_size)
         self.sessions: Any = None  # allspark.sessions.Sessions, set by new_sessions()
+        #: who is online (allspark.presence.Presence), set by new_sessions()
+        self.presence: Any = None
         #: the peer links (allspark.mesh.Mesh), set by the composition root
         self.mesh: Any = None
         #: this server's locations (allspark.locations.LocationTracker), set with the mesh
@@ -145,6 +147,11 @@ class Server:
                                  self.config.delivery, self.config.limits.max_message_size,
                                  cache_ttl=self.config.session_cache_ttl)
         self.router.sessions = self.sessions
+        from allspark.presence import Presence
+
+        self.presence = Presence(self.store, self.delivery, self.sessions, self.clock,
+                                 self.config.limits.max_message_size)
+        self.sessions.add_op("presence", self.presence.query)
         return self.sessions
 
     def share_caches(self, mesh: Any) -> None:

@@ -3,8 +3,8 @@
 A session is a group of nodes.  One implementation serves both faces of every
 operation: the control frames on the WebSocket (``create_session``,
 ``join_session``, ``unjoin_session``, ``get_session_info``,
-``reveal_anonymity``, ``set_master``, ``my_sessions``) and the HTTP requests of
-the same names (:func:`session_resources`).  Refusals raise
+``reveal_anonymity``, ``set_master``, ``my_sessions``, and ``presence`` from
+:mod:`allspark.presence`) and the HTTP requests of the same names (:func:`session_resources`).  Refusals raise
 :class:`~allspark.envelope.FrameError`; HTTP maps their codes to statuses
 (:data:`HTTP_STATUS`).
 
@@ -340,6 +340,22 @@ class Sessions:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return entry
+
+    def add_op(self, op: str, handler: Callable[[Sender, dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
+        """Serve ``op`` (in ``CONTROL_OPS``) with ``handler`` like the session
+        operations: a control frame and an HTTP path, one implementation
+        (``presence``, :mod:`allspark.presence`)."""
+        self._ops[op] = handler
+
+    async def entry(self, session_id: str) -> _Entry | None:
+        """The session (record, members by node_id), from the cache; None
+        when there is no such session."""
+        return await self._entry(session_id)
+
+    async def membership(self, sender: Sender, session_id: str) -> tuple[_Entry, MemberRecord]:
+        """The session and the caller's membership; ``no_such_session`` or
+        ``not_a_member`` otherwise."""
+        return await self._membership(sender, session_id)
 
     async def _session(self, session_id: str) -> _Entry:
         entry = await self._entry(session_id)
@@ -805,6 +821,8 @@ def session_resources(server: "Server") -> dict[bytes, resource.Resource]:
             identity = authenticate(server, args)
             sender = Sender(identity.node_id, identity.client_id)
             sessions: Sessions = server.sessions
+            if op == "presence" and args.get("subscribe") not in (None, ""):
+                raise HTTPError(400, "bad_frame", "subscribe needs a WebSocket connection (the presence op)")
             try:
                 answer = await sessions.control(sender, Control(op, None, http_args(op, args)))
             except FrameError as e:

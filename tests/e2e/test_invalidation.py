@@ -29,7 +29,7 @@ def server_id(server: ServerProcess) -> str:
 
 
 async def client_on(testcase: TestCase, server: ServerProcess, node_id: str,
-                    cluster_secret: str = CLUSTER_SECRET) -> Client:
+                    cluster_secret: str = CLUSTER_SECRET, client_id: str | None = None) -> Client:
     """A client of ``node_id`` connected to ``server`` itself (not where the
     balancer would send it): the validation token is minted here with the
     server's cluster secret.  A server refuses tokens minted elsewhere for
@@ -39,7 +39,7 @@ async def client_on(testcase: TestCase, server: ServerProcess, node_id: str,
     client: Client | None = None
     for _ in range(40):
         token, _ = tokens.issue(node_id, server_id(server))
-        url = f"ws://127.0.0.1:{server.port}/ws?auth_key={key(node_id)}&validation_token={token}"
+        url = f"ws://127.0.0.1:{server.port}/ws?auth_key={key(node_id, client_id)}&validation_token={token}"
         try:
             client = await open_socket(reactor, url)
             break
