@@ -35,7 +35,13 @@ to drop), ``error`` (``code``, ``message``), ``location`` (``node_id``,
 :mod:`allspark.locations`).  A ``deliver`` with ``"report": "missing"`` is
 answered ``delivered`` only when some node_ids are missing, and the sender
 then drops those nodes' locations on the answering server (a stale cache is
-corrected, never looped).  An unknown version or type, or a
+corrected, never looped).  ``batch`` (``n``; the payload is the frames, each
+prefixed by its length in 4 bytes big-endian: :func:`encode_batch`) carries
+the ``deliver`` frames one reactor turn forwarded to one peer in one
+WebSocket message (:meth:`_LinkMixin.send_batched`; at most
+:data:`MAX_BATCH_FRAMES` frames or about :data:`MAX_BATCH_BYTES`); its
+frames are handled in order, a batch inside a batch is refused.  An unknown
+version or type, or a
 malformed frame, is answered with an ``error`` frame and the link stays open.
 
 **No loops.**  A frame that came over a peer link is written to this server's
@@ -98,7 +104,10 @@ PEER_CLOCK_SKEW = 5.0
 #: The peer frame version this server speaks.
 PEER_FRAME_VERSION = 1
 #: Peer frame types and the fields each must have.
-PEER_TYPES = ("hello", "deliver", "delivered", "invalidate", "error", "location", "location_ack")
+PEER_TYPES = ("hello", "deliver", "delivered", "invalidate", "error", "location", "location_ack", "batch")
+#: Most frames one ``batch`` carries, and the bytes after which a batch is sent at once.
+MAX_BATCH_FRAMES = 1000
+MAX_BATCH_BYTES = 1024 * 1024
 #: Most node_ids one ``deliver`` frame may name (longer lists are split).
 MAX_DELIVER_IDS = 1000
 #: Longest token accepted, in characters.
@@ -263,6 +272,29 @@ def encode_peer_frame(frame_type: str, payload: bytes = b"", **fields: Any) -> b
     return orjson.dumps({"v": PEER_FRAME_VERSION, "t": frame_type, **fields}) + b"\n" + payload
 
 
+def encode_batch(frames: Sequence[bytes]) -> bytes:
+    """One ``batch`` peer frame carrying ``frames`` (each a peer frame), in
+    order: the payload is each frame's length (4 bytes, big-endian) and bytes."""
+    parts = [len(f).to_bytes(4, "big") + f for f in frames]
+    return encode_peer_frame("batch", b"".join(parts), n=len(frames))
+
+
+def split_batch(payload: bytes) -> list[bytes]:
+    """The frames of a ``batch`` payload; :class:`PeerFrameError` if it is malformed."""
+    frames: list[bytes] = []
+    at, end = 0, len(payload)
+    while at < end:
+        if end - at < 4 or len(frames) >= MAX_BATCH_FRAMES:
+            raise PeerFrameError("bad_frame", "malformed batch")
+        size = int.from_bytes(payload[at:at + 4], "big")
+        at += 4
+        if size == 0 or at + size > end:
+            raise PeerFrameError("bad_frame", "malformed batch")
+        frames.append(payload[at:at + size])
+        at += size
+    return frames
+
+
 def _ids(value: object) -> list[str] | None:
     if not isinstance(value, list) or not 0 < len(value) <= MAX_DELIVER_IDS:
         return None
@@ -312,6 +344,9 @@ def decode_peer_frame(data: bytes) -> PeerFrame:
                 or not isinstance(fields.get("online"), bool)):
             raise PeerFrameError("bad_frame", "location needs node_id, epoch (integer) and online (boolean)",
                                  frame_id)
+    elif frame_type == "batch":
+        if not payload:
+            raise PeerFrameError("bad_frame", "batch needs a payload", frame_id)
     elif frame_type == "location_ack":
         if frame_id is None:
             raise PeerFrameError("bad_frame", "location_ack needs id")
@@ -358,6 +393,34 @@ class _LinkMixin:
         self._queued = 0
         self._paused = False
         self._link_open = False
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._batch_call: Any = None
+
+    def send_batched(self, frame: bytes) -> None:
+        """Send ``frame`` at the end of this reactor turn, in one ``batch``
+        WebSocket message with the others sent so (one message when alone).
+        Order is kept: :meth:`send` writes what is batched first."""
+        if not self._link_open:
+            return
+        self._batch.append(frame)
+        self._batch_bytes += len(frame)
+        if len(self._batch) >= MAX_BATCH_FRAMES or self._batch_bytes >= MAX_BATCH_BYTES:
+            self.flush_batch()
+        elif self._batch_call is None:
+            self._batch_call = self.mesh.clock.callLater(0, self.flush_batch)
+
+    def flush_batch(self) -> None:
+        """Send what :meth:`send_batched` holds, now."""
+        if self._batch_call is not None:
+            if self._batch_call.active():
+                self._batch_call.cancel()
+            self._batch_call = None
+        frames, self._batch, self._batch_bytes = self._batch, [], 0
+        if len(frames) == 1:
+            self._send_now(frames[0])
+        elif frames:
+            self._send_now(encode_batch(frames))
 
     def _open_link(self) -> None:
         transport: Any = getattr(self, "transport")
@@ -371,6 +434,10 @@ class _LinkMixin:
     def _close_link(self) -> None:
         self._queue.clear()
         self._queued = 0
+        self._batch, self._batch_bytes = [], 0
+        if self._batch_call is not None and self._batch_call.active():
+            self._batch_call.cancel()
+        self._batch_call = None
         if self._link_open:
             self._link_open = False
             self.mesh.link_down(self)
@@ -380,7 +447,13 @@ class _LinkMixin:
         return self._queued
 
     def send(self, frame: bytes) -> None:
-        """Write ``frame`` now or queue it; an overflowing queue closes the link."""
+        """Write ``frame`` now or queue it (after anything batched); an
+        overflowing queue closes the link."""
+        if self._batch:
+            self.flush_batch()
+        self._send_now(frame)
+
+    def _send_now(self, frame: bytes) -> None:
         if not self._link_open:
             return
         if not self._paused and not self._queue:
@@ -428,6 +501,32 @@ class _LinkMixin:
                 fields["id"] = e.frame_id
             self.send(encode_peer_frame("error", **fields))
             return
+        if frame.type == "batch":
+            try:
+                inner = split_batch(frame.payload)
+            except PeerFrameError as e:
+                self.send(encode_peer_frame("error", code=e.code, message=str(e)))
+                return
+            for data in inner:
+                self._handle_one(data)
+            return
+        self._dispatch(frame)
+
+    def _handle_one(self, payload: bytes) -> None:
+        try:
+            frame = decode_peer_frame(payload)
+        except PeerFrameError as e:
+            fields: dict[str, Any] = {"code": e.code, "message": str(e)}
+            if e.frame_id is not None:
+                fields["id"] = e.frame_id
+            self.send(encode_peer_frame("error", **fields))
+            return
+        if frame.type == "batch":
+            self.send(encode_peer_frame("error", code="bad_frame", message="a batch inside a batch"))
+            return
+        self._dispatch(frame)
+
+    def _dispatch(self, frame: PeerFrame) -> None:
         try:
             self.mesh.handle(self, frame)
         except Exception:
@@ -880,10 +979,11 @@ class Mesh(service.MultiService):
         link = self.links.get(server_id)
         if link is None or not node_ids:
             return False
+        send = getattr(link, "send_batched", link.send)
         for start in range(0, len(node_ids), MAX_DELIVER_IDS):
             self._frame_ids += 1
-            link.send(encode_peer_frame("deliver", frame, to=list(node_ids[start:start + MAX_DELIVER_IDS]),
-                                        id=self._frame_ids, report="missing"))
+            send(encode_peer_frame("deliver", frame, to=list(node_ids[start:start + MAX_DELIVER_IDS]),
+                                   id=self._frame_ids, report="missing"))
         return True
 
     def announce_location(self, node_id: str, epoch: int, online: bool,

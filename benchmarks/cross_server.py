@@ -93,6 +93,7 @@ async def _phase(target: procs.Target, name: str, receiver_server: int, pairs: i
             await d
 
     cpu_before = target.cpu_s()
+    each_before = [proc.cpu_s() for proc in target.procs]
     started = time.monotonic()
     drains = [defer.ensureDeferred(drain(i)) for i in range(pairs)]
     await defer.gatherResults([defer.ensureDeferred(send_all(i)) for i in range(pairs)])
@@ -102,6 +103,7 @@ async def _phase(target: procs.Target, name: str, receiver_server: int, pairs: i
         pass
     elapsed = time.monotonic() - started
     cpu = target.cpu_s() - cpu_before
+    each = [round(proc.cpu_s() - before, 2) for proc, before in zip(target.procs, each_before)]
     for client in receivers:  # anything not received live comes now, or is lost
         await client.sync()
     for i, client in enumerate(receivers):
@@ -114,7 +116,7 @@ async def _phase(target: procs.Target, name: str, receiver_server: int, pairs: i
             client.protocol.dropConnection(abort=True)
     return {"phase": name, "messages": total, "seconds": round(elapsed, 2),
             "msg_per_s": round(total / elapsed), "server_cpu_s": round(cpu, 2),
-            "server_cpu_us_per_msg": round(cpu / total * 1e6, 1), "accepted": statuses,
+            "server_cpu_us_per_msg": round(cpu / total * 1e6, 1), "server_cpu_s_a_b": each, "accepted": statuses,
             "lost": total - sum(received)}
 
 

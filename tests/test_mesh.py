@@ -315,6 +315,41 @@ class LinkQueueTests(TestCase):
         self.link.resumeProducing()
         self.assertEqual((self.link.wire, self.link.queued_bytes), ([b"1234", b"5678"], 0))
 
+    def test_frames_of_one_turn_go_as_one_batch_in_order(self) -> None:
+        from allspark.mesh import encode_peer_frame, split_batch
+
+        self.link.limits = PeerLimits()
+        first = encode_peer_frame("deliver", b"1", to=["n"])
+        second = encode_peer_frame("deliver", b"2", to=["n"])
+        self.link.send_batched(first)
+        self.link.send_batched(second)
+        self.assertEqual(self.link.wire, [])
+        self.clock.advance(0)
+        [message] = self.link.wire
+        batch = decode_peer_frame(message)
+        self.assertEqual((batch.type, split_batch(batch.payload)), ("batch", [first, second]))
+        # a frame sent at once goes after what was batched before it
+        self.link.send_batched(first)
+        self.link.send(b"now")
+        self.assertEqual(self.link.wire[1:], [first, b"now"])
+        self.clock.advance(0)
+        self.assertEqual(len(self.link.wire), 3)
+
+    def test_a_received_batch_is_handled_frame_by_frame(self) -> None:
+        from allspark.mesh import encode_batch, encode_peer_frame
+
+        self.link.limits = PeerLimits()
+        handled: list[str] = []
+        self.mesh.handle = lambda link, frame: handled.append(frame.type)  # type: ignore[method-assign]
+        inner = [encode_peer_frame("hello", server_id="a"), encode_peer_frame("invalidate", what="x", key="y")]
+        self.link.onMessage(encode_batch(inner), True)
+        self.assertEqual(handled, ["hello", "invalidate"])
+        self.link.onMessage(encode_batch([encode_batch(inner)]), True)  # no batch in a batch
+        self.link.onMessage(encode_peer_frame("batch", b"\x00\x00\x00\x09ab"), True)  # cut short
+        self.assertEqual(handled, ["hello", "invalidate"])
+        errors = [decode_peer_frame(f).fields["code"] for f in self.link.wire]
+        self.assertEqual(errors, ["bad_frame", "bad_frame"])
+
     def test_an_overflowing_queue_closes_the_link_with_4008(self) -> None:
         self.link.pauseProducing()
         self.link.send(b"123456")
