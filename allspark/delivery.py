@@ -21,7 +21,8 @@ loop between servers whatever their records say.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterable, Protocol, Sequence
+from itertools import chain
+from typing import Collection, Iterable, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -45,6 +46,12 @@ class RemoteRoute(Protocol):
     def holds(self, node_id: str) -> bool:
         """Whether a live connection of ``node_id`` is on another live server
         (from the location cache: no I/O, answered at once)."""
+
+    def located(self) -> Collection[str]:
+        """Every node_id the location cache places on another server (a view,
+        not a copy: it may hold nodes whose server has no link, which
+        :meth:`holds` answers false for).  Lets :meth:`Delivery.live_among`
+        walk the online nodes instead of a large session's members."""
 
     def forward(self, node_ids: Sequence[str], frame: bytes) -> None:
         """Have the servers holding ``node_ids`` write ``frame`` (already
@@ -93,20 +100,23 @@ class Delivery:
 
     def live_among(self, node_ids: Iterable[str], exclude: str | None = None) -> list[str]:
         """The nodes of ``node_ids`` (a collection, e.g. a session's members)
-        that are live here or elsewhere, except ``exclude``; without a mesh it
-        walks whichever is smaller, ``node_ids`` or the connected nodes."""
+        that are live here or elsewhere, except ``exclude``.  It walks whichever
+        is smaller: ``node_ids``, or the nodes connected here plus those the
+        mesh places elsewhere, so a join to a 10,000-member session with few
+        members online costs the online nodes, not the members."""
         registry = self.registry
         members = node_ids if isinstance(node_ids, (dict, set, frozenset)) else set(node_ids)
-        if self.remote is None and registry.node_count() < len(members):
+        remote = self.remote
+        located: Collection[str] = remote.located() if remote is not None else ()
+        is_live = self.is_live
+        if registry.node_count() + len(located) < len(members):
             seen: set[str] = set()
             found = []
-            for conn in registry:
-                node_id = conn.node_id
-                if node_id in members and node_id != exclude and node_id not in seen:
+            for node_id in chain((conn.node_id for conn in registry), located):
+                if node_id in members and node_id != exclude and node_id not in seen and is_live(node_id):
                     seen.add(node_id)
                     found.append(node_id)
             return found
-        is_live = self.is_live
         return [n for n in node_ids if n != exclude and is_live(n)]
 
     # -- writing -------------------------------------------------------------

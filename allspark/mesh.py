@@ -960,6 +960,10 @@ class Mesh(service.MultiService):
         links = self.links
         return any(server_id in links for server_id in self.locations.servers_of(node_id))
 
+    def located(self) -> Locations:
+        """The node_ids placed on other servers (see :meth:`holds`)."""
+        return self.locations
+
     def forward(self, node_ids: Sequence[str], frame: bytes) -> None:
         """Send ``frame`` to the servers holding ``node_ids`` (from
         :attr:`locations`): one ``deliver`` per server and list of at most

@@ -31,6 +31,9 @@ class FakeMesh:
     def holds(self, node_id: str) -> bool:
         return node_id in self.elsewhere
 
+    def located(self) -> set[str]:
+        return self.elsewhere
+
     def forward(self, node_ids: Sequence[str], frame: bytes) -> None:
         self.forwarded.append((list(node_ids), orjson.loads(frame)))
 

@@ -25,6 +25,9 @@ class ElsewhereRoute:
     def holds(self, node_id: str) -> bool:
         return node_id in self.held
 
+    def located(self) -> set[str]:
+        return self.held
+
     def forward(self, node_ids: Sequence[str], frame: bytes) -> None:
         self.forwarded.append((tuple(node_ids), frame))
 
