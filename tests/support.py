@@ -55,9 +55,13 @@ class ServerProcess:
     """One real server process with its own data directory."""
 
     def __init__(self, data_dir: str | None = None, port: int | None = None, args: tuple[str, ...] = (),
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, host: str = "127.0.0.1", netns: str | None = None) -> None:
+        """``host`` is its ``--host_address`` (listened on and reached at);
+        ``netns`` a network namespace to run it in (``ip netns exec``)."""
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="allspark-test-")
         self.port = port or free_port()
+        self.host = host
+        self.netns = netns
         self.args = args
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -65,7 +69,7 @@ class ServerProcess:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def start(self, force: bool = False, timeout: float = 20.0) -> "ServerProcess":
         env = dict(os.environ)
@@ -73,8 +77,10 @@ class ServerProcess:
         env["ALLSPARK_CLUSTER_SECRET"] = CLUSTER_SECRET
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.env or {})
-        cmd = [twistd(), "-n", "--pidfile=", "allspark", "--host_address=127.0.0.1",
+        cmd = [twistd(), "-n", "--pidfile=", "allspark", f"--host_address={self.host}",
                f"--port={self.port}", f"--data-dir={self.data_dir}", *self.args]
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]  # ip execs twistd: proc.pid is the server
         if force:
             cmd.append("--force")
         log = open(self.log_path, "ab")
