@@ -89,12 +89,13 @@ from __future__ import annotations
 import secrets
 from bisect import bisect_right
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 from twisted.web import resource
 from twisted.web.iweb import IRequest
 
@@ -180,6 +181,27 @@ class _Entry:
     loaded_at: float = 0.0
 
 
+@dataclass
+class _Load:
+    """A session being read from the store: callers waiting for it, and the
+    changes made meanwhile (applied to it before it is cached; ``dirty``: a
+    change without details, so it is not cached)."""
+
+    waiters: list[Deferred[_Entry | None]] = field(default_factory=list)
+    changes: list[tuple[str, MemberRecord | None]] = field(default_factory=list)
+    dirty: bool = False
+
+
+def _apply(entry: _Entry, node_id: str, member: MemberRecord | None) -> None:
+    """Member ``node_id`` of ``entry`` is now ``member`` (None: it left)."""
+    old = entry.members.pop(node_id, None)
+    if old is not None and entry.by_alias.get(old.alias) == node_id:
+        del entry.by_alias[old.alias]
+    if member is not None:
+        entry.members[node_id] = member
+        entry.by_alias[member.alias] = node_id
+
+
 def public_id(member: MemberRecord) -> str:
     """The name other members know ``member`` by: its alias when anonymous,
     else its node_id."""
@@ -261,7 +283,8 @@ class Sessions:
         #: the mesh is wired in (:meth:`allspark.server.Server.share_caches`)
         self.announce: Callable[[str], None] | None = None
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
-        self._generation = 0
+        #: session_id -> the load from the store in flight
+        self._loads: dict[str, _Load] = {}
         self._ops: dict[str, Callable[[Sender, dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             "create_session": self.create,
             "join_session": self.join,
@@ -289,9 +312,16 @@ class Sessions:
         A change made here is announced to the other servers (:attr:`announce`)
         unless ``announce`` is false (a cursor move); one a peer reported
         (``from_peer``) drops the cached session and is never announced again.
-        Loads of the session that were in flight when this ran are not cached.
+        A load of the session in flight when this ran (it may have read the
+        store before the change) gets the change applied before it is cached;
+        one without details (``node_id`` None, or from a peer) is not cached.
         """
-        self._generation += 1
+        load = self._loads.get(session_id)
+        if load is not None:
+            if node_id is None or from_peer:
+                load.dirty = True
+            else:
+                load.changes.append((node_id, member))
         if from_peer:
             self._cache.pop(session_id, None)
             return
@@ -306,22 +336,20 @@ class Sessions:
         if node_id is None:
             del self._cache[session_id]
             return
-        old = entry.members.pop(node_id, None)
-        if old is not None and entry.by_alias.get(old.alias) == node_id:
-            del entry.by_alias[old.alias]
-        if member is not None:
-            entry.members[node_id] = member
-            entry.by_alias[member.alias] = node_id
+        _apply(entry, node_id, member)
 
     def drop_all(self, *_: object) -> None:
         """Forget every cached session (a peer link came up: changes made
         while it was down were not reported); each is read again on next use."""
-        self._generation += 1
+        for load in self._loads.values():
+            load.dirty = True
         self._cache.clear()
 
     async def _entry(self, session_id: str) -> _Entry | None:
         """The cached session, loaded from the store when needed; None when
-        there is no such session."""
+        there is no such session.  One load per session at a time: callers
+        meanwhile wait for it (a large session that expires while members
+        join is read once, not once per join)."""
         entry = self._cache.get(session_id)
         now = self.clock.seconds()
         if entry is not None:
@@ -329,17 +357,34 @@ class Sessions:
                 self._cache.move_to_end(session_id)
                 return entry
             del self._cache[session_id]  # too old: a change elsewhere may have been missed
-        generation = self._generation
-        record = await self.store.get_session(session_id)
-        if record is None:
-            return None
-        members = await self.store.get_members(session_id)
-        entry = _Entry(record, {m.node_id: m for m in members}, {m.alias: m.node_id for m in members}, now)
-        if generation == self._generation:
-            self._cache[session_id] = entry
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return entry
+        load = self._loads.get(session_id)
+        if load is not None:
+            waiter: Deferred[_Entry | None] = Deferred()
+            load.waiters.append(waiter)
+            return await waiter
+        load = self._loads[session_id] = _Load()
+        try:
+            record = await self.store.get_session(session_id)
+            members = [] if record is None else await self.store.get_members(session_id)
+        except Exception:
+            failure = Failure()
+            del self._loads[session_id]
+            for waiter in load.waiters:
+                waiter.errback(failure)
+            raise
+        del self._loads[session_id]
+        loaded: _Entry | None = None
+        if record is not None:
+            loaded = _Entry(record, {m.node_id: m for m in members}, {m.alias: m.node_id for m in members}, now)
+            for node_id, member in load.changes:
+                _apply(loaded, node_id, member)
+            if not load.dirty:
+                self._cache[session_id] = loaded
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        for waiter in load.waiters:
+            waiter.callback(loaded)
+        return loaded
 
     def add_op(self, op: str, handler: Callable[[Sender, dict[str, Any]], Awaitable[dict[str, Any]]]) -> None:
         """Serve ``op`` (in ``CONTROL_OPS``) with ``handler`` like the session

@@ -368,17 +368,44 @@ class Cache(SessionsTestCase):
         self.assertEqual(calls, ["s1"])
         self.assertEqual({m["name"] for m in info["members"]}, {"alice", "bob"})
 
-    def test_change_during_load_is_not_cached_stale(self) -> None:
+    def test_a_change_without_details_during_a_load_is_not_cached_stale(self) -> None:
         self.op("alice", "create_session", session_id="s1")
         self.sessions.membership_changed("s1")
         loading = defer.Deferred()
         original = self.store.get_members
         self.store.get_members = lambda sid: loading.addCallback(lambda _: original(sid))  # type: ignore
         d = defer.ensureDeferred(self.sessions._entry("s1"))
-        self.sessions.membership_changed("s1", "bob")
+        self.sessions.membership_changed("s1")
         loading.callback(None)
         self.successResultOf(d)
         self.assertNotIn("s1", self.sessions._cache)
+
+    def test_a_member_change_during_a_load_is_applied_to_it(self) -> None:
+        self.op("alice", "create_session", session_id="s1", anyone_can_join=True)
+        self.op("bob", "join_session", session_id="s1")
+        self.sessions.membership_changed("s1")
+        loading = defer.Deferred()
+        original = self.store.get_members
+        before = self.successResultOf(original("s1"))  # read before bob left
+        self.store.get_members = lambda sid: loading.addCallback(lambda _: before)  # type: ignore
+        d = defer.ensureDeferred(self.sessions._entry("s1"))
+        self.sessions.membership_changed("s1", "bob")  # bob left while the read was in flight
+        loading.callback(None)
+        self.assertNotIn("bob", self.successResultOf(d).members)
+        self.assertNotIn("bob", self.sessions._cache["s1"].members)
+
+    def test_callers_during_a_load_share_it(self) -> None:
+        self.op("alice", "create_session", session_id="s1")
+        self.sessions.membership_changed("s1")
+        loading = defer.Deferred()
+        calls: list[str] = []
+        original = self.store.get_members
+        self.store.get_members = lambda sid: (calls.append(sid), loading.addCallback(lambda _: original(sid)))[1]  # type: ignore
+        waiting = [defer.ensureDeferred(self.sessions._entry("s1")) for _ in range(50)]
+        loading.callback(None)
+        entries = [self.successResultOf(d) for d in waiting]
+        self.assertEqual(calls, ["s1"])
+        self.assertTrue(all(e is entries[0] for e in entries))
 
 
 class CacheAcrossServers(SessionsTestCase):
