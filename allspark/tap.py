@@ -147,15 +147,11 @@ class Options(usage.Options):
             raise SystemExit(1) from None
 
     def opt_trusted_proxy(self, network: str) -> None:
-        """address or CIDR network of a proxy (e.g. nginx) whose X-Forwarded-For
-        and X-Real-IP name the client, for logs (repeatable; default none:
-        the headers are never believed)"""
+        """proxy address or CIDR network whose X-Forwarded-For/X-Real-IP are believed (repeatable)"""
         self["trusted-proxy"].append(network)
 
     def opt_listen(self, description: str) -> None:
-        """endpoint to listen on, e.g. tcp:8080:interface=0.0.0.0 or
-        ssl:8443:privateKey=key.pem:certKey=cert.pem (repeatable; default
-        tcp:PORT:interface=HOST_ADDRESS)"""
+        """endpoint such as tcp:8080:interface=0.0.0.0 or ssl:8443:privateKey=k.pem (repeatable)"""
         self["listen"].append(description)
 
     def opt_peer(self, spec: str) -> None:
