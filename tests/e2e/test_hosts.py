@@ -25,6 +25,7 @@ import secrets
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 import unittest
 from typing import Any
@@ -35,11 +36,14 @@ from twisted.trial.unittest import TestCase
 
 from allspark.client import Client, open_socket
 from tests.e2e.helpers import http_get, pre_connect, wait_until
+from tests.e2e.test_mesh import make_ca, make_server_cert
 from tests.store.postgres_cluster import ClusterUnavailable, PostgresCluster, find_bin_dir
 from tests.support import ServerProcess, key
 
 #: The port every server listens on, each in its own namespace.
 PORT = 7710
+#: With TLS: the port clients are sent to and peers dial (``ssl:``); PORT stays plain HTTP.
+TLS_PORT = 7711
 #: The port PostgreSQL listens on in the fourth namespace.
 PG_PORT = 5432
 HEARTBEAT = "0.5"
@@ -188,15 +192,41 @@ class SeveralHosts(TestCase):
             pg.start()
         except (ClusterUnavailable, OSError, subprocess.TimeoutExpired) as e:
             raise unittest.SkipTest(f"could not start PostgreSQL in a namespace: {e}") from None
-        store = pg.create_database("allspark_hosts")
+        self.store = pg.create_database("allspark_hosts")
+        self.server_hosts = server_hosts
         self.servers: list[ServerProcess] = []
-        for netns, address in server_hosts:
+        self.scheme, self.client_port = "ws", PORT
+
+    def start_servers(self, tls: bool = False) -> list[ServerProcess]:
+        """One server per host on the shared database.  With ``tls`` each
+        also listens with TLS on TLS_PORT (a certificate for its address from
+        a CA the test makes), which is the port clients are sent to and peers
+        dial, verified against that CA; PORT stays plain for /health and
+        pre-connection."""
+        tls_args: dict[str, tuple[str, ...]] = {}
+        if tls:
+            directory = tempfile.mkdtemp(prefix="allspark-hosts-tls-")
+            self.addCleanup(shutil.rmtree, directory, True)
+            ca = make_ca(directory, "cluster-ca")
+            for netns, address in self.server_hosts:
+                cert, key_path = make_server_cert(directory, ca, netns, address)
+                tls_args[netns] = (
+                    f"--port={TLS_PORT}", f"--listen=tcp:{PORT}:interface={address}",
+                    f"--listen=ssl:{TLS_PORT}:interface={address}:privateKey={key_path}:certKey={cert}",
+                    f"--peer-tls-ca={ca[2]}", f"--peer-tls-cert={cert}", f"--peer-tls-key={key_path}")
+            self.scheme, self.client_port = "wss", TLS_PORT
+        for netns, address in self.server_hosts:
             server = ServerProcess(port=PORT, host=address, netns=netns,
-                                   args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
-                                         f"--server-dead-after={DEAD_AFTER}"))
+                                   args=(f"--store={self.store}", f"--server-heartbeat={HEARTBEAT}",
+                                         f"--server-dead-after={DEAD_AFTER}", *tls_args.get(netns, ())))
             self.addCleanup(shutil.rmtree, server.data_dir, True)
             self.addCleanup(server.stop)
             self.servers.append(server.start(timeout=30))
+        return self.servers
+
+    def server_id(self, server: ServerProcess) -> str:
+        """The id ``server`` has: its host's address and the port clients are sent to."""
+        return f"{server.host}:{self.client_port}"
 
     def assert_nothing_left_behind(self) -> None:
         self.assertEqual(self.hosts.left_behind(), [])
@@ -204,10 +234,10 @@ class SeveralHosts(TestCase):
     async def meshed(self) -> None:
         """Wait until every server links to the two others, each named by its
         host's address, and all are old enough for the balancer (5 s)."""
-        ids = {f"{s.host}:{s.port}" for s in self.servers}
+        ids = {self.server_id(s) for s in self.servers}
 
         def linked() -> bool:
-            return all(set(http_get(s.base_url + "/health").json().get("peers", {})) == ids - {f"{s.host}:{s.port}"}
+            return all(set(http_get(s.base_url + "/health").json().get("peers", {})) == ids - {self.server_id(s)}
                        for s in self.servers)
 
         await wait_until(linked, 40, interval=0.2, what="three hosts linked pairwise")
@@ -229,11 +259,11 @@ class SeveralHosts(TestCase):
                 break
         else:
             raise AssertionError(f"the balancer never named {server.host}")
-        self.assertTrue(info["node"]["ws_url"].startswith(f"ws://{server.host}:{PORT}/"), info)
+        self.assertTrue(info["node"]["ws_url"].startswith(f"{self.scheme}://{server.host}:{self.client_port}/"), info)
         client = await open_socket(reactor, info["node"]["ws_url"])
         client.base_url, client.auth_key = server.base_url, auth_key
         assert client.hello is not None
-        self.assertEqual(client.hello["server_id"], f"{server.host}:{PORT}")
+        self.assertEqual(client.hello["server_id"], self.server_id(server))
         await client.sync()
 
         async def close() -> None:
@@ -249,7 +279,7 @@ class SeveralHosts(TestCase):
         return [(await client.next_message(timeout=timeout))["payload"] for _ in range(count)]
 
     async def test_direct_user_wide_and_session_messages_cross_hosts_live(self) -> None:
-        h1, h2, h3 = self.servers
+        h1, h2, h3 = self.start_servers()
         await self.meshed()
         alice = await self.client_on(h1, "alice")
         bob = await self.client_on(h2, "bob")
@@ -280,7 +310,7 @@ class SeveralHosts(TestCase):
             self.assertEqual(client.messages.pending, [])
 
     async def test_kill_9_of_a_host_server_moves_its_client_with_nothing_lost(self) -> None:
-        h1, h2, victim = self.servers
+        h1, h2, victim = self.start_servers()
         await self.meshed()
         sender = await self.client_on(h1, "talker")
         receiver = await self.client_on(victim, "mover")
@@ -296,10 +326,29 @@ class SeveralHosts(TestCase):
             self.assertIn(answer["status"], ("delivered", "stored"), answer)
         await moving
         assert receiver.hello is not None
-        self.assertIn(receiver.hello["server_id"], {f"{h1.host}:{PORT}", f"{h2.host}:{PORT}"})
+        self.assertIn(receiver.hello["server_id"], {self.server_id(h1), self.server_id(h2)})
         while len(got) < total:
             got.append((await receiver.next_message(timeout=20))["payload"])
         self.assertEqual(sorted(got), list(range(total)))  # every accepted message, once
         answer = await sender.send(dest_id="mover", payload="after")
         self.assertEqual((answer["status"], answer["live"]), ("delivered", 1), answer)
         self.assertEqual((await receiver.next_message(timeout=20))["payload"], "after")
+
+    async def test_peer_links_across_hosts_over_tls_verified_by_address(self) -> None:
+        # every server: TLS on TLS_PORT with a certificate for its own address;
+        # peers dial wss://<address>:TLS_PORT/peer and verify it against the CA
+        h1, h2, h3 = self.start_servers(tls=True)
+        await self.meshed()
+        for server in self.servers:
+            self.assertNotIn("could not open the peer link", server.log())
+        alice = await self.client_on(h1, "alice")
+        bob = await self.client_on(h2, "bob")
+        dave = await self.client_on(h3, "dave")
+        await alice.create_session(session_id="tls")
+        for member in ("bob", "dave"):
+            await alice.join_session("tls", node_id=member)
+        direct = await alice.send(dest_id="bob", payload="direct")
+        self.assertEqual((direct["status"], direct["live"]), ("delivered", 1), direct)
+        await alice.send(dest_session_id="tls", payload="session")
+        self.assertEqual(await self.received(bob, 2), ["direct", "session"])
+        self.assertEqual(await self.received(dave, 1), ["session"])

@@ -248,8 +248,10 @@ def make_ca(directory: str, name: str) -> tuple[Any, Any, str]:
     return cert, ca_key, path
 
 
-def make_server_cert(directory: str, ca: tuple[Any, Any, str], name: str) -> tuple[str, str]:
-    """A certificate for 127.0.0.1 signed by ``ca``: its PEM path and its key's."""
+def make_server_cert(directory: str, ca: tuple[Any, Any, str], name: str,
+                     address: str = "127.0.0.1") -> tuple[str, str]:
+    """A certificate for the IP ``address`` (its common name and IP SAN)
+    signed by ``ca``: its PEM path and its key's."""
     import ipaddress
 
     from cryptography import x509
@@ -261,11 +263,11 @@ def make_server_cert(directory: str, ca: tuple[Any, Any, str], name: str) -> tup
     server_key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)]))
             .issuer_name(ca_cert.subject).public_key(server_key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
                            critical=False)
             .sign(ca_key, hashes.SHA256()))
     cert_path, key_path = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
