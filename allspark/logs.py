@@ -42,18 +42,20 @@ def logger(namespace: str) -> Logger:
 
 def set_level(name: str) -> None:
     """Set the level of every Allspark logger: debug, info, warn, error, critical."""
-    global _debug
+    global DEBUG
     _predicate.setLogLevelForNamespace("", LEVELS[name])
-    _debug = LEVELS[name] <= LogLevel.debug
+    DEBUG = LEVELS[name] <= LogLevel.debug
 
 
-_debug = False
+#: Whether debug events are kept (set by :func:`set_level`).  Per-frame hot
+#: paths read it as ``logs.DEBUG`` (an attribute, not a call) before they build
+#: a debug event at all.
+DEBUG = False
 
 
 def debug_enabled() -> bool:
-    """Whether debug events are kept: hot paths check this before they build
-    a per-frame debug event at all."""
-    return _debug
+    """Whether debug events are kept (:data:`DEBUG`)."""
+    return DEBUG
 
 
 FORMATS = ("text", "json")

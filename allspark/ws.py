@@ -26,10 +26,10 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from allspark import wsmask
+from allspark import logs, wsmask
 from allspark.auth import AuthError, Identity
 from allspark.envelope import Control, FrameError, Message, encode, error_frame, parse_frame
-from allspark.logs import debug_enabled, logger
+from allspark.logs import logger
 from allspark.router import Sender
 from allspark.web import TrustedProxies, raw_json_answer
 
@@ -295,12 +295,12 @@ class ClientProtocol(WebSocketServerProtocol):
         try:
             frame = parse_frame(payload, isBinary)
         except FrameError as e:
-            if debug_enabled():
+            if logs.DEBUG:
                 log.debug("bad frame from {node_id}: {code}", node_id=self.node_id, code=e.code,
                           size=len(payload), id=e.frame_id)
             self.send(e.to_frame())
             return
-        if debug_enabled():
+        if logs.DEBUG:
             self._log_frame(frame, len(payload))
         if isinstance(frame, Message):
             assert self.sender is not None
@@ -333,7 +333,7 @@ class ClientProtocol(WebSocketServerProtocol):
             frame_id = parse_frame(payload, isBinary).id
         except FrameError as e:
             frame_id = e.frame_id
-        if debug_enabled():
+        if logs.DEBUG:
             log.debug("rate limited a frame from {node_id}", node_id=self.node_id, id=frame_id,
                       size=len(payload))
         self.send(error_frame("rate_limited", "too many frames: slow down", frame_id))
@@ -378,7 +378,7 @@ class ClientProtocol(WebSocketServerProtocol):
         if isinstance(error, FrameError):
             if error.frame_id is None:
                 error.frame_id = frame_id
-            if debug_enabled():
+            if logs.DEBUG:
                 log.debug("answered {node_id} with error {code}", node_id=self.node_id, code=error.code,
                           id=error.frame_id)
             self.send(error.to_frame())

@@ -77,6 +77,20 @@ class DeliveryTests(unittest.TestCase):
         self.assertEqual(node_ids, ["bob"])
         self.assertEqual((frame["dest_id"], frame["seq"], frame["payload"]), ("bob", 1, 1))
 
+    def test_assigning_or_removing_the_mesh_switches_where_copies_go(self) -> None:
+        """``is_live`` and ``deliver`` are rebound when ``remote`` changes
+        (without a mesh they are the registry's own methods)."""
+        self.delivery.remote = self.mesh
+        self.assertTrue(self.delivery.is_live("bob"))
+        self.assertTrue(self.delivery.deliver("bob", b"{}"))
+        self.assertEqual(len(self.mesh.forwarded), 1)
+        self.delivery.remote = None
+        self.assertFalse(self.delivery.is_live("bob"))
+        self.assertFalse(self.delivery.deliver("bob", b"{}"))
+        self.assertEqual(len(self.mesh.forwarded), 1)
+        self.assertTrue(self.delivery.is_live("dave"))
+        self.assertTrue(self.delivery.deliver("dave", b"{}"))
+
     def test_a_local_connection_wins_over_the_mesh(self) -> None:
         self.delivery.remote = FakeMesh({"dave"})
         self.route(dest_id="dave", payload="here")

@@ -48,5 +48,7 @@ class LevelTests(unittest.SynchronousTestCase):
         self.addCleanup(logs.set_level, "info")
         logs.set_level("debug")
         self.assertTrue(logs.debug_enabled())
+        self.assertTrue(logs.DEBUG)  # what the per-frame paths read
         logs.set_level("info")
         self.assertFalse(logs.debug_enabled())
+        self.assertFalse(logs.DEBUG)
