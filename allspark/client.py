@@ -48,7 +48,9 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet.defer import Deferred, DeferredQueue, ensureDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
 from allspark.logs import logger
 
@@ -128,13 +130,18 @@ class Client:
     """One connected node.  Build it with :func:`connect`."""
 
     def __init__(
-        self, reactor: Any, auto_ack: bool = True, ack_delay: float = 0.05, inbox_after: int = 0
+        self, reactor: Any, auto_ack: bool = True, ack_delay: float = 0.05, inbox_after: int = 0,
+        tls_trust: Certificate | None = None,
     ) -> None:
         """``auto_ack``: ack what was handed to the app, ``ack_delay`` s later
         (batched).  ``inbox_after``: the last inbox seq the app already
         processed in an earlier run (it keeps it itself); sync starts after
-        it and anything at or below it is dropped as a duplicate."""
+        it and anything at or below it is dropped as a duplicate.
+        ``tls_trust``: the CA certificate a ``wss://`` or ``https://``
+        server's certificate must be signed by (None: the system's trust
+        store); the certificate must also be valid for the server's host."""
         self.reactor = reactor
+        self.tls_trust = tls_trust
         self.auto_ack = auto_ack
         self.ack_delay = ack_delay
         self.protocol: ClientProtocol | None = None
@@ -490,7 +497,7 @@ class Client:
         for attempt in range(attempts):
             url = urls[attempt % len(urls)]
             try:
-                info = await pre_connection(url, self.auth_key)
+                info = await pre_connection(url, self.auth_key, tls_trust=self.tls_trust)
                 self._hello = Deferred()
                 self.closed = Deferred()
                 _dial(self.reactor, self, info["node"]["ws_url"])
@@ -523,12 +530,18 @@ class Client:
             transport.loseConnection()
 
 
-async def pre_connection(base_url: str, auth_key: str, need_proxy: bool = False) -> dict[str, Any]:
-    """Ask ``base_url`` where to connect; the pre-connection answer."""
+async def pre_connection(base_url: str, auth_key: str, need_proxy: bool = False,
+                         tls_trust: Certificate | None = None) -> dict[str, Any]:
+    """Ask ``base_url`` where to connect; the pre-connection answer.  An
+    ``https://`` server's certificate is verified against ``tls_trust`` (None:
+    the system's trust store) and its host."""
+    from twisted.internet import reactor
+
     query = {"get_pre_connection_info": "true", "auth_key": auth_key}
     if need_proxy:
         query["need_proxy"] = "true"
-    response = await treq.get(f"{base_url.rstrip('/')}/?{urlencode(query)}", persistent=False)
+    agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=tls_trust))
+    response = await treq.get(f"{base_url.rstrip('/')}/?{urlencode(query)}", persistent=False, agent=agent)
     body = await response.json()
     if response.code != 200:
         raise PreConnectionError(response.code, body)
@@ -544,7 +557,10 @@ async def open_socket(reactor: Any, ws_url: str, **options: Any) -> Client:
 
 
 def _dial(reactor: Any, client: Client, ws_url: str) -> None:
-    """Open a WebSocket at ``ws_url`` whose frames go to ``client``."""
+    """Open a WebSocket at ``ws_url`` whose frames go to ``client``.  Over
+    ``wss://`` the server's certificate must be valid for the URL's host and
+    signed by ``client.tls_trust`` (None: the system's trust store); Autobahn's
+    own default would accept any certificate."""
     factory = WebSocketClientFactory(ws_url, reactor=reactor)
     factory.setProtocolOptions(autoPingInterval=0, maxMessagePayloadSize=0, maxFramePayloadSize=0)
 
@@ -555,7 +571,8 @@ def _dial(reactor: Any, client: Client, ws_url: str) -> None:
         return protocol
 
     factory.buildProtocol = build  # type: ignore[method-assign]
-    connectWS(factory, timeout=10)
+    tls = optionsForClientTLS(factory.host, trustRoot=client.tls_trust) if factory.isSecure else None
+    connectWS(factory, contextFactory=tls, timeout=10)
 
 
 async def connect(
@@ -567,7 +584,7 @@ async def connect(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    info = await pre_connection(base_url, auth_key)
+    info = await pre_connection(base_url, auth_key, tls_trust=options.get("tls_trust"))
     client = await open_socket(reactor, info["node"]["ws_url"], **options)
     client.base_url, client.auth_key = base_url, auth_key
     if sync:

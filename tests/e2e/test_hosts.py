@@ -32,6 +32,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
 
 from allspark.client import Client, open_socket
@@ -196,6 +197,7 @@ class SeveralHosts(TestCase):
         self.server_hosts = server_hosts
         self.servers: list[ServerProcess] = []
         self.scheme, self.client_port = "ws", PORT
+        self.tls_trust: Certificate | None = None  # the CA clients verify wss:// servers with
 
     def start_servers(self, tls: bool = False) -> list[ServerProcess]:
         """One server per host on the shared database.  With ``tls`` each
@@ -215,6 +217,8 @@ class SeveralHosts(TestCase):
                     f"--listen=ssl:{TLS_PORT}:interface={address}:privateKey={key_path}:certKey={cert}",
                     f"--peer-tls-ca={ca[2]}", f"--peer-tls-cert={cert}", f"--peer-tls-key={key_path}")
             self.scheme, self.client_port = "wss", TLS_PORT
+            with open(ca[2], "rb") as f:
+                self.tls_trust = Certificate.loadPEM(f.read())
         for netns, address in self.server_hosts:
             server = ServerProcess(port=PORT, host=address, netns=netns,
                                    args=(f"--store={self.store}", f"--server-heartbeat={HEARTBEAT}",
@@ -260,7 +264,7 @@ class SeveralHosts(TestCase):
         else:
             raise AssertionError(f"the balancer never named {server.host}")
         self.assertTrue(info["node"]["ws_url"].startswith(f"{self.scheme}://{server.host}:{self.client_port}/"), info)
-        client = await open_socket(reactor, info["node"]["ws_url"])
+        client = await open_socket(reactor, info["node"]["ws_url"], tls_trust=self.tls_trust)
         client.base_url, client.auth_key = server.base_url, auth_key
         assert client.hello is not None
         self.assertEqual(client.hello["server_id"], self.server_id(server))
