@@ -41,6 +41,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--fanout-members", type=int)
     p.add_argument("--fanout-messages", type=int)
     p.add_argument("--deadline", type=float, help="seconds a run may take at most")
+    p.add_argument("--servers", type=int, help="cluster_durable: meshed servers set against one (default 2)")
+    p.add_argument("--preconnect-servers", type=int, help="preconnect: meshed servers (default 3)")
+    p.add_argument("--preconnect-requests", type=int, help="preconnect: requests in all (default 20,000)")
     p.add_argument("--loadgen", choices=("auto", "node", "python"), default="auto")
     p.add_argument("--loadgen-procs", type=int, help="load generator processes (default: 1 Node, 3 Python)")
     p.add_argument("--no-references", action="store_true", help="only Allspark and the bare relay")
@@ -54,10 +57,13 @@ def settings_from(args: argparse.Namespace) -> suite.Settings:
     s = suite.Settings()
     if args.quick:
         s = suite.Settings(clients=10, messages=500, window=20, connections=200, fanout_members=10,
-                           fanout_messages=20, fanout_window=5, deadline_s=20.0, drain_s=3.0, quick=True)
+                           fanout_messages=20, fanout_window=5, deadline_s=20.0, drain_s=3.0, quick=True,
+                           preconnect_requests=300)
     for name, attr in (("clients", "clients"), ("messages", "messages"), ("window", "window"),
                        ("connections", "connections"), ("fanout_members", "fanout_members"),
-                       ("fanout_messages", "fanout_messages"), ("deadline", "deadline_s")):
+                       ("fanout_messages", "fanout_messages"), ("deadline", "deadline_s"),
+                       ("servers", "cluster_servers"), ("preconnect_servers", "preconnect_servers"),
+                       ("preconnect_requests", "preconnect_requests")):
         value = getattr(args, name)
         if value is not None:
             setattr(s, attr, value)
@@ -124,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             peaks = {(r["system"], r.get("durable")): r["throughput"] for r in rows
                      if r["scenario"].startswith("direct_") and r.get("status") == "ok"}
             rows += suite.latency(s, peaks)
+        if "cluster_durable" in s.scenarios:
+            rows += suite.cluster_durable(s)
+        if "preconnect" in s.scenarios:
+            rows += suite.preconnect(s)
         if s.profile:
             profile = suite.profile_durable(s)
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ several when servers mesh) and the URLs clients are spread over.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -167,6 +168,7 @@ class Target:
     procs: list[Proc] = field(default_factory=list)
     urls: list[str] = field(default_factory=list)
     secret: str = ""
+    store_path: str = ""   # the shared SQLite file of a cluster target (its locations say who is where)
 
     def cpu_s(self) -> float:
         return sum(p.cpu_s() for p in self.procs)
@@ -231,6 +233,56 @@ def start_allspark(workdir: str, servers: int = 1, extra_args: tuple[str, ...] =
         target.stop()
         raise
     return target
+
+
+def _health(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url + "/health", timeout=5) as r:
+        body: dict[str, Any] = json.loads(r.read())
+        return body
+
+
+def start_allspark_cluster(workdir: str, servers: int, young_s: float = 6.0, timeout: float = 60.0) -> Target:
+    """``servers`` Allspark processes on one SQLite file in ``workdir``, meshed
+    (one cluster secret), returned once every server's ``/health`` shows a
+    link to each other one and every record live, and ``young_s`` after the
+    last one started: the balancer names another server only once it has run
+    5 s (``ClusterRecords.pick``), so pre-connections are spread from the first."""
+    store_path = os.path.join(workdir, "shared.db")
+    target = start_allspark(workdir, servers=servers, extra_args=(f"--store=sqlite:///{store_path.lstrip('/')}",))
+    target.store_path = store_path
+    started = time.monotonic()
+    deadline = started + timeout
+    try:
+        while True:
+            target.check_alive()
+            try:
+                views = [_health(url) for url in target.urls]
+            except (OSError, ValueError):
+                views = []
+            if views and all(len(v.get("peers") or {}) == servers - 1 and len(v.get("cluster") or []) == servers
+                             and all(r["state"] == "live" for r in v["cluster"]) for v in views):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {servers} servers did not mesh within {timeout:.0f}s: {views}")
+            time.sleep(0.2)
+        if servers > 1:
+            time.sleep(max(0.0, young_s - (time.monotonic() - started)))
+    except BaseException:
+        target.stop()
+        raise
+    return target
+
+
+def placement(target: Target) -> dict[str, str]:
+    """node_id -> server_id of every online node of a cluster target, read
+    from the locations rows in its shared SQLite file."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{target.store_path}?mode=ro", uri=True, timeout=10)
+    try:
+        return {node_id: server_id for node_id, server_id in db.execute("SELECT node_id, server_id FROM locations")}
+    finally:
+        db.close()
 
 
 def _listening(target: "Target", port: int, proc: Any) -> "Target":

@@ -148,6 +148,15 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r['label']} | {r['connected']:,} | {r['connect_s']:.2f} | {_fmt(r['connect_rate'])} | "
                          f"{r['rss_idle_mb']} | {r['rss_connected_mb']} | {r['rss_per_connection_kb']:.1f} | "
                          f"{r['connect_failed']} |")
+    clustered = [r for r in rows if r["scenario"] in ("cluster_durable", "preconnect") and r.get("status") == "ok"]
+    if clustered:
+        lines += ["", "| cluster | servers | where clients landed / answers named | pairs crossing servers "
+                  "| server CPU s per process |", "|---|--:|---|--:|---|"]
+        for r in clustered:
+            spread = r.get("clients_per_server") or r.get("named") or {}
+            crossing = f"{r['cross_pairs']} of {r['pairs']}" if "cross_pairs" in r else "-"
+            lines.append(f"| {r['label']} | {r.get('servers', '-')} | {', '.join(str(v) for v in spread.values())} "
+                         f"| {crossing} | {', '.join(str(c) for c in r.get('server_cpu_s_each', []))} |")
     lines += ["", "| target (issue 5) | measured | goal | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         met = "yes" if t["met"] else ("no" if t["met"] is False else "-")

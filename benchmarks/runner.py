@@ -179,11 +179,13 @@ def run_load(target: Target, load: Load, loadgen: str, procs: int, workdir: str,
             go = on_ready(ready)
         stop_profiler = profiler(target) if profiler is not None else None
         cpu0 = target.cpu_s()
+        cpu0_each = [p.cpu_s() for p in target.procs]
         t0 = time.perf_counter()
         lg.tell("GO " + json.dumps(go))
         results = lg.collect("RESULT", load.deadline_s + 3 * load.drain_s + 30)
         wall = time.perf_counter() - t0
         cpu1 = target.cpu_s()
+        cpu_each = [round(p.cpu_s() - before, 3) for p, before in zip(target.procs, cpu0_each)]
         if stop_profiler is not None:
             extra["profile"] = stop_profiler()
         alive = all(p.alive() for p in target.procs)
@@ -199,6 +201,7 @@ def run_load(target: Target, load: Load, loadgen: str, procs: int, workdir: str,
     merged["connect_failed"] = sum(r.get("connect_failed", 0) for r in ready)
     merged["errors"] += sum(r.get("errors", 0) for r in ready if "connected" not in r)
     merged["server_cpu_s"] = round(cpu1 - cpu0, 3)
+    merged["server_cpu_s_each"] = cpu_each   # per server process, in target.procs order
     deliveries = merged["received"] or 0
     merged["server_cpu_us_per_msg"] = round((cpu1 - cpu0) / deliveries * 1e6, 2) if deliveries else None
     merged["server_peak_rss_mb"] = round(hwm / 1024, 1)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,9 +25,9 @@ from typing import Any, Callable
 
 from benchmarks import procs
 from benchmarks.procs import Target
-from benchmarks.runner import Load, cdf_sample, run_load
+from benchmarks.runner import Load, LoadGenerators, cdf_sample, percentile, run_load
 
-SCENARIOS = ("direct_ephemeral", "direct_durable", "fanout", "capacity", "latency")
+SCENARIOS = ("direct_ephemeral", "direct_durable", "fanout", "capacity", "latency", "cluster_durable", "preconnect")
 
 
 class Unavailable(Exception):
@@ -51,6 +53,11 @@ class Settings:
     quick: bool = False
     scenarios: tuple[str, ...] = SCENARIOS
     stores: tuple[str, ...] = ("sqlite",)  # Allspark's stores in direct_durable: sqlite, postgresql
+    cluster_servers: int = 2          # cluster_durable: one server, then this many meshed on one SQLite file
+    preconnect_servers: int = 3       # preconnect: meshed servers asked
+    preconnect_requests: int = 20_000  # preconnect: requests in all
+    preconnect_procs: int = 3         # preconnect: asking processes ...
+    preconnect_threads: int = 2       # ... each with this many keep-alive connections
     out_dir: str = ""
     log: Callable[[str], None] = print
     node_missing: str | None = None   # why Node (relays, Socket.IO, NATS client) cannot run
@@ -65,6 +72,8 @@ def _starter(system: str, s: Settings) -> Callable[[str], Target]:
         return lambda wd: procs.start_allspark(wd)
     if system == "allspark-postgresql":
         return _start_allspark_postgresql
+    if system.startswith("allspark-cluster-"):
+        return lambda wd: _start_allspark_cluster(wd, int(system.rsplit("-", 1)[1]))
     if system == "autobahn-relay":
         return procs.start_autobahn_relay
     if system in ("node-ws-relay", "socketio-relay"):
@@ -95,6 +104,16 @@ def _start_allspark_postgresql(workdir: str) -> Target:
     url = cluster.create_database("allspark_bench")
     target = procs.start_allspark(workdir, extra_args=(f"--store={url}",))
     target.name, target.label = "allspark-postgresql", "Allspark (PostgreSQL)"
+    return target
+
+
+def _start_allspark_cluster(workdir: str, servers: int) -> Target:
+    """``servers`` meshed Allspark processes on one SQLite file (one process
+    too: the same store and options, so one and several compare fairly)."""
+    target = procs.start_allspark_cluster(workdir, servers)
+    target.name = f"allspark-cluster-{servers}"
+    target.label = ("Allspark, 1 server" if servers == 1 else
+                    f"Allspark, {servers} servers (meshed, one SQLite file)")
     return target
 
 
@@ -377,3 +396,152 @@ def latency(s: Settings, peaks: dict[tuple[str, bool], float]) -> list[dict[str,
             row["label"] = row["label"] + (" durable" if durable else " ephemeral") + f" @ {name} peak"
             rows.append(row)
     return rows
+
+
+# ---------------------------------------------------------------- clusters
+def _placed(target: Target, node_ids: list[str], timeout: float = 15.0) -> dict[str, str]:
+    """Where each of ``node_ids`` is connected (server id), from the cluster's
+    locations rows; polled until every one is there (a connection's row is
+    written as it opens) or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        where = procs.placement(target)
+        if all(n in where for n in node_ids) or time.monotonic() > deadline:
+            return where
+        time.sleep(0.2)
+
+
+def cluster_durable(s: Settings) -> list[dict[str, Any]]:
+    """The headline durable load (``s.clients`` clients, half sending
+    ``s.messages`` in all to the other half) against one server, then against
+    ``s.cluster_servers`` meshed servers on one SQLite file, in one run.  Every
+    client asks pre-connection (on the servers in turn) and connects where
+    the balancer names, so a pair whose two ends land on different servers
+    has every message stored by the sender's server and forwarded over the
+    peer link.  Each row says where the clients landed (``clients_per_server``),
+    how many pairs crossed (``cross_pairs``, ``forwarded``: their messages)
+    and each process's CPU (``server_cpu_s_each``)."""
+    rows = []
+    for servers in (1, s.cluster_servers):
+        def one(servers: int = servers) -> dict[str, Any]:
+            placed: dict[str, Any] = {}
+            loads: list[Load] = []
+
+            def make(target: Target) -> Load:
+                load = _direct_load(target, s, durable=True)
+                # sender i and receiver i ask pre-connection in a fixed rhythm, so the balancer's
+                # deterministic spread would decide which pairs cross; a seeded shuffle of the
+                # receivers makes a pair's two ends independent (about half cross on 2 servers)
+                receivers = [r for _, r in load.pairs]
+                random.Random(9).shuffle(receivers)
+                load.pairs = [(sender, receiver) for (sender, _), receiver in zip(load.pairs, receivers)]
+                loads.append(load)
+                return load
+
+            def ready(target: Target, _ready: list[dict[str, Any]]) -> dict[str, Any]:
+                load = loads[0]
+                ids = [c["id"] for c in load.clients]
+                where = _placed(target, ids)
+                per_server: dict[str, int] = {}
+                for node_id in ids:
+                    per_server[where.get(node_id, "unknown")] = per_server.get(where.get(node_id, "unknown"), 0) + 1
+                cross = sum(1 for a, b in load.pairs if where.get(ids[a]) != where.get(ids[b]))
+                placed.update(clients_per_server=dict(sorted(per_server.items())), pairs=len(load.pairs),
+                              cross_pairs=cross, forwarded=cross * load.per_pair)
+                return {}
+
+            row = _measure("cluster_durable", f"allspark-cluster-{servers}", s, make, on_ready=ready, durable=True,
+                           clients=s.clients, messages=s.messages, servers=servers)
+            row.update(placed)
+            if row.get("status") == "ok":
+                s.log(f"  cluster_durable    {servers} server(s): clients per server {placed['clients_per_server']}, "
+                      f"{placed['cross_pairs']} of {placed['pairs']} pairs cross servers, "
+                      f"CPU s per server {row['server_cpu_s_each']}")
+            return row
+
+        rows.append(_median_of(s.repeat, one))
+    return rows
+
+
+def preconnect(s: Settings) -> list[dict[str, Any]]:
+    """Pre-connection answers per second from ``s.preconnect_servers`` meshed
+    servers: ``s.preconnect_procs`` processes (``benchmarks/preconnect.py``),
+    each with ``s.preconnect_threads`` HTTP/1.1 keep-alive connections spread
+    over the servers, ask ``s.preconnect_requests`` times in all (100
+    distinct auth keys in turn).  One row: answers/s (first request to last
+    answer), latency, refusals and errors, server CPU per answer, and how
+    many answers named each server (``named``: port -> answers)."""
+    servers = s.preconnect_servers
+    scenario, system = "preconnect", f"allspark-cluster-{servers}"
+    info = {"servers": servers, "requests": s.preconnect_requests,
+            "connections": s.preconnect_procs * s.preconnect_threads}
+    workdir = procs.new_workdir()
+    target: Target | None = None
+    try:
+        target = _starter(system, s)(workdir)
+        keys = target.mint_keys([(f"pc-{i}", f"pc-user-{i}") for i in range(100)])
+        per_thread = max(1, s.preconnect_requests // (s.preconnect_procs * s.preconnect_threads))
+        gens = []
+        for n in range(s.preconnect_procs):
+            path = os.path.join(workdir, f"preconnect-{n}.json")
+            with open(path, "w") as f:
+                json.dump({"servers": target.urls, "keys": keys, "threads": s.preconnect_threads,
+                           "requests": per_thread, "first": n * s.preconnect_threads}, f)
+            gens.append(procs.spawn(f"loadgen-preconnect-{n}", [sys.executable, "-m", "benchmarks.preconnect", path],
+                                    log_path=path[:-5] + ".log", pipes=True))
+        lg = LoadGenerators(gens)
+        try:
+            ready = lg.collect("READY", 30)
+            if any("connected" not in r for r in ready):
+                raise RuntimeError(f"a pre-connection process did not start: {ready}")
+            cpu0, each0 = target.cpu_s(), [p.cpu_s() for p in target.procs]
+            t0 = time.perf_counter()
+            lg.tell("GO {}")
+            results = lg.collect("RESULT", s.deadline_s + 30)
+            wall = time.perf_counter() - t0
+            cpu = target.cpu_s() - cpu0
+            each = [round(p.cpu_s() - b, 3) for p, b in zip(target.procs, each0)]
+            hwm = target.hwm_kb()
+            alive = all(p.alive() for p in target.procs)
+        finally:
+            lg.tell("STOP")
+            lg.stop()
+    except Exception as e:  # noqa: BLE001 - reported as a failed row
+        s.log(f"  {scenario:18} {system:16} FAILED: {e}")
+        return [_row(scenario, system, target.label if target else system, status="failed", reason=str(e)[:2000],
+                     **info)]
+    finally:
+        if target is not None:
+            target.stop()
+    expected = per_thread * s.preconnect_procs * s.preconnect_threads
+    answers = sum(int(r.get("answers", 0)) for r in results)
+    refused: dict[str, int] = {}
+    named: dict[str, int] = {}
+    for r in results:
+        for k, v in (r.get("refused") or {}).items():
+            refused[k] = refused.get(k, 0) + v
+        for k, v in (r.get("named") or {}).items():
+            named[k] = named.get(k, 0) + v
+    errors = sum(int(r.get("errors", 0)) for r in results) + sum(refused.values())
+    lat = sorted(x for r in results for x in r.get("latencies_ms", []))
+    starts = [r["t_start"] for r in results if r.get("t_start")]
+    ends = [r["t_end"] for r in results if r.get("t_end")]
+    duration = (max(ends) - min(starts)) / 1000 if starts and ends else 0.0
+    row = _row(scenario, system, f"Allspark pre-connection, {servers} servers", status="ok", **info,
+               sent=expected, expected=expected, received=answers, lost=expected - answers - sum(refused.values()),
+               duplicates=0, errors=errors, refused=refused, complete=answers == expected,
+               error_samples=[e for r in results for e in r.get("error_samples", [])][:10],
+               reconnects=sum(int(r.get("reconnects", 0)) for r in results), named=dict(sorted(named.items())),
+               duration_s=round(duration, 4), throughput=round(answers / duration, 1) if duration > 0 else 0.0,
+               latency_ms={"p50": round(percentile(lat, 0.5), 3), "p95": round(percentile(lat, 0.95), 3),
+                           "p99": round(percentile(lat, 0.99), 3), "max": round(lat[-1], 3) if lat else 0.0},
+               cdf=cdf_sample(lat), server_cpu_s=round(cpu, 3), server_cpu_s_each=each,
+               server_cpu_us_per_msg=round(cpu / answers * 1e6, 2) if answers else None,
+               server_peak_rss_mb=round(hwm / 1024, 1), server_alive=alive, loadgen="python",
+               loadgen_procs=len(gens), harness_wall_s=round(wall, 3),
+               loadgen_cpu_util=round(sum(float(r.get("cpu_s", 0)) for r in results) / max(1e-9, wall) / len(gens), 3))
+    s.log(f"  {scenario:18} {row['label']:22} {row['throughput']:>10,.0f} answers/s  {duration:7.3f} s  "
+          f"p50 {row['latency_ms']['p50']:.2f}  p99 {row['latency_ms']['p99']:.2f} ms  errors {errors}  "
+          f"server {row['server_cpu_us_per_msg']} us/answer (per server {each})  named {row['named']}  "
+          f"loadgen cpu {row['loadgen_cpu_util']:.0%}")
+    return [row]

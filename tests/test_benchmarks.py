@@ -54,6 +54,30 @@ class QuickBenchmarkTests(unittest.TestCase):
         # fan-out runs, or says cleanly why not (sessions may not be served)
         self.assertTrue({("fanout", "ok"), ("fanout", "unavailable")} & allspark)
 
+    def test_one_server_and_a_meshed_cluster_in_one_run(self) -> None:
+        rows = {r["servers"]: r for r in self.ok_rows() if r["scenario"] == "cluster_durable"}
+        self.assertEqual(set(rows), {1, 2}, [r for r in self.result["rows"] if r["scenario"] == "cluster_durable"])
+        self.assertEqual(len(rows[1]["clients_per_server"]), 1)
+        # the balancer spread the clients (pre-connection) over both servers, every one of them placed
+        two = rows[2]
+        self.assertEqual(len(two["clients_per_server"]), 2, two["clients_per_server"])
+        self.assertNotIn("unknown", two["clients_per_server"])
+        self.assertEqual(sum(two["clients_per_server"].values()), self.result["settings"]["clients"])
+        self.assertEqual(len(two["server_cpu_s_each"]), 2)
+        for row in rows.values():
+            self.assertEqual(row["status_counts"], {"delivered": row["sent"]})
+
+    def test_pre_connection_answers_from_three_servers(self) -> None:
+        row = next(r for r in self.result["rows"] if r["scenario"] == "preconnect")
+        self.assertEqual(row["status"], "ok", row.get("reason"))
+        self.assertEqual(row["servers"], 3)
+        self.assertEqual(row["received"], row["expected"])
+        self.assertEqual(row["refused"], {})
+        self.assertGreater(row["throughput"], 0)
+        # every server was named by the balancer
+        self.assertEqual(len(row["named"]), 3, row["named"])
+        self.assertEqual(sum(row["named"].values()), row["received"])
+
     def test_the_bare_relay_always_runs(self) -> None:
         systems = {(r["scenario"], r["system"]) for r in self.ok_rows()}
         self.assertIn(("direct_ephemeral", "autobahn-relay"), systems)
