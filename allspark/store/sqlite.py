@@ -251,6 +251,7 @@ _LAST_SEQS = (
     "(SELECT MIN(seq) - 1 FROM inbox WHERE inbox.node_id = inbox_state.node_id), last_seq), "
     "tracked FROM inbox_state WHERE node_id IN (SELECT value FROM json_each(?))"
 )
+_LAST_SEQS_ONLY = "SELECT node_id, last_seq, tracked FROM inbox_state WHERE node_id IN (SELECT value FROM json_each(?))"
 _SET_LAST_SEQ = (
     "INSERT INTO inbox_state (node_id, last_seq) VALUES (?, ?) "
     "ON CONFLICT (node_id) DO UPDATE SET last_seq = excluded.last_seq"
@@ -443,7 +444,22 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
     unacked: dict[str, int] = {}
     tracked: set[str] = set()
     untrack = []
-    for node_id, last_seq, count, tracking in cur.execute(_LAST_SEQS, (nodes,)).fetchall():
+    # (by identity: a run nearly always shares one quota object, and hashing
+    # the dataclass would cost a Python call per message)
+    quotas = {id(a[7]): a[7] for a in appends if a[7] is not None}
+    run_unchecked = min(min(q.per_sender // 2, q.per_inbox) for q in quotas.values()) if quotas else 0
+    # An inbox holds at most last_seq rows (its seqs are distinct, 1..last_seq):
+    # when no inbox of the run is tracked and the highest last_seq plus the
+    # run's length stays under the bounds, the unacked counts (a seek for each
+    # inbox's oldest row) are not needed at all.
+    rows = cur.execute(_LAST_SEQS_ONLY, (nodes,)).fetchall()
+    if any(tracking for _, _, tracking in rows) or (
+        quotas and max((last_seq for _, last_seq, _ in rows), default=0) + len(appends) > run_unchecked
+    ):
+        counted = cur.execute(_LAST_SEQS, (nodes,)).fetchall()
+    else:
+        counted = [(node_id, last_seq, 0, 0) for node_id, last_seq, _ in rows]
+    for node_id, last_seq, count, tracking in counted:
         last[node_id] = last_seq
         unacked[node_id] = count
         if tracking:
@@ -466,13 +482,7 @@ def _append_many(cur: sqlite3.Cursor, appends: Sequence[_AppendArgs]) -> list[Ap
     # its share.  Each append adds at most one copy to an inbox, so when the
     # fullest inbox of the run plus the run's length stays below that, no
     # message of the run needs a look (nearly every run).
-    # (by identity: a run nearly always shares one quota object, and hashing
-    # the dataclass would cost a Python call per message)
-    quotas = {id(a[7]): a[7] for a in appends if a[7] is not None}
-    check = bool(quotas) and (
-        max(unacked.values(), default=0) + len(appends)
-        > min(min(q.per_sender // 2, q.per_inbox) for q in quotas.values())
-    )
+    check = bool(quotas) and max(unacked.values(), default=0) + len(appends) > run_unchecked
     touched: set[str] = set()
     inbox_rows: list[tuple[str, int, int, bytes, str]] = []
     dedup_rows: list[tuple[str, str, int, bytes, bytes]] = []
