@@ -106,12 +106,19 @@ class Delivery:
     @remote.setter
     def remote(self, remote: RemoteRoute | None) -> None:
         self._remote = remote
-        if remote is None:
-            self.is_live = self.registry.is_online
-            self.deliver = self.registry.send
-        else:
+        self.links_changed(remote is not None)
+
+    def links_changed(self, linked: bool) -> None:
+        """Called by the mesh whenever its links change: whether it has any.
+        A mesh without a link holds no node and forwards nothing, so until
+        one comes up ``is_live`` and ``deliver`` are the registry's own
+        methods (the same answers, one Python call less per copy)."""
+        if linked and self._remote is not None:
             self.is_live = self._is_live_anywhere
             self.deliver = self._deliver_anywhere
+        else:
+            self.is_live = self.registry.is_online
+            self.deliver = self.registry.send
 
     # -- where a node is ---------------------------------------------------
     def _is_live_anywhere(self, node_id: str) -> bool:

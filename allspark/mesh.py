@@ -818,6 +818,9 @@ class Mesh(service.MultiService):
         #: called with the peer's id each time a link comes up (a peer that was
         #: unreachable may have missed invalidations meanwhile)
         self.on_link_up: list[Callable[[str], None]] = []
+        #: called with whether any link is up, each time a link comes up or
+        #: goes down (the delivery point skips the mesh while there is none)
+        self.on_links_changed: list[Callable[[bool], None]] = []
         self._dialers: dict[str, _Dialer] = {}
         self._poll: LoopingCall | None = None
         self._since: dict[str, float] = {}
@@ -896,17 +899,28 @@ class Mesh(service.MultiService):
         if old is not None and old is not link:
             old.close(CLOSE_REPLACED, "replaced by a newer link")
         log.info("peer link up: {peer_id} ({direction})", peer_id=link.peer_id, direction=link.direction)
+        self._links_changed()
         for hook in list(self.on_link_up):
             try:
                 hook(link.peer_id)
             except Exception:
                 log.failure("a link-up hook failed for peer {peer_id}", peer_id=link.peer_id)
 
+    def _links_changed(self) -> None:
+        """Tell :attr:`on_links_changed` whether any link is up."""
+        linked = bool(self.links)
+        for hook in list(self.on_links_changed):
+            try:
+                hook(linked)
+            except Exception:
+                log.failure("a links-changed hook failed")
+
     def link_down(self, link: _LinkMixin) -> None:
         """A link closed."""
         if self.links.get(link.peer_id) is link:
             del self.links[link.peer_id]
             self._since.pop(link.peer_id, None)
+            self._links_changed()
             # announcements waiting for this peer's acknowledgement stop waiting:
             # it reloads this server's locations from the store when it relinks
             for frame_id in list(self._announcements):

@@ -329,6 +329,9 @@ def makeService(options: Options) -> Any:
                            max_queue_bytes=options["peer-max-queue-bytes"]),
                 options["peer-tls"])
     server.delivery.remote = mesh
+    # no link yet: the delivery point skips the mesh until one comes up
+    mesh.on_links_changed.append(server.delivery.links_changed)
+    server.delivery.links_changed(bool(mesh.links))
     if options["cluster-secret"]:
         from allspark.locations import LocationTracker
 

@@ -91,6 +91,17 @@ class DeliveryTests(unittest.TestCase):
         self.assertTrue(self.delivery.is_live("dave"))
         self.assertTrue(self.delivery.deliver("dave", b"{}"))
 
+    def test_a_mesh_without_links_is_skipped_until_one_comes_up(self) -> None:
+        self.delivery.remote = self.mesh
+        self.delivery.links_changed(False)
+        self.assertFalse(self.delivery.is_live("bob"))
+        self.assertFalse(self.delivery.deliver("bob", b"{}"))
+        self.assertEqual(self.mesh.forwarded, [])
+        self.delivery.links_changed(True)
+        self.assertTrue(self.delivery.is_live("bob"))
+        self.assertTrue(self.delivery.deliver("bob", b"{}"))
+        self.assertEqual(len(self.mesh.forwarded), 1)
+
     def test_a_local_connection_wins_over_the_mesh(self) -> None:
         self.delivery.remote = FakeMesh({"dave"})
         self.route(dest_id="dave", payload="here")

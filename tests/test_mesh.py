@@ -242,6 +242,16 @@ class MeshTests(TestCase):
         self.assertEqual(seen, ["a", "a"])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    def test_links_coming_up_and_going_down_say_whether_any_is_left(self) -> None:
+        seen: list[bool] = []
+        self.mesh.on_links_changed.append(seen.append)
+        a, b = FakeLink("a"), FakeLink("b")
+        self.mesh.link_up(a)  # type: ignore[arg-type]
+        self.mesh.link_up(b)  # type: ignore[arg-type]
+        self.mesh.link_down(a)  # type: ignore[arg-type]
+        self.mesh.link_down(b)  # type: ignore[arg-type]
+        self.assertEqual(seen, [True, True, True, False])
+
     def test_only_the_lower_id_dials(self) -> None:
         self.mesh._match([("a", "ws://127.0.0.1:1/peer"), ("c", "ws://127.0.0.1:2/peer"), ("b", "ws://x/peer")])
         self.assertEqual(sorted(self.mesh._dialers), ["c"])

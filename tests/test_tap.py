@@ -105,6 +105,7 @@ class PeerOptionsTests(unittest.SynchronousTestCase):
         mesh = service.server.mesh
         self.assertIs(service.mesh, mesh)
         self.assertIs(service.server.delivery.remote, mesh)
+        self.assertIn(service.server.delivery.links_changed, mesh.on_links_changed)
         self.assertIsNotNone(mesh.auth)
         self.assertEqual((mesh.limits.heartbeat, mesh.limits.heartbeat_timeout, mesh.limits.max_queue_bytes),
                          (2.0, 4.0, 1000))
