@@ -44,8 +44,15 @@ class Conn(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         frame = orjson.loads(payload)
         if self.hello is None and frame.get("op") == "hello":
+            # sync on connect, as every client must: the server answers it
+            # once this connection's location is known to its peers, so a
+            # message from a client on another server reaches it live
             self.hello = frame
-            self.ready.callback(self)
+            self.send({"op": "sync", "id": "connect-sync"})
+            return
+        if not self.ready.called:
+            if frame.get("op") == "sync_done":
+                self.ready.callback(self)
             return
         if self.on_frame is not None:
             self.on_frame(frame)

@@ -56,7 +56,7 @@ function openWs(url, client) {
   return new Promise((resolve, reject) => {
     const sock = new (ws())(url, { perMessageDeflate: false, handshakeTimeout: 30000 });
     const conn = {
-      client, sock, onFrame: null, hello: null,
+      client, sock, onFrame: null, hello: null, synced: false,
       send(obj) { sock.send(JSON.stringify(obj)); },
       close() { try { sock.terminate(); } catch (e) { /* gone */ } },
       isOpen() { return sock.readyState === 1; },
@@ -66,7 +66,13 @@ function openWs(url, client) {
     sock.on('message', (data) => {
       let frame;
       try { frame = JSON.parse(data); } catch (e) { error('bad json from server'); return; }
-      if (!conn.hello && frame.op === 'hello') { conn.hello = frame; resolve(conn); return; }
+      // sync on connect, as every client must: the server answers it once this
+      // connection's location is known to its peers (live from any server)
+      if (!conn.hello && frame.op === 'hello') { conn.hello = frame; conn.send({ op: 'sync', id: 'connect-sync' }); return; }
+      if (conn.hello && !conn.synced) {
+        if (frame.op === 'sync_done') { conn.synced = true; resolve(conn); }
+        return;
+      }
       if (conn.onFrame) conn.onFrame(frame);
     });
     sock.on('error', (e) => { if (!opened) reject(e); else if (!stopping) error('socket error: ' + e.message); });
