@@ -28,14 +28,13 @@ import subprocess
 import tempfile
 import time
 import unittest
-from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.ssl import Certificate
 from twisted.trial.unittest import TestCase
 
 from allspark.client import Client, open_socket
+from tests.e2e.cluster_scenarios import CrossServerScenarios
 from tests.e2e.helpers import http_get, pre_connect, wait_until
 from tests.e2e.test_mesh import make_ca, make_server_cert
 from tests.store.postgres_cluster import ClusterUnavailable, PostgresCluster, find_bin_dir
@@ -167,7 +166,7 @@ def can_make_namespaces() -> str | None:
     return None
 
 
-class SeveralHosts(TestCase):
+class SeveralHosts(CrossServerScenarios, TestCase):
     timeout = 180
 
     def setUp(self) -> None:
@@ -270,73 +269,18 @@ class SeveralHosts(TestCase):
         self.assertEqual(client.hello["server_id"], self.server_id(server))
         await client.sync()
 
-        async def close() -> None:
-            if client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-                await client.closed
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        self.close_at_cleanup(client)
         return client
-
-    async def received(self, client: Client, count: int, timeout: float = 20) -> list[Any]:
-        """The payloads of the next ``count`` messages handed to ``client``'s app."""
-        return [(await client.next_message(timeout=timeout))["payload"] for _ in range(count)]
 
     async def test_direct_user_wide_and_session_messages_cross_hosts_live(self) -> None:
         h1, h2, h3 = self.start_servers()
         await self.meshed()
-        alice = await self.client_on(h1, "alice")
-        bob = await self.client_on(h2, "bob")
-        phone = await self.client_on(h2, "carol-phone", "carol")
-        laptop = await self.client_on(h3, "carol-laptop", "carol")
-        dave = await self.client_on(h3, "dave")
-        await alice.create_session(session_id="three-hosts")
-        for member in ("bob", "dave", "carol-phone"):
-            await alice.join_session("three-hosts", node_id=member)
-        total = 20
-        for i in range(total):
-            direct = await alice.send(dest_id="bob", payload=["direct", i])
-            self.assertEqual((direct["status"], direct["live"]), ("delivered", 1), direct)
-            user_wide = await alice.send(dest_client_id="carol", payload=["user", i])
-            self.assertEqual((user_wide["status"], user_wide["live"]), ("delivered", 2), user_wide)
-            await alice.send(dest_session_id="three-hosts", payload=["session", i])
-        await alice.send(dest_id="bob", payload="end")
-        await alice.send(dest_client_id="carol", payload="end")
-        await alice.send(dest_session_id="three-hosts", payload="end")
-        # live only (nobody syncs again): each message once, in the sender's order
-        expected_bob = [x for i in range(total) for x in (["direct", i], ["session", i])] + ["end", "end"]
-        self.assertEqual(await self.received(bob, len(expected_bob)), expected_bob)
-        expected_phone = [x for i in range(total) for x in (["user", i], ["session", i])] + ["end", "end"]
-        self.assertEqual(await self.received(phone, len(expected_phone)), expected_phone)
-        self.assertEqual(await self.received(laptop, total + 1), [["user", i] for i in range(total)] + ["end"])
-        self.assertEqual(await self.received(dave, total + 1), [["session", i] for i in range(total)] + ["end"])
-        for client in (bob, phone, laptop, dave):
-            self.assertEqual(client.messages.pending, [])
+        await self.messages_cross_live(h1, h2, h3, total=20)
 
     async def test_kill_9_of_a_host_server_moves_its_client_with_nothing_lost(self) -> None:
         h1, h2, victim = self.start_servers()
         await self.meshed()
-        sender = await self.client_on(h1, "talker")
-        receiver = await self.client_on(victim, "mover")
-        total = 60
-        got: list[int] = []
-        for i in range(total):
-            if i == 20:
-                victim.kill()
-                await receiver.closed
-                # through pre-connection at another host: the dead one is not named once it is dead
-                moving = ensureDeferred(receiver.reconnect(h2.base_url, attempts=20))
-            answer = await sender.send(dest_id="mover", payload=i, id=f"m-{i}")
-            self.assertIn(answer["status"], ("delivered", "stored"), answer)
-        await moving
-        assert receiver.hello is not None
-        self.assertIn(receiver.hello["server_id"], {self.server_id(h1), self.server_id(h2)})
-        while len(got) < total:
-            got.append((await receiver.next_message(timeout=20))["payload"])
-        self.assertEqual(sorted(got), list(range(total)))  # every accepted message, once
-        answer = await sender.send(dest_id="mover", payload="after")
-        self.assertEqual((answer["status"], answer["live"]), ("delivered", 1), answer)
-        self.assertEqual((await receiver.next_message(timeout=20))["payload"], "after")
+        await self.kill_9_moves_the_client(h1, h2, victim, total=60, kill_at=20)
 
     async def test_peer_links_across_hosts_over_tls_verified_by_address(self) -> None:
         # every server: TLS on TLS_PORT with a certificate for its own address;

@@ -10,14 +10,14 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from allspark.client import Client, open_socket
 from allspark.locations import ANNOUNCE_DELAY_ENV
+from tests.e2e.cluster_scenarios import CrossServerScenarios
 from tests.e2e.helpers import http_get, pre_connect, wait_until
 from tests.support import ServerProcess, key
 
@@ -29,7 +29,7 @@ def server_id(server: ServerProcess) -> str:
     return f"127.0.0.1:{server.port}"
 
 
-class Locations(TestCase):
+class Locations(CrossServerScenarios, TestCase):
     timeout = 120
 
     def start_cluster(self, env: dict[int, dict[str, str]] | None = None) -> list[ServerProcess]:
@@ -79,77 +79,22 @@ class Locations(TestCase):
         if sync:
             await client.sync()
 
-        async def close() -> None:
-            if client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-                await client.closed
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
+        self.close_at_cleanup(client)
         return client
 
-    async def received(self, client: Client, count: int, timeout: float = 20) -> list[Any]:
-        """The payloads of the next ``count`` messages handed to ``client``'s app."""
-        return [(await client.next_message(timeout=timeout))["payload"] for _ in range(count)]
+    def server_id(self, server: ServerProcess) -> str:
+        return server_id(server)
 
     # -- tests ------------------------------------------------------------------
     async def test_direct_user_wide_and_session_messages_arrive_live_across_servers(self) -> None:
         s0, s1, s2 = self.start_cluster()
         await self.meshed()
-        alice = await self.client_on(s0, "alice")
-        bob = await self.client_on(s1, "bob")
-        phone = await self.client_on(s1, "carol-phone", "carol")
-        laptop = await self.client_on(s2, "carol-laptop", "carol")
-        dave = await self.client_on(s2, "dave")
-        await alice.create_session(session_id="everywhere")
-        for member in ("bob", "dave", "carol-phone"):
-            await alice.join_session("everywhere", node_id=member)
-        total = 25
-        for i in range(total):
-            direct = await alice.send(dest_id="bob", payload=["direct", i])
-            self.assertEqual((direct["status"], direct["live"]), ("delivered", 1), direct)
-            user_wide = await alice.send(dest_client_id="carol", payload=["user", i])
-            self.assertEqual((user_wide["status"], user_wide["live"]), ("delivered", 2), user_wide)
-            await alice.send(dest_session_id="everywhere", payload=["session", i])
-        # live only: none of these clients syncs again; each gets each message
-        # once, in the sender's order, then the marker (nothing after it was doubled)
-        await alice.send(dest_id="bob", payload="end")
-        await alice.send(dest_client_id="carol", payload="end")
-        await alice.send(dest_session_id="everywhere", payload="end")
-        expected_bob = [x for i in range(total) for x in (["direct", i], ["session", i])] + ["end", "end"]
-        self.assertEqual(await self.received(bob, len(expected_bob)), expected_bob)
-        expected_phone = [x for i in range(total) for x in (["user", i], ["session", i])] + ["end", "end"]
-        self.assertEqual(await self.received(phone, len(expected_phone)), expected_phone)
-        self.assertEqual(await self.received(laptop, total + 1), [["user", i] for i in range(total)] + ["end"])
-        self.assertEqual(await self.received(dave, total + 1), [["session", i] for i in range(total)] + ["end"])
-        for client in (bob, phone, laptop, dave):
-            self.assertEqual(client.messages.pending, [])
+        await self.messages_cross_live(s0, s1, s2, total=25)
 
     async def test_kill_9_while_messages_flow_loses_nothing_accepted(self) -> None:
         s0, s1, victim = self.start_cluster()
         await self.meshed()
-        sender = await self.client_on(s0, "talker")
-        receiver = await self.client_on(victim, "mover")
-        total = 90
-        got: list[int] = []
-        for i in range(total):
-            if i == 30:
-                victim.kill()
-                await receiver.closed
-                # the client comes back elsewhere (the dead server is never named
-                # once it is dead; a try at it meanwhile fails and is retried)
-                moving = ensureDeferred(receiver.reconnect(s1.base_url, attempts=20))
-            answer = await sender.send(dest_id="mover", payload=i, id=f"m-{i}")
-            self.assertIn(answer["status"], ("delivered", "stored"), answer)
-        await moving
-        assert receiver.hello is not None
-        self.assertNotEqual(receiver.hello["server_id"], server_id(victim))
-        while len(got) < total:
-            got.append((await receiver.next_message(timeout=20))["payload"])
-        self.assertEqual(sorted(got), list(range(total)))  # every accepted message, once
-        # after the move, messages reach it live on its new server
-        answer = await sender.send(dest_id="mover", payload="after")
-        self.assertEqual((answer["status"], answer["live"]), ("delivered", 1), answer)
-        self.assertEqual((await receiver.next_message(timeout=20))["payload"], "after")
+        await self.kill_9_moves_the_client(s0, s1, victim, total=90, kill_at=30)
 
     async def test_a_message_accepted_between_a_reconnect_and_its_sync_arrives_without_another_reconnect(
             self) -> None:
