@@ -101,7 +101,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import orjson
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
@@ -122,6 +122,7 @@ from allspark.store import (
     StreamQuota,
     quota_window_end,
 )
+from allspark.store.queued import QueuedStore, operations
 
 log = logger(__name__)
 
@@ -866,7 +867,7 @@ def _is_retryable(error: BaseException) -> bool:
                               _DedupRace))
 
 
-class PostgresStore:
+class PostgresStore(QueuedStore):
     """The PostgreSQL :class:`~allspark.store.Store`.
 
     ``url`` is a libpq connection URL (``postgresql://user@host:port/db``);
@@ -874,6 +875,8 @@ class PostgresStore:
     After :meth:`start`, :attr:`migrations_applied` lists the schema versions
     this start created (empty when the database was already current).
     """
+
+    OPS = operations(globals())
 
     #: Seconds a connection attempt may take (libpq ``connect_timeout``)
     #: unless the URL sets ``connect_timeout`` itself.
@@ -1142,161 +1145,7 @@ class PostgresStore:
             pool, self._pool = self._pool, None
             pool.close()
 
-    # -- nodes ------------------------------------------------------------
-    def remember_node(self, node_id: str, client_id: str | None, now_ms: int) -> Deferred[None]:
-        """See :meth:`allspark.store.Store.remember_node`."""
-        return self._submit(_op_remember_node, node_id, client_id, now_ms)
+    def _encode_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Session options as a dict (the functions adapt it to JSONB)."""
+        return dict(options)
 
-    def get_node(self, node_id: str) -> Deferred[tuple[str, str | None] | None]:
-        """See :meth:`allspark.store.Store.get_node`."""
-        return self._submit(_op_get_node, node_id)
-
-    def nodes_of_client(self, client_id: str) -> Deferred[list[str]]:
-        """See :meth:`allspark.store.Store.nodes_of_client`."""
-        return self._submit(_op_nodes_of_client, client_id)
-
-    # -- server records ---------------------------------------------------
-    def get_server(self, server_id: str) -> Deferred[ServerRecord | None]:
-        """See :meth:`allspark.store.Store.get_server`."""
-        return self._submit(_op_get_server, server_id)
-
-    def list_servers(self) -> Deferred[list[ServerRecord]]:
-        """See :meth:`allspark.store.Store.list_servers`."""
-        return self._submit(_op_list_servers)
-
-    def put_server(self, record: ServerRecord, expect_holder: str | None) -> Deferred[bool]:
-        """See :meth:`allspark.store.Store.put_server`."""
-        return self._submit(_op_put_server, record, expect_holder)
-
-    def remove_server(self, server_id: str, holder: str) -> Deferred[bool]:
-        """See :meth:`allspark.store.Store.remove_server`."""
-        return self._submit(_op_remove_server, server_id, holder)
-
-    # -- locations ----------------------------------------------------------
-    def put_location(self, record: LocationRecord) -> Deferred[None]:
-        """See :meth:`allspark.store.Store.put_location`."""
-        return self._submit(_op_put_location, record)
-
-    def remove_location(self, record: LocationRecord) -> Deferred[bool]:
-        """See :meth:`allspark.store.Store.remove_location`."""
-        return self._submit(_op_remove_location, record)
-
-    def drop_locations(self, server_id: str) -> Deferred[int]:
-        """See :meth:`allspark.store.Store.drop_locations`."""
-        return self._submit(_op_drop_locations, server_id)
-
-    def list_locations(self) -> Deferred[list[LocationRecord]]:
-        """See :meth:`allspark.store.Store.list_locations`."""
-        return self._submit(_op_list_locations)
-
-    # -- inbox ------------------------------------------------------------
-    def append_inbox(
-        self,
-        sender_id: str,
-        dedup_id: str | None,
-        recipients: Sequence[str],
-        body: bytes,
-        answer: bytes,
-        now_ms: int,
-        dedup_window_ms: int,
-        quota: InboxQuota | None = None,
-    ) -> Deferred[AppendResult]:
-        """See :meth:`allspark.store.Store.append_inbox`."""
-        return self._submit(
-            _op_append_inbox,
-            sender_id, dedup_id, recipients, body, answer, now_ms, dedup_window_ms, quota,
-        )
-
-    def fetch_inbox(self, node_id: str, after: int, limit: int) -> Deferred[InboxPage]:
-        """See :meth:`allspark.store.Store.fetch_inbox`."""
-        return self._submit(_op_fetch_inbox, node_id, after, limit)
-
-    def ack_inbox(self, node_id: str, upto: int) -> Deferred[int]:
-        """See :meth:`allspark.store.Store.ack_inbox`."""
-        return self._submit(_op_ack_inbox, node_id, upto)
-
-    def inbox_state(self, node_id: str) -> Deferred[tuple[int, int]]:
-        """See :meth:`allspark.store.Store.inbox_state`."""
-        return self._submit(_op_inbox_state, node_id)
-
-    def purge(self, stored_before_ms: int, dedup_before_ms: int) -> Deferred[int]:
-        """See :meth:`allspark.store.Store.purge`."""
-        return self._submit(_op_purge, stored_before_ms, dedup_before_ms)
-
-    # -- sessions ---------------------------------------------------------
-    def create_session(
-        self, session_id: str, owner_id: str, options: dict[str, Any], now_ms: int
-    ) -> Deferred[SessionRecord]:
-        """See :meth:`allspark.store.Store.create_session`."""
-        return self._submit(_op_create_session, session_id, owner_id, dict(options), now_ms)
-
-    def get_session(self, session_id: str) -> Deferred[SessionRecord | None]:
-        """See :meth:`allspark.store.Store.get_session`."""
-        return self._submit(_op_get_session, session_id)
-
-    def update_session(
-        self, session_id: str, options: dict[str, Any]
-    ) -> Deferred[SessionRecord | None]:
-        """See :meth:`allspark.store.Store.update_session`."""
-        return self._submit(_op_update_session, session_id, dict(options))
-
-    def delete_session(self, session_id: str) -> Deferred[None]:
-        """See :meth:`allspark.store.Store.delete_session`."""
-        return self._submit(_op_delete_session, session_id)
-
-    def add_member(
-        self,
-        session_id: str,
-        node_id: str,
-        client_id: str | None,
-        anonymous: bool,
-        alias: str,
-        now_ms: int,
-    ) -> Deferred[MemberRecord]:
-        """See :meth:`allspark.store.Store.add_member`."""
-        return self._submit(_op_add_member, session_id, node_id, client_id, anonymous, alias, now_ms)
-
-    def update_member(
-        self, session_id: str, node_id: str, anonymous: bool, alias: str
-    ) -> Deferred[MemberRecord | None]:
-        """See :meth:`allspark.store.Store.update_member`."""
-        return self._submit(_op_update_member, session_id, node_id, anonymous, alias)
-
-    def remove_member(self, session_id: str, node_id: str) -> Deferred[bool]:
-        """See :meth:`allspark.store.Store.remove_member`."""
-        return self._submit(_op_remove_member, session_id, node_id)
-
-    def get_members(self, session_id: str) -> Deferred[list[MemberRecord]]:
-        """See :meth:`allspark.store.Store.get_members`."""
-        return self._submit(_op_get_members, session_id)
-
-    def sessions_of_node(self, node_id: str) -> Deferred[list[MemberRecord]]:
-        """See :meth:`allspark.store.Store.sessions_of_node`."""
-        return self._submit(_op_sessions_of_node, node_id)
-
-    def append_session(
-        self,
-        session_id: str,
-        sender_id: str,
-        dedup_id: str | None,
-        body: bytes,
-        answer: bytes,
-        now_ms: int,
-        dedup_window_ms: int,
-        quota: StreamQuota | None = None,
-    ) -> Deferred[AppendResult]:
-        """See :meth:`allspark.store.Store.append_session`."""
-        return self._submit(
-            _op_append_session,
-            session_id, sender_id, dedup_id, body, answer, now_ms, dedup_window_ms, quota,
-        )
-
-    def fetch_session(
-        self, session_id: str, reader_id: str, after: int, limit: int
-    ) -> Deferred[InboxPage]:
-        """See :meth:`allspark.store.Store.fetch_session`."""
-        return self._submit(_op_fetch_session, session_id, reader_id, after, limit)
-
-    def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
-        """See :meth:`allspark.store.Store.ack_session`."""
-        return self._submit(_op_ack_session, session_id, node_id, upto)
