@@ -431,6 +431,19 @@ class _LinkMixin:
         self.mesh.link_up(self)
         self.send(encode_peer_frame("hello", server_id=self.mesh.server_id))
 
+    def _open_or_drop(self) -> None:
+        """Open the link; a failure is logged and the connection dropped
+        (Autobahn calls onOpen where an exception would vanish)."""
+        try:
+            self._open_link()
+        except Exception:
+            where = "from" if self.direction == "in" else "to"
+            log.failure("could not open the peer link {where} {peer_id}", where=where, peer_id=self.peer_id)
+            getattr(self, "dropConnection")(abort=True)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._close_link()
+
     def _close_link(self) -> None:
         self._queue.clear()
         self._queued = 0
@@ -603,14 +616,7 @@ class PeerServerProtocol(_LinkMixin, WebSocketServerProtocol):  # type: ignore[m
         self.sendData(raw_json_answer(code, {"error": error, "message": message}, responseHeaders or ()))
 
     def onOpen(self) -> None:
-        try:
-            self._open_link()
-        except Exception:
-            log.failure("could not open the peer link from {peer_id}", peer_id=self.peer_id)
-            self.dropConnection(abort=True)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._close_link()
+        self._open_or_drop()
 
 
 @implementer(IPushProducer)
@@ -663,14 +669,7 @@ class PeerClientProtocol(_LinkMixin, WebSocketClientProtocol):  # type: ignore[m
             self.dropConnection(abort=True)
             return
         self._opened_once = True
-        try:
-            self._open_link()
-        except Exception:
-            log.failure("could not open the peer link to {peer_id}", peer_id=self.peer_id)
-            self.dropConnection(abort=True)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self._close_link()
+        self._open_or_drop()
 
     def connectionLost(self, reason: Any = None) -> None:
         """Say why a dial that never opened the link failed (a refused
