@@ -952,11 +952,43 @@ class PostgresContractTests(StoreContract, TestCase):
 # -- SQLite only ----------------------------------------------------------------------
 
 
-class SQLiteStoreTests(TestCase):
+class SurvivesReopen:
+    """A durable backend's promise, for its own test class: everything
+    committed is there for the next store opened on the same location
+    (the class gives ``new_location()``, and ``opened(location)``, which
+    starts a store there)."""
+
+    @inline
+    async def test_data_survives_close_and_reopen(self) -> None:
+        """Everything committed is there after a close and a reopen."""
+        case: Any = self
+        path = case.new_location()
+        store = await case.opened(path)
+        await store.append_inbox("s", "m1", ["a", "b"], b"body", b"ans", 1000, WINDOW)
+        await store.append_inbox("s", None, ["a"], b"body2", b"", 1001, WINDOW)
+        await store.remember_node("a", "c", 1)
+        await store.create_session("s1", "a", {"anonymous": True}, 1)
+        await store.add_member("s1", "a", "c", True, "al", 2)
+        await store.append_session("s1", "b", None, b"sb", b"", 3, WINDOW)
+        await store.ack_session("s1", "a", 1)
+        await store.close()
+        store = await case.opened(path)
+        case.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
+        case.assertEqual(await store.inbox_state("b"), (1, 0))
+        case.assertEqual(await store.get_node("a"), ("a", "c"))
+        case.assertEqual((await store.get_session("s1")).options, {"anonymous": True})
+        case.assertEqual((await store.get_members("s1"))[0].acked_seq, 1)
+        retry = await store.append_inbox("s", "m1", ["a", "b"], b"body", b"x", 2000, WINDOW)
+        case.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans"))
+
+
+class SQLiteStoreTests(SurvivesReopen, TestCase):
     """What only the SQLite backend promises: files, processes, batches, schema."""
 
     def new_path(self) -> str:
         return os.path.join(temp_dir(self), "sub", "allspark.db")
+
+    new_location = new_path
 
     async def opened(self, path: str) -> Any:
         from allspark.store.sqlite import SQLiteStore
@@ -995,28 +1027,6 @@ class SQLiteStoreTests(TestCase):
         with self.assertRaises(StoreError):
             await store.start()
         await store.close()
-
-    @inline
-    async def test_data_survives_close_and_reopen(self) -> None:
-        """Everything committed is there after a close and a reopen."""
-        path = self.new_path()
-        store = await self.opened(path)
-        await store.append_inbox("s", "m1", ["a", "b"], b"body", b"ans", 1000, WINDOW)
-        await store.append_inbox("s", None, ["a"], b"body2", b"", 1001, WINDOW)
-        await store.remember_node("a", "c", 1)
-        await store.create_session("s1", "a", {"anonymous": True}, 1)
-        await store.add_member("s1", "a", "c", True, "al", 2)
-        await store.append_session("s1", "b", None, b"sb", b"", 3, WINDOW)
-        await store.ack_session("s1", "a", 1)
-        await store.close()
-        store = await self.opened(path)
-        self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
-        self.assertEqual(await store.inbox_state("b"), (1, 0))
-        self.assertEqual(await store.get_node("a"), ("a", "c"))
-        self.assertEqual((await store.get_session("s1")).options, {"anonymous": True})
-        self.assertEqual((await store.get_members("s1"))[0].acked_seq, 1)
-        retry = await store.append_inbox("s", "m1", ["a", "b"], b"body", b"x", 2000, WINDOW)
-        self.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans"))
 
     @inline
     async def test_closed_store_refuses_work(self) -> None:
@@ -1386,10 +1396,13 @@ class SQLiteStoreTests(TestCase):
 # -- PostgreSQL only --------------------------------------------------------------------
 
 
-class PostgresStoreTests(TestCase):
+class PostgresStoreTests(SurvivesReopen, TestCase):
     """What only the PostgreSQL backend promises: schema versions, batches
     that survive an SQL error or a deadlock, acks batched in order, several
     processes on one database, a bounded start against a dead server."""
+
+    def new_location(self) -> str:
+        return database_for(self)
 
     async def opened(self, url: str) -> Any:
         from allspark.store.postgres import PostgresStore
@@ -1449,28 +1462,6 @@ class PostgresStoreTests(TestCase):
         with self.assertRaises(StoreError):
             await store.append_inbox("s", None, ["a"], b"x", b"", 1, WINDOW)
         await store.close()
-
-    @inline
-    async def test_data_survives_close_and_reopen(self) -> None:
-        """Everything committed is there for the next store on the database."""
-        url = database_for(self)
-        store = await self.opened(url)
-        await store.append_inbox("s", "m1", ["a", "b"], b"body", b"ans", 1000, WINDOW)
-        await store.append_inbox("s", None, ["a"], b"body2", b"", 1001, WINDOW)
-        await store.remember_node("a", "c", 1)
-        await store.create_session("s1", "a", {"anonymous": True}, 1)
-        await store.add_member("s1", "a", "c", True, "al", 2)
-        await store.append_session("s1", "b", None, b"sb", b"", 3, WINDOW)
-        await store.ack_session("s1", "a", 1)
-        await store.close()
-        store = await self.opened(url)
-        self.assertEqual(seqs_of(await store.fetch_inbox("a", 0, 10)), [1, 2])
-        self.assertEqual(await store.inbox_state("b"), (1, 0))
-        self.assertEqual(await store.get_node("a"), ("a", "c"))
-        self.assertEqual((await store.get_session("s1")).options, {"anonymous": True})
-        self.assertEqual((await store.get_members("s1"))[0].acked_seq, 1)
-        retry = await store.append_inbox("s", "m1", ["a", "b"], b"body", b"x", 2000, WINDOW)
-        self.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans"))
 
     @inline
     async def test_closed_store_refuses_work(self) -> None:
