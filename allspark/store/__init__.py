@@ -241,6 +241,58 @@ class ServerRecord:
         return cls(**{f.name: data.get(f.name) for f in fields(cls)})
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Where a node's push notifications go (one per node: the latest wins).
+
+    ``provider`` is ``fcm``, ``apns``, ``webpush`` or ``webhook``.  ``token``
+    is the device token (FCM registration token, APNs device token, or the
+    app's own identifier for a webhook); for Web Push it is None and
+    ``subscription`` holds the browser's PushSubscription JSON
+    (``endpoint`` and ``keys`` with ``p256dh`` and ``auth``).  ``topic`` and
+    ``environment`` (``production`` or ``development``) are APNs options.
+    ``registered_ms`` is when the node registered it.
+    """
+
+    node_id: str
+    provider: str
+    token: str | None
+    subscription: dict[str, Any] | None
+    topic: str | None
+    environment: str | None
+    registered_ms: int
+
+    @property
+    def address(self) -> str:
+        """What identifies this target at its provider: the token, or the
+        Web Push subscription's endpoint URL.  A provider that reports an
+        address dead removes the target only if it still has that address
+        (:meth:`Store.remove_push_target`), never a newer registration."""
+        if self.token is not None:
+            return self.token
+        return str((self.subscription or {}).get("endpoint", ""))
+
+
+@dataclass(frozen=True)
+class PushJob:
+    """A push a server has claimed (:meth:`Store.claim_due_pushes`).
+
+    ``gen`` counts the schedules of this node: :meth:`Store.finish_push`
+    compares it to tell "nothing new since the claim" from "new copies were
+    stored while the push was being sent".  ``last_sent_ms`` is when the
+    node's previous push was sent (None: never), so the claimer can respect
+    the coalescing window; ``attempts`` counts failed sends since the last
+    success (for backoff).
+    """
+
+    node_id: str
+    target: PushTarget
+    gen: int
+    due_ms: int
+    last_sent_ms: int | None
+    attempts: int
+
+
 @runtime_checkable
 class Store(Protocol):
     """The persistence interface.  See the module docstring for the shapes."""
@@ -443,6 +495,64 @@ class Store(Protocol):
     def list_locations(self) -> Deferred[list[LocationRecord]]:
         """Every location, ordered by ``(node_id, server_id, epoch)``."""
 
+    # -- push notifications (one row per node: target, mute, schedule) -----
+    def set_push_target(self, target: PushTarget) -> Deferred[None]:
+        """Register ``target`` for ``target.node_id``, replacing any earlier
+        target of that node.  The node's mute flag and schedule are kept."""
+
+    def get_push_target(self, node_id: str) -> Deferred[PushTarget | None]:
+        """The node's registered target, or None."""
+
+    def remove_push_target(self, node_id: str, address: str | None = None) -> Deferred[bool]:
+        """Forget the node's target; when ``address`` is given, only if the
+        stored target still has that :attr:`PushTarget.address` (a token a
+        provider reported dead never removes a newer registration).  Whether
+        a target was removed.  A pending schedule stays but is never claimed
+        while there is no target."""
+
+    def set_push_muted(self, node_id: str, muted: bool) -> Deferred[None]:
+        """Mute (or unmute) pushes to ``node_id``; kept across re-registrations.
+        A muted node's schedule is never claimed."""
+
+    def push_muted(self, node_id: str) -> Deferred[bool]:
+        """Whether ``node_id`` muted its pushes (False for an unknown node)."""
+
+    def schedule_push(self, node_ids: Sequence[str], due_ms: int) -> Deferred[list[str]]:
+        """Ask for a push to each of ``node_ids`` at ``due_ms``: for each node
+        that has a target and is not muted, set its due time to ``due_ms``
+        unless one is already set (an earlier schedule wins) and add one to
+        its ``gen``.  Returns the node_ids that were scheduled (a node without
+        a target, or muted, is left alone and not returned)."""
+
+    def claim_due_pushes(
+        self, now_ms: int, owner: str, lease_ms: int, limit: int
+    ) -> Deferred[list[PushJob]]:
+        """Atomically take up to ``limit`` pushes that are due (due time
+        ``<= now_ms``, a target, not muted) and not leased (no lease, or its
+        lease ended before ``now_ms``), in due order: each gets a lease held
+        by ``owner`` until ``now_ms + lease_ms``.  Two processes calling this
+        at once never get the same node; this is what makes one push per
+        device per window cluster-wide."""
+
+    def finish_push(
+        self,
+        node_id: str,
+        owner: str,
+        gen: int,
+        sent_ms: int | None,
+        retry_at_ms: int | None,
+        failed: bool = False,
+    ) -> Deferred[bool]:
+        """End ``owner``'s lease on ``node_id``'s push.
+
+        ``sent_ms``: the push was sent at that time (``last_sent_ms`` becomes
+        it, ``attempts`` returns to 0).  ``failed``: the send failed
+        (``attempts`` goes up by one).  ``retry_at_ms``: the push is due again
+        then (a retry after a failure, or the end of the coalescing window).
+        Otherwise, when the node's ``gen`` is still ``gen`` the schedule is
+        cleared (done); when it moved on (copies stored since the claim) the
+        schedule stays due as it is.  Returns False, changing nothing, when
+        ``owner`` no longer holds the lease (it ended and another took it)."""
 
 def open_store(url: str, reactor: Any) -> Store:
     """Build (without starting) the store named by ``url``.
