@@ -17,3 +17,4 @@ The pieces, each with one job:
 
 Push never runs in the routing path: routing only tells the scheduler which
 offline nodes got a stored copy, and everything else happens later.
+"""
