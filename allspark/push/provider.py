@@ -19,6 +19,11 @@ from twisted.internet.defer import Deferred
 from allspark.store import PushTarget
 
 
+class PushConfigError(ValueError):
+    """A ``--push-config`` table is wrong (a missing key, an unreadable
+    secret file, a bad value); the message names the table and key."""
+
+
 @dataclass(frozen=True)
 class Notification:
     """What one push says.
@@ -86,3 +91,9 @@ class Provider(Protocol):
 
     def close(self) -> Deferred[None]:
         """Release connections (APNs keeps one open); called at shutdown."""
+
+
+# Every provider module (fcm, apns, webpush, webhook) also has
+#   def from_config(table: Mapping[str, Any], reactor: Any) -> Provider
+# building the provider from its ``--push-config`` table (secrets read from the
+# files or environment variables the table names), raising PushConfigError.

@@ -554,6 +554,14 @@ class Store(Protocol):
         schedule stays due as it is.  Returns False, changing nothing, when
         ``owner`` no longer holds the lease (it ended and another took it)."""
 
+    # -- revocations (the server API's "disconnect and revoke") -----------
+    def revoke_node(self, node_id: str, until_ms: int) -> Deferred[None]:
+        """Refuse every auth key of ``node_id`` until ``until_ms`` (a later
+        call replaces the time; 0 lifts the revocation)."""
+
+    def revoked_until(self, node_id: str) -> Deferred[int]:
+        """Until when ``node_id`` is revoked, in Unix ms (0: it is not)."""
+
 def open_store(url: str, reactor: Any) -> Store:
     """Build (without starting) the store named by ``url``.
 
