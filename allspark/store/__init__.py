@@ -520,19 +520,22 @@ class Store(Protocol):
     def schedule_push(self, node_ids: Sequence[str], due_ms: int) -> Deferred[list[str]]:
         """Ask for a push to each of ``node_ids`` at ``due_ms``: for each node
         that has a target and is not muted, set its due time to ``due_ms``
-        unless one is already set (an earlier schedule wins) and add one to
-        its ``gen``.  Returns the node_ids that were scheduled (a node without
-        a target, or muted, is left alone and not returned)."""
+        unless an earlier one is already set (the earliest due time wins) and
+        add one to its ``gen`` (once per call, even when the node is listed
+        twice).  Returns the node_ids that were scheduled, each once, in the
+        order given (a node without a target, or muted, is left alone and not
+        returned)."""
 
     def claim_due_pushes(
         self, now_ms: int, owner: str, lease_ms: int, limit: int
     ) -> Deferred[list[PushJob]]:
         """Atomically take up to ``limit`` pushes that are due (due time
         ``<= now_ms``, a target, not muted) and not leased (no lease, or its
-        lease ended before ``now_ms``), in due order: each gets a lease held
-        by ``owner`` until ``now_ms + lease_ms``.  Two processes calling this
-        at once never get the same node; this is what makes one push per
-        device per window cluster-wide."""
+        lease ended before ``now_ms``: a lease until ``t`` is held at ``t``),
+        in due order (then node_id): each gets a lease held by ``owner`` until
+        ``now_ms + lease_ms``; the due time stays until :meth:`finish_push`.
+        Two processes calling this at once never get the same node; this is
+        what makes one push per device per window cluster-wide."""
 
     def finish_push(
         self,
@@ -552,7 +555,8 @@ class Store(Protocol):
         Otherwise, when the node's ``gen`` is still ``gen`` the schedule is
         cleared (done); when it moved on (copies stored since the claim) the
         schedule stays due as it is.  Returns False, changing nothing, when
-        ``owner`` no longer holds the lease (it ended and another took it)."""
+        ``owner`` no longer holds the lease (it ended and another took it);
+        a lease that ended but was not taken by anyone is still ``owner``'s."""
 
     # -- revocations (the server API's "disconnect and revoke") -----------
     def revoke_node(self, node_id: str, until_ms: int) -> Deferred[None]:

@@ -24,6 +24,8 @@ from allspark.store import (
     MemberRecord,
     SessionFull,
     LocationRecord,
+    PushJob,
+    PushTarget,
     ServerRecord,
     SessionRecord,
     StoredMessage,
@@ -71,6 +73,20 @@ class _Dedup:
     answer: bytes
 
 
+@dataclass
+class _PushState:
+    """One node's push row: its target, mute flag, schedule and lease."""
+
+    target: PushTarget | None = None
+    muted: bool = False
+    due_ms: int | None = None
+    gen: int = 0
+    lease_owner: str | None = None
+    lease_until_ms: int = 0
+    last_sent_ms: int | None = None
+    attempts: int = 0
+
+
 def _page(stream: _Stream | None, skip_sender: str | None, after: int, limit: int) -> InboxPage:
     """One page of ``stream`` after ``after``, skipping rows of ``skip_sender``."""
     if stream is None:
@@ -102,6 +118,8 @@ class MemoryStore:
         self._stream_quota: dict[tuple[str, str], tuple[int, int]] = {}
         self._servers: dict[str, ServerRecord] = {}
         self._locations: set[LocationRecord] = set()
+        self._push: dict[str, _PushState] = {}
+        self._revoked: dict[str, int] = {}
 
     @staticmethod
     def _run(fn: Callable[..., _T], *args: Any) -> Deferred[_T]:
@@ -458,3 +476,112 @@ class MemoryStore:
     def list_locations(self) -> Deferred[list[LocationRecord]]:
         """See :meth:`allspark.store.Store.list_locations`."""
         return succeed(sorted(self._locations, key=lambda r: (r.node_id, r.server_id, r.epoch)))
+
+    # -- push notifications -------------------------------------------------
+    def set_push_target(self, target: PushTarget) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.set_push_target`."""
+        self._push.setdefault(target.node_id, _PushState()).target = target
+        return succeed(None)
+
+    def get_push_target(self, node_id: str) -> Deferred[PushTarget | None]:
+        """See :meth:`allspark.store.Store.get_push_target`."""
+        state = self._push.get(node_id)
+        return succeed(state.target if state is not None else None)
+
+    def remove_push_target(self, node_id: str, address: str | None = None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_push_target`."""
+        state = self._push.get(node_id)
+        if state is None or state.target is None:
+            return succeed(False)
+        if address is not None and state.target.address != address:
+            return succeed(False)
+        state.target = None
+        return succeed(True)
+
+    def set_push_muted(self, node_id: str, muted: bool) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.set_push_muted`."""
+        self._push.setdefault(node_id, _PushState()).muted = muted
+        return succeed(None)
+
+    def push_muted(self, node_id: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.push_muted`."""
+        state = self._push.get(node_id)
+        return succeed(state is not None and state.muted)
+
+    def schedule_push(self, node_ids: Sequence[str], due_ms: int) -> Deferred[list[str]]:
+        """See :meth:`allspark.store.Store.schedule_push`."""
+        scheduled: list[str] = []
+        for node_id in dict.fromkeys(node_ids):
+            state = self._push.get(node_id)
+            if state is None or state.target is None or state.muted:
+                continue
+            if state.due_ms is None or due_ms < state.due_ms:
+                state.due_ms = due_ms
+            state.gen += 1
+            scheduled.append(node_id)
+        return succeed(scheduled)
+
+    def claim_due_pushes(
+        self, now_ms: int, owner: str, lease_ms: int, limit: int
+    ) -> Deferred[list[PushJob]]:
+        """See :meth:`allspark.store.Store.claim_due_pushes`."""
+        due = sorted(
+            (
+                (state.due_ms, node_id)
+                for node_id, state in self._push.items()
+                if state.due_ms is not None
+                and state.due_ms <= now_ms
+                and state.target is not None
+                and not state.muted
+                and (state.lease_owner is None or state.lease_until_ms < now_ms)
+            ),
+        )
+        jobs: list[PushJob] = []
+        for due_ms, node_id in due[: max(limit, 0)]:
+            state = self._push[node_id]
+            assert state.target is not None
+            state.lease_owner = owner
+            state.lease_until_ms = now_ms + lease_ms
+            jobs.append(
+                PushJob(node_id, state.target, state.gen, due_ms, state.last_sent_ms, state.attempts)
+            )
+        return succeed(jobs)
+
+    def finish_push(
+        self,
+        node_id: str,
+        owner: str,
+        gen: int,
+        sent_ms: int | None,
+        retry_at_ms: int | None,
+        failed: bool = False,
+    ) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.finish_push`."""
+        state = self._push.get(node_id)
+        if state is None or state.lease_owner != owner:
+            return succeed(False)
+        state.lease_owner = None
+        state.lease_until_ms = 0
+        if sent_ms is not None:
+            state.last_sent_ms = sent_ms
+            state.attempts = 0
+        if failed:
+            state.attempts += 1
+        if retry_at_ms is not None:
+            state.due_ms = retry_at_ms
+        elif state.gen == gen:
+            state.due_ms = None
+        return succeed(True)
+
+    # -- revocations ----------------------------------------------------------
+    def revoke_node(self, node_id: str, until_ms: int) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.revoke_node`."""
+        if until_ms > 0:
+            self._revoked[node_id] = until_ms
+        else:
+            self._revoked.pop(node_id, None)
+        return succeed(None)
+
+    def revoked_until(self, node_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.revoked_until`."""
+        return succeed(self._revoked.get(node_id, 0))
