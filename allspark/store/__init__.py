@@ -272,6 +272,16 @@ class PushTarget:
             return self.token
         return str((self.subscription or {}).get("endpoint", ""))
 
+    def to_json(self) -> str:
+        """The target as one JSON object (how the SQL backends keep it)."""
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "PushTarget":
+        """A target from :meth:`to_json`'s output (unknown fields ignored)."""
+        data = json.loads(text)
+        return cls(**{f.name: data.get(f.name) for f in fields(cls)})
+
 
 @dataclass(frozen=True)
 class PushJob:

@@ -17,12 +17,15 @@ from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 
+from allspark.metrics import BATCH_SECONDS_BUCKETS, BATCH_SIZE_BUCKETS, Distribution
 from allspark.store import (
     AppendResult,
     InboxPage,
     InboxQuota,
     LocationRecord,
     MemberRecord,
+    PushJob,
+    PushTarget,
     ServerRecord,
     SessionRecord,
     StreamQuota,
@@ -40,6 +43,20 @@ class QueuedStore(ABC):
 
     #: the backend's operation functions by Store method name (:func:`operations`)
     OPS: Mapping[str, Callable[..., Any]]
+    #: operations per batch and seconds per batch, read by /metrics (made on
+    #: the first batch: see :meth:`_observe_batch`)
+    batch_sizes: Distribution | None = None
+    batch_seconds: Distribution | None = None
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        """Count one batch of ``size`` operations that took ``seconds``
+        (the backend calls it once per batch it ran)."""
+        sizes, took = self.batch_sizes, self.batch_seconds
+        if sizes is None or took is None:
+            sizes = self.batch_sizes = Distribution(BATCH_SIZE_BUCKETS)
+            took = self.batch_seconds = Distribution(BATCH_SECONDS_BUCKETS)
+        sizes.observe(size)
+        took.observe(seconds)
 
     @abstractmethod
     def _submit(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -207,3 +224,57 @@ class QueuedStore(ABC):
     def ack_session(self, session_id: str, node_id: str, upto: int) -> Deferred[int]:
         """See :meth:`allspark.store.Store.ack_session`."""
         return self._submit(self.OPS["ack_session"], session_id, node_id, upto)
+
+    # -- push notifications -------------------------------------------------
+    def set_push_target(self, target: PushTarget) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.set_push_target`."""
+        return self._submit(self.OPS["set_push_target"], target)
+
+    def get_push_target(self, node_id: str) -> Deferred[PushTarget | None]:
+        """See :meth:`allspark.store.Store.get_push_target`."""
+        return self._submit(self.OPS["get_push_target"], node_id)
+
+    def remove_push_target(self, node_id: str, address: str | None = None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_push_target`."""
+        return self._submit(self.OPS["remove_push_target"], node_id, address)
+
+    def set_push_muted(self, node_id: str, muted: bool) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.set_push_muted`."""
+        return self._submit(self.OPS["set_push_muted"], node_id, muted)
+
+    def push_muted(self, node_id: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.push_muted`."""
+        return self._submit(self.OPS["push_muted"], node_id)
+
+    def schedule_push(self, node_ids: Sequence[str], due_ms: int) -> Deferred[list[str]]:
+        """See :meth:`allspark.store.Store.schedule_push`."""
+        return self._submit(self.OPS["schedule_push"], list(dict.fromkeys(node_ids)), due_ms)
+
+    def claim_due_pushes(
+        self, now_ms: int, owner: str, lease_ms: int, limit: int
+    ) -> Deferred[list[PushJob]]:
+        """See :meth:`allspark.store.Store.claim_due_pushes`."""
+        return self._submit(self.OPS["claim_due_pushes"], now_ms, owner, lease_ms, limit)
+
+    def finish_push(
+        self,
+        node_id: str,
+        owner: str,
+        gen: int,
+        sent_ms: int | None,
+        retry_at_ms: int | None,
+        failed: bool = False,
+    ) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.finish_push`."""
+        return self._submit(
+            self.OPS["finish_push"], node_id, owner, gen, sent_ms, retry_at_ms, failed
+        )
+
+    # -- revocations --------------------------------------------------------
+    def revoke_node(self, node_id: str, until_ms: int) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.revoke_node`."""
+        return self._submit(self.OPS["revoke_node"], node_id, until_ms)
+
+    def revoked_until(self, node_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.revoked_until`."""
+        return self._submit(self.OPS["revoked_until"], node_id)

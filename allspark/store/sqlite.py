@@ -61,6 +61,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from time import perf_counter
 from typing import Any, Callable, Sequence
 
 import orjson
@@ -76,6 +77,8 @@ from allspark.store import (
     InboxPage,
     InboxQuota,
     MemberRecord,
+    PushJob,
+    PushTarget,
     SessionFull,
     LocationRecord,
     ServerRecord,
@@ -228,6 +231,32 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (node_id, server_id, epoch)
         ) WITHOUT ROWID""",
         "CREATE INDEX locations_by_server ON locations (server_id)",
+    ),
+    # 7: push notifications: one row per node that registered a target or
+    # muted its pushes (the target as JSON, its address beside it for
+    # remove_push_target's compare; NULL once unregistered), its schedule
+    # (due_ms, NULL when nothing is pending; gen counts schedules), the
+    # lease of the server sending it, and the send history (last_sent_ms,
+    # attempts).  push_due holds only rows with a due time: claims read it
+    # in due order.  revocations: the server API's revoked nodes.
+    (
+        """CREATE TABLE push_devices (
+            node_id TEXT PRIMARY KEY,
+            target TEXT,
+            address TEXT,
+            muted INTEGER NOT NULL DEFAULT 0,
+            due_ms INTEGER,
+            gen INTEGER NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_until_ms INTEGER NOT NULL DEFAULT 0,
+            last_sent_ms INTEGER,
+            attempts INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+        "CREATE INDEX push_due ON push_devices (due_ms, node_id) WHERE due_ms IS NOT NULL",
+        """CREATE TABLE revocations (
+            node_id TEXT PRIMARY KEY,
+            until_ms INTEGER NOT NULL
+        ) WITHOUT ROWID""",
     ),
 ]
 
@@ -848,6 +877,120 @@ def _op_ack_session(cur: sqlite3.Cursor, session_id: str, node_id: str, upto: in
     return 0 if row is None else row[0]
 
 
+# -- push notifications --------------------------------------------------------
+
+_CLAIM_PUSHES = (
+    "UPDATE push_devices SET lease_owner = :owner, lease_until_ms = :until "
+    "WHERE node_id IN (SELECT node_id FROM push_devices "
+    "WHERE due_ms IS NOT NULL AND due_ms <= :now AND target IS NOT NULL AND muted = 0 "
+    "AND (lease_owner IS NULL OR lease_until_ms < :now) ORDER BY due_ms, node_id LIMIT :limit) "
+    "RETURNING node_id, target, gen, due_ms, last_sent_ms, attempts"
+)
+_FINISH_PUSH = (
+    "UPDATE push_devices SET lease_owner = NULL, lease_until_ms = 0, "
+    "last_sent_ms = COALESCE(:sent, last_sent_ms), "
+    "attempts = (CASE WHEN :sent IS NULL THEN attempts ELSE 0 END) + :failed, "
+    "due_ms = CASE WHEN :retry IS NOT NULL THEN :retry WHEN gen = :gen THEN NULL ELSE due_ms END "
+    "WHERE node_id = :node AND lease_owner = :owner"
+)
+
+
+def _push_job(row: Sequence[Any]) -> PushJob:
+    """A claimed row (node_id, target, gen, due_ms, last_sent_ms, attempts) as a job."""
+    return PushJob(row[0], PushTarget.from_json(row[1]), row[2], row[3], row[4], row[5])
+
+
+def _op_set_push_target(cur: sqlite3.Cursor, target: PushTarget) -> None:
+    cur.execute(
+        "INSERT INTO push_devices (node_id, target, address) VALUES (?, ?, ?) "
+        "ON CONFLICT (node_id) DO UPDATE SET target = excluded.target, address = excluded.address",
+        (target.node_id, target.to_json(), target.address),
+    )
+
+
+def _op_get_push_target(cur: sqlite3.Cursor, node_id: str) -> PushTarget | None:
+    row = cur.execute("SELECT target FROM push_devices WHERE node_id = ?", (node_id,)).fetchone()
+    return None if row is None or row[0] is None else PushTarget.from_json(row[0])
+
+
+def _op_remove_push_target(cur: sqlite3.Cursor, node_id: str, address: str | None) -> bool:
+    cur.execute(
+        "UPDATE push_devices SET target = NULL, address = NULL "
+        "WHERE node_id = ? AND target IS NOT NULL AND (? IS NULL OR address = ?)",
+        (node_id, address, address),
+    )
+    return cur.rowcount == 1
+
+
+def _op_set_push_muted(cur: sqlite3.Cursor, node_id: str, muted: bool) -> None:
+    cur.execute(
+        "INSERT INTO push_devices (node_id, muted) VALUES (?, ?) "
+        "ON CONFLICT (node_id) DO UPDATE SET muted = excluded.muted",
+        (node_id, int(muted)),
+    )
+
+
+def _op_push_muted(cur: sqlite3.Cursor, node_id: str) -> bool:
+    row = cur.execute("SELECT muted FROM push_devices WHERE node_id = ?", (node_id,)).fetchone()
+    return row is not None and bool(row[0])
+
+
+def _op_schedule_push(cur: sqlite3.Cursor, node_ids: list[str], due_ms: int) -> list[str]:
+    """``node_ids`` are distinct (QueuedStore removes repeats)."""
+    if not node_ids:
+        return []
+    rows = cur.execute(
+        "UPDATE push_devices SET gen = gen + 1, "
+        "due_ms = CASE WHEN due_ms IS NULL OR due_ms > :due THEN :due ELSE due_ms END "
+        "WHERE node_id IN (SELECT value FROM json_each(:ids)) AND target IS NOT NULL AND muted = 0 "
+        "RETURNING node_id",
+        {"due": due_ms, "ids": json.dumps(node_ids)},
+    ).fetchall()
+    scheduled = {r[0] for r in rows}
+    return [n for n in node_ids if n in scheduled]
+
+
+def _op_claim_due_pushes(
+    cur: sqlite3.Cursor, now_ms: int, owner: str, lease_ms: int, limit: int
+) -> list[PushJob]:
+    if limit < 1:
+        return []
+    rows = cur.execute(
+        _CLAIM_PUSHES, {"owner": owner, "until": now_ms + lease_ms, "now": now_ms, "limit": limit}
+    ).fetchall()
+    return sorted((_push_job(r) for r in rows), key=lambda j: (j.due_ms, j.node_id))
+
+
+def _op_finish_push(
+    cur: sqlite3.Cursor,
+    node_id: str,
+    owner: str,
+    gen: int,
+    sent_ms: int | None,
+    retry_at_ms: int | None,
+    failed: bool,
+) -> bool:
+    cur.execute(_FINISH_PUSH, {"sent": sent_ms, "failed": int(failed), "retry": retry_at_ms,
+                               "gen": gen, "node": node_id, "owner": owner})
+    return cur.rowcount == 1
+
+
+def _op_revoke_node(cur: sqlite3.Cursor, node_id: str, until_ms: int) -> None:
+    if until_ms > 0:
+        cur.execute(
+            "INSERT INTO revocations (node_id, until_ms) VALUES (?, ?) "
+            "ON CONFLICT (node_id) DO UPDATE SET until_ms = excluded.until_ms",
+            (node_id, until_ms),
+        )
+    else:
+        cur.execute("DELETE FROM revocations WHERE node_id = ?", (node_id,))
+
+
+def _op_revoked_until(cur: sqlite3.Cursor, node_id: str) -> int:
+    row = cur.execute("SELECT until_ms FROM revocations WHERE node_id = ?", (node_id,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
 # -- the store -----------------------------------------------------------------
 
 
@@ -904,10 +1047,13 @@ class SQLiteStore(QueuedStore):
         if not self._pending or self._conn is None:
             return
         batch, self._pending = self._pending, []
+        started = perf_counter()
         try:
             results = self._run_batch(batch)
         except Exception:  # e.g. a SAVEPOINT gone with a transaction SQLite rolled back
             results = self._abort(self._conn, batch)
+        if results is not None:
+            self._observe_batch(len(batch), perf_counter() - started)
         if results is None:
             # another process holds the write lock: stay first in line
             now = self._reactor.seconds()

@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any, Awaitable, Callable, Coroutine
 
 import orjson
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -41,6 +41,8 @@ from allspark.store import (
     InboxPage,
     InboxQuota,
     MemberRecord,
+    PushJob,
+    PushTarget,
     SessionFull,
     SessionRecord,
     Store,
@@ -56,6 +58,7 @@ from tests.store import nx27017, seq_writer
 WINDOW = 600_000  # the de-duplication window the router uses: 10 minutes
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SEQ_WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seq_writer.py")
+PUSH_CLAIMER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "push_claimer.py")
 #: Bounds of the multi-process sync loop: pages per reader, and seconds.
 SYNC_STEPS = 200_000
 SYNC_DEADLINE_S = 180.0
@@ -80,6 +83,11 @@ def temp_dir(case: TestCase) -> str:
     path = tempfile.mkdtemp(prefix="allspark-store-test-")
     case.addCleanup(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def fcm_target(node_id: str, token: str = "tok-1", registered: int = 1) -> PushTarget:
+    """An FCM push target for ``node_id``."""
+    return PushTarget(node_id, "fcm", token, None, None, None, registered)
 
 
 def seqs_of(page: InboxPage) -> list[int]:
@@ -643,6 +651,249 @@ class StoreContract:
         self.assertEqual(seqs_of(await fetched), [1])
         self.assertEqual(await acked, 0)  # "y" is not a member
 
+    # -- push notifications ----------------------------------------------------------
+    async def push_row(self, node_id: str, token: str = "tok-1", registered: int = 1) -> PushTarget:
+        """Register an FCM target for ``node_id``; the target."""
+        target = fcm_target(node_id, token, registered)
+        await self.store.set_push_target(target)
+        return target
+
+    async def claimed(self, now: int, owner: str = "srv-a", lease: int = 1000,
+                      limit: int = 100) -> dict[str, PushJob]:
+        """``claim_due_pushes`` as a dict by node_id."""
+        jobs = await self.store.claim_due_pushes(now, owner, lease, limit)
+        return {job.node_id: job for job in jobs}
+
+    @inline
+    async def test_push_target_latest_wins_and_keeps_mute_and_schedule(self) -> None:
+        """A second registration replaces the first; the node's mute flag and
+        pending schedule (due time and gen) stay as they were."""
+        self.assertIsNone(await self.store.get_push_target("n1"))
+        await self.push_row("n1", "old")
+        self.assertEqual(await self.store.schedule_push(["n1"], 500), ["n1"])
+        newer = await self.push_row("n1", "new", registered=2)
+        self.assertEqual(await self.store.get_push_target("n1"), newer)
+        jobs = await self.claimed(500)
+        self.assertEqual(list(jobs), ["n1"])
+        self.assertEqual((jobs["n1"].target, jobs["n1"].gen, jobs["n1"].due_ms), (newer, 1, 500))
+        await self.store.set_push_muted("n2", True)
+        await self.push_row("n2")
+        self.assertTrue(await self.store.push_muted("n2"))
+
+    @inline
+    async def test_push_target_fields_round_trip(self) -> None:
+        """Every provider's target comes back as it was registered: Web Push
+        with its subscription and no token, APNs with topic and environment."""
+        sub = {"endpoint": "https://push.example/s/1", "keys": {"p256dh": "BPk", "auth": "au"}}
+        web = PushTarget("w", "webpush", None, sub, None, None, 7)
+        apns = PushTarget("a", "apns", "abc123", None, "com.example.app", "development", 8)
+        hook = PushTarget("h", "webhook", "user-77", None, None, None, 9)
+        for target in (web, apns, hook):
+            await self.store.set_push_target(target)
+        self.assertEqual(await self.store.get_push_target("w"), web)
+        self.assertEqual((await self.store.get_push_target("w")).address, "https://push.example/s/1")
+        self.assertEqual(await self.store.get_push_target("a"), apns)
+        self.assertEqual(await self.store.get_push_target("h"), hook)
+
+    @inline
+    async def test_remove_push_target_with_a_stale_address_keeps_the_newer(self) -> None:
+        """remove_push_target(node, address) removes only a target that still
+        has that address; without an address it removes whatever is there."""
+        await self.push_row("n1", "dead-token")
+        newer = await self.push_row("n1", "fresh-token")
+        self.assertFalse(await self.store.remove_push_target("n1", "dead-token"))
+        self.assertEqual(await self.store.get_push_target("n1"), newer)
+        self.assertTrue(await self.store.remove_push_target("n1", "fresh-token"))
+        self.assertIsNone(await self.store.get_push_target("n1"))
+        self.assertFalse(await self.store.remove_push_target("n1"))
+        self.assertFalse(await self.store.remove_push_target("never-registered"))
+        await self.push_row("n1", "again")
+        self.assertTrue(await self.store.remove_push_target("n1"))
+        self.assertIsNone(await self.store.get_push_target("n1"))
+
+    @inline
+    async def test_push_mute_is_kept_and_lifted(self) -> None:
+        """push_muted is False for unknown nodes; a mute set before or after
+        registering holds until unmuted, and removing the target keeps it."""
+        self.assertFalse(await self.store.push_muted("nobody"))
+        await self.push_row("n1")
+        await self.store.set_push_muted("n1", True)
+        self.assertTrue(await self.store.push_muted("n1"))
+        await self.store.remove_push_target("n1")
+        self.assertTrue(await self.store.push_muted("n1"))
+        await self.push_row("n1")
+        self.assertTrue(await self.store.push_muted("n1"))
+        await self.store.set_push_muted("n1", False)
+        self.assertFalse(await self.store.push_muted("n1"))
+
+    @inline
+    async def test_schedule_push_keeps_the_earliest_due_time_and_bumps_gen(self) -> None:
+        """schedule_push sets the due time unless an earlier one is set, adds
+        one to gen per call, and skips nodes without a target or muted."""
+        await self.push_row("a")
+        await self.push_row("b")
+        await self.push_row("muted")
+        await self.store.set_push_muted("muted", True)
+        scheduled = await self.store.schedule_push(["a", "none", "muted", "b", "a"], 3000)
+        self.assertEqual(scheduled, ["a", "b"])
+        self.assertEqual(await self.store.schedule_push(["a"], 5000), ["a"])  # later: a keeps 3000
+        self.assertEqual(await self.store.schedule_push(["b"], 2000), ["b"])  # earlier: b moves
+        self.assertEqual(await self.claimed(1999), {})
+        jobs = await self.claimed(10_000)
+        self.assertEqual(sorted(jobs), ["a", "b"])
+        self.assertEqual((jobs["a"].due_ms, jobs["a"].gen), (3000, 2))
+        self.assertEqual((jobs["b"].due_ms, jobs["b"].gen), (2000, 2))
+        self.assertEqual((jobs["a"].last_sent_ms, jobs["a"].attempts), (None, 0))
+        self.assertEqual(await self.store.schedule_push([], 1), [])
+
+    @inline
+    async def test_claim_respects_due_time_order_and_limit(self) -> None:
+        """Only due rows are claimed, in due order (then node_id), at most
+        ``limit``; a claimed row is not claimed again while leased."""
+        for node, due in (("c", 300), ("a", 200), ("b", 200), ("later", 900)):
+            await self.push_row(node)
+            await self.store.schedule_push([node], due)
+        self.assertEqual(await self.claimed(199), {})
+        first = await self.store.claim_due_pushes(500, "srv-a", 1000, 2)
+        self.assertEqual([j.node_id for j in first], ["a", "b"])
+        rest = await self.store.claim_due_pushes(500, "srv-b", 1000, 10)
+        self.assertEqual([j.node_id for j in rest], ["c"])
+        self.assertEqual(await self.claimed(500, "srv-c"), {})
+        self.assertEqual(list(await self.claimed(900, "srv-c")), ["later"])
+
+    @inline
+    async def test_claims_submitted_at_once_are_exclusive(self) -> None:
+        """Two owners claiming at the same moment (both calls submitted before
+        either answers) get disjoint sets that together hold every due node."""
+        nodes = [f"n{i:02d}" for i in range(30)]
+        for node in nodes:
+            await self.push_row(node)
+        await self.store.schedule_push(nodes, 100)
+        firsts = [self.store.claim_due_pushes(200, owner, 1000, 7) for owner in ("x", "y")]
+        seconds = [self.store.claim_due_pushes(200, owner, 1000, 20) for owner in ("x", "y")]
+        got: dict[str, list[str]] = {"x": [], "y": []}
+        for owner, d in zip(["x", "y", "x", "y"], firsts + seconds):
+            got[owner].extend(job.node_id for job in await d)
+        self.assertEqual(set(got["x"]) & set(got["y"]), set())
+        self.assertEqual(sorted(got["x"] + got["y"]), nodes)
+
+    @inline
+    async def test_an_ended_lease_lets_another_owner_claim(self) -> None:
+        """A lease holds until its end (inclusive); after it another owner
+        takes the push, and the first owner's finish_push then changes nothing."""
+        await self.push_row("n1")
+        await self.store.schedule_push(["n1"], 100)
+        self.assertEqual(list(await self.claimed(100, "srv-a", lease=500)), ["n1"])
+        self.assertEqual(await self.claimed(600, "srv-b"), {})  # held until 600
+        job = (await self.claimed(601, "srv-b"))["n1"]
+        self.assertEqual((job.gen, job.due_ms), (1, 100))
+        self.assertFalse(await self.store.finish_push("n1", "srv-a", 1, 700, None))
+        self.assertTrue(await self.store.finish_push("n1", "srv-b", 1, 700, None))
+        await self.store.schedule_push(["n1"], 800)
+        job = (await self.claimed(800, "srv-c"))["n1"]
+        self.assertEqual((job.last_sent_ms, job.attempts), (700, 0))  # srv-a's finish left no trace
+
+    @inline
+    async def test_muted_and_targetless_rows_are_never_claimed(self) -> None:
+        """A schedule made before a mute or an unregistration stays, unclaimed,
+        until the node unmutes or registers again."""
+        await self.push_row("m")
+        await self.push_row("gone")
+        await self.store.schedule_push(["m", "gone"], 100)
+        await self.store.set_push_muted("m", True)
+        self.assertTrue(await self.store.remove_push_target("gone"))
+        self.assertEqual(await self.claimed(10_000), {})
+        await self.store.set_push_muted("m", False)
+        await self.push_row("gone", "tok-2")
+        jobs = await self.claimed(10_000)
+        self.assertEqual(sorted(jobs), ["gone", "m"])
+        self.assertEqual(jobs["gone"].target.token, "tok-2")
+
+    @inline
+    async def test_finish_push_clears_only_when_gen_is_unchanged(self) -> None:
+        """finish_push with the claimed gen clears the schedule; if a schedule
+        came in since the claim, the push stays due (at its due time)."""
+        await self.push_row("same")
+        await self.push_row("moved")
+        await self.store.schedule_push(["same", "moved"], 100)
+        jobs = await self.claimed(100)
+        await self.store.schedule_push(["moved"], 150)  # a copy stored during the send
+        self.assertTrue(await self.store.finish_push("same", "srv-a", jobs["same"].gen, 120, None))
+        self.assertTrue(await self.store.finish_push("moved", "srv-a", jobs["moved"].gen, 120, None))
+        again = await self.claimed(10_000, "srv-b")
+        self.assertEqual(list(again), ["moved"])
+        self.assertEqual((again["moved"].due_ms, again["moved"].gen), (100, 2))
+        self.assertEqual(again["moved"].last_sent_ms, 120)
+
+    @inline
+    async def test_finish_push_retry_and_attempts(self) -> None:
+        """retry_at_ms makes the push due again then; ``failed`` counts
+        attempts, a send (sent_ms) returns them to 0; a second finish by the
+        same owner after the lease is released changes nothing."""
+        await self.push_row("n1")
+        await self.store.schedule_push(["n1"], 100)
+        for attempt in range(1, 3):
+            job = (await self.claimed(10_000 * attempt))["n1"]
+            self.assertEqual(job.attempts, attempt - 1)
+            retry_at = 10_000 * (attempt + 1)
+            self.assertTrue(await self.store.finish_push("n1", "srv-a", job.gen, None, retry_at, True))
+            self.assertFalse(await self.store.finish_push("n1", "srv-a", job.gen, None, None))
+            self.assertEqual(await self.claimed(retry_at - 1), {})
+        job = (await self.claimed(30_000))["n1"]
+        self.assertEqual((job.attempts, job.due_ms, job.last_sent_ms), (2, 30_000, None))
+        # sent, then due again at the end of the coalescing window
+        self.assertTrue(await self.store.finish_push("n1", "srv-a", job.gen, 30_500, 60_000))
+        job = (await self.claimed(60_000))["n1"]
+        self.assertEqual((job.attempts, job.due_ms, job.last_sent_ms), (0, 60_000, 30_500))
+        self.assertTrue(await self.store.finish_push("n1", "srv-a", job.gen, None, None))
+        self.assertEqual(await self.claimed(10**9), {})
+        self.assertFalse(await self.store.finish_push("unknown", "srv-a", 1, 1, None))
+
+    @inline
+    async def test_revoke_node_and_lift_it(self) -> None:
+        """revoked_until is 0 for a node never revoked, the latest time after
+        revoke_node (a later call replaces it), 0 again after revoking until 0."""
+        self.assertEqual(await self.store.revoked_until("n1"), 0)
+        await self.store.revoke_node("n1", 5000)
+        await self.store.revoke_node("n2", 7000)
+        self.assertEqual(await self.store.revoked_until("n1"), 5000)
+        await self.store.revoke_node("n1", 4000)
+        self.assertEqual(await self.store.revoked_until("n1"), 4000)
+        await self.store.revoke_node("n1", 0)
+        self.assertEqual(await self.store.revoked_until("n1"), 0)
+        self.assertEqual(await self.store.revoked_until("n2"), 7000)
+        await self.store.revoke_node("never", 0)
+        self.assertEqual(await self.store.revoked_until("never"), 0)
+
+    @inline
+    async def test_claims_from_two_processes_are_exclusive(self) -> None:
+        """Two processes (``tests/store/push_claimer.py``) claim the same 300
+        due pushes at the same time, 3 per call: no node goes to both, both
+        got some, and together they claim every one."""
+        url = self.shared_url()
+        if url is None:
+            raise SkipTest("this backend cannot be shared between processes")
+        nodes = [f"n{i:03d}" for i in range(300)]
+        for node in nodes:
+            await self.push_row(node)
+        self.assertEqual(len(await self.store.schedule_push(nodes, 100)), 300)
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs = []
+        barrier = temp_dir(self)  # type: ignore[arg-type]
+        for owner in ("claimer-1", "claimer-2"):
+            proc = subprocess.Popen([sys.executable, PUSH_CLAIMER, url, owner, barrier, "2"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+            self.addCleanup(lambda p=proc: p.poll() is None and p.kill())  # type: ignore[attr-defined]
+            procs.append(proc)
+        outputs = []
+        for proc in procs:
+            out, err = await threads.deferToThread(proc.communicate, timeout=120)
+            self.assertEqual(proc.returncode, 0, err.decode())  # type: ignore[attr-defined]
+            outputs.append(out.decode().split())
+        self.assertEqual(set(outputs[0]) & set(outputs[1]), set())
+        self.assertEqual(sorted(outputs[0] + outputs[1]), nodes)
+        self.assertTrue(outputs[0] and outputs[1], "one claimer took everything: no contention")
+
     # -- several writer processes: a reader never steps past an unreadable seq -------
     def shared_url(self) -> str | None:
         """A URL another process can open to reach this test's store, or None
@@ -980,6 +1231,40 @@ class SurvivesReopen:
         case.assertEqual((await store.get_members("s1"))[0].acked_seq, 1)
         retry = await store.append_inbox("s", "m1", ["a", "b"], b"body", b"x", 2000, WINDOW)
         case.assertEqual(retry, AppendResult(True, {"a": 1, "b": 1}, b"ans"))
+
+    @inline
+    async def test_push_state_survives_close_and_reopen(self) -> None:
+        """Targets, mutes, pending schedules (due time, gen), leases, send
+        history and revocations are all there after a close and a reopen: a
+        restarted server neither loses nor repeats a pending push."""
+        case: Any = self
+        path = case.new_location()
+        store = await case.opened(path)
+        sub = {"endpoint": "https://push.example/1", "keys": {"p256dh": "BP", "auth": "au"}}
+        web = PushTarget("w", "webpush", None, sub, None, None, 5)
+        await store.set_push_target(web)
+        await store.set_push_target(fcm_target("first"))
+        await store.set_push_target(fcm_target("second"))
+        await store.set_push_muted("muted", True)
+        await store.schedule_push(["w", "first", "second"], 100)
+        await store.schedule_push(["w"], 200)
+        [first] = await store.claim_due_pushes(100, "srv-a", 10_000, 1)  # due, then node_id order
+        case.assertEqual(first.node_id, "first")
+        await store.finish_push("first", "srv-a", first.gen, 150, None)  # sent: done
+        [second] = await store.claim_due_pushes(160, "srv-a", 10_000, 1)  # leased, not finished
+        case.assertEqual(second.node_id, "second")
+        await store.revoke_node("r", 9000)
+        await store.close()
+        store = await case.opened(path)
+        case.assertEqual(await store.get_push_target("w"), web)
+        case.assertTrue(await store.push_muted("muted"))
+        case.assertEqual(await store.revoked_until("r"), 9000)
+        # "second"'s lease taken before the close still holds (until 10_160)
+        jobs = await store.claim_due_pushes(10_160, "srv-b", 1000, 10)
+        case.assertEqual([(j.node_id, j.gen, j.due_ms) for j in jobs], [("w", 2, 100)])
+        jobs = await store.claim_due_pushes(10_161, "srv-b", 1000, 10)
+        case.assertEqual([j.node_id for j in jobs], ["second"])
+        case.assertEqual((jobs[0].last_sent_ms, jobs[0].gen), (None, 1))
 
 
 class SQLiteStoreTests(SurvivesReopen, TestCase):
