@@ -114,6 +114,8 @@ from allspark.store import (
     InboxQuota,
     MemberRecord,
     LocationRecord,
+    PushJob,
+    PushTarget,
     ServerRecord,
     SessionFull,
     SessionRecord,
@@ -228,6 +230,32 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (node_id, server_id, epoch)
         )""",
         "CREATE INDEX locations_by_server ON locations (server_id)",
+    ),
+    # 4: push notifications: one row per node that registered a target or
+    # muted its pushes (the target as JSON, its address beside it for
+    # remove_push_target's compare; NULL once unregistered), its schedule
+    # (due_ms, NULL when nothing is pending; gen counts schedules), the
+    # lease of the server sending it, and the send history (last_sent_ms,
+    # attempts).  push_due holds only rows with a due time: claims read it
+    # in due order.  revocations: the server API's revoked nodes.
+    (
+        """CREATE TABLE push_devices (
+            node_id text COLLATE "C" PRIMARY KEY,
+            target text,
+            address text,
+            muted boolean NOT NULL DEFAULT false,
+            due_ms bigint,
+            gen bigint NOT NULL DEFAULT 0,
+            lease_owner text,
+            lease_until_ms bigint NOT NULL DEFAULT 0,
+            last_sent_ms bigint,
+            attempts integer NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX push_due ON push_devices (due_ms, node_id) WHERE due_ms IS NOT NULL",
+        """CREATE TABLE revocations (
+            node_id text COLLATE "C" PRIMARY KEY,
+            until_ms bigint NOT NULL
+        )""",
     ),
 ]
 
@@ -849,6 +877,129 @@ def _op_ack_session(cur: Any, session_id: str, node_id: str, upto: int) -> int:
     return 0 if row is None else row[0]
 
 
+# -- push notifications --------------------------------------------------------
+# Claims lock their rows with FOR UPDATE SKIP LOCKED: a row another server's
+# transaction is claiming (or scheduling) is skipped, not waited for, and a
+# row it claimed and committed meanwhile is re-checked against the lease
+# condition before it is taken (READ COMMITTED re-reads a locked row), so two
+# servers never take the same node.  Schedules lock their rows in node_id
+# order, as the appends' counters are, so two servers scheduling the same
+# nodes wait for each other instead of deadlocking.
+
+_CLAIM_PUSHES = (
+    "UPDATE push_devices SET lease_owner = %(owner)s, lease_until_ms = %(until)s "
+    "WHERE node_id IN (SELECT node_id FROM push_devices "
+    "WHERE due_ms IS NOT NULL AND due_ms <= %(now)s AND target IS NOT NULL AND NOT muted "
+    "AND (lease_owner IS NULL OR lease_until_ms < %(now)s) ORDER BY due_ms, node_id "
+    "LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+    "RETURNING node_id, target, gen, due_ms, last_sent_ms, attempts"
+)
+_FINISH_PUSH = (
+    "UPDATE push_devices SET lease_owner = NULL, lease_until_ms = 0, "
+    "last_sent_ms = COALESCE(%(sent)s::bigint, last_sent_ms), "
+    "attempts = (CASE WHEN %(sent)s::bigint IS NULL THEN attempts ELSE 0 END) + %(failed)s, "
+    "due_ms = CASE WHEN %(retry)s::bigint IS NOT NULL THEN %(retry)s::bigint "
+    "WHEN gen = %(gen)s THEN NULL ELSE due_ms END "
+    "WHERE node_id = %(node)s AND lease_owner = %(owner)s"
+)
+
+
+def _push_job(row: Sequence[Any]) -> PushJob:
+    """A claimed row (node_id, target, gen, due_ms, last_sent_ms, attempts) as a job."""
+    return PushJob(row[0], PushTarget.from_json(row[1]), row[2], row[3], row[4], row[5])
+
+
+def _op_set_push_target(cur: Any, target: PushTarget) -> None:
+    cur.execute(
+        "INSERT INTO push_devices (node_id, target, address) VALUES (%s, %s, %s) "
+        "ON CONFLICT (node_id) DO UPDATE SET target = excluded.target, address = excluded.address",
+        (target.node_id, target.to_json(), target.address),
+    )
+
+
+def _op_get_push_target(cur: Any, node_id: str) -> PushTarget | None:
+    cur.execute("SELECT target FROM push_devices WHERE node_id = %s", (node_id,))
+    row = cur.fetchone()
+    return None if row is None or row[0] is None else PushTarget.from_json(row[0])
+
+
+def _op_remove_push_target(cur: Any, node_id: str, address: str | None) -> bool:
+    cur.execute(
+        "UPDATE push_devices SET target = NULL, address = NULL "
+        "WHERE node_id = %s AND target IS NOT NULL AND (%s::text IS NULL OR address = %s::text)",
+        (node_id, address, address),
+    )
+    return bool(cur.rowcount == 1)
+
+
+def _op_set_push_muted(cur: Any, node_id: str, muted: bool) -> None:
+    cur.execute(
+        "INSERT INTO push_devices (node_id, muted) VALUES (%s, %s) "
+        "ON CONFLICT (node_id) DO UPDATE SET muted = excluded.muted",
+        (node_id, muted),
+    )
+
+
+def _op_push_muted(cur: Any, node_id: str) -> bool:
+    cur.execute("SELECT muted FROM push_devices WHERE node_id = %s", (node_id,))
+    row = cur.fetchone()
+    return row is not None and bool(row[0])
+
+
+def _op_schedule_push(cur: Any, node_ids: list[str], due_ms: int) -> list[str]:
+    """``node_ids`` are distinct (QueuedStore removes repeats)."""
+    if not node_ids:
+        return []
+    cur.execute(
+        "UPDATE push_devices SET gen = gen + 1, "
+        "due_ms = CASE WHEN due_ms IS NULL OR due_ms > %(due)s THEN %(due)s ELSE due_ms END "
+        "WHERE node_id IN (SELECT node_id FROM push_devices WHERE node_id = ANY(%(ids)s) "
+        "AND target IS NOT NULL AND NOT muted ORDER BY node_id FOR UPDATE) "
+        "AND target IS NOT NULL AND NOT muted RETURNING node_id",
+        {"due": due_ms, "ids": node_ids},
+    )
+    scheduled = {r[0] for r in cur.fetchall()}
+    return [n for n in node_ids if n in scheduled]
+
+
+def _op_claim_due_pushes(cur: Any, now_ms: int, owner: str, lease_ms: int, limit: int) -> list[PushJob]:
+    if limit < 1:
+        return []
+    cur.execute(_CLAIM_PUSHES, {"owner": owner, "until": now_ms + lease_ms, "now": now_ms, "limit": limit})
+    return sorted((_push_job(r) for r in cur.fetchall()), key=lambda j: (j.due_ms, j.node_id))
+
+
+def _op_finish_push(
+    cur: Any,
+    node_id: str,
+    owner: str,
+    gen: int,
+    sent_ms: int | None,
+    retry_at_ms: int | None,
+    failed: bool,
+) -> bool:
+    cur.execute(_FINISH_PUSH, {"sent": sent_ms, "failed": int(failed), "retry": retry_at_ms,
+                               "gen": gen, "node": node_id, "owner": owner})
+    return bool(cur.rowcount == 1)
+
+
+def _op_revoke_node(cur: Any, node_id: str, until_ms: int) -> None:
+    if until_ms > 0:
+        cur.execute(
+            "INSERT INTO revocations (node_id, until_ms) VALUES (%s, %s) "
+            "ON CONFLICT (node_id) DO UPDATE SET until_ms = excluded.until_ms",
+            (node_id, until_ms),
+        )
+    else:
+        cur.execute("DELETE FROM revocations WHERE node_id = %s", (node_id,))
+
+
+def _op_revoked_until(cur: Any, node_id: str) -> int:
+    cur.execute("SELECT until_ms FROM revocations WHERE node_id = %s", (node_id,))
+    row = cur.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 #: Operations that run in runs: consecutive ones in a batch go to one call.
 _RUNS: dict[Callable[..., Any], Callable[[Any, Any], list[Any]]] = {
     _op_append_inbox: _append_many,
@@ -918,11 +1069,12 @@ class PostgresStore(QueuedStore):
         batch, self._pending = self._pending, []
         self._in_flight = True
         d = self._pool.runWithConnection(self._run_batch, batch)
-        d.addBoth(self._batch_done, batch)
+        d.addBoth(self._batch_done, batch, time.perf_counter())
 
-    def _batch_done(self, outcome: Any, batch: list[_Op]) -> None:
+    def _batch_done(self, outcome: Any, batch: list[_Op], started: float) -> None:
         """Fire the batch's Deferreds in submission order; start the next batch."""
         self._in_flight = False
+        self._observe_batch(len(batch), time.perf_counter() - started)
         if isinstance(outcome, Failure):
             log.failure("store batch failed", outcome, size=len(batch))
             results: list[tuple[bool, Any]] = [(False, outcome)] * len(batch)
