@@ -17,9 +17,10 @@ The rules (``docs/protocol.md`` has the user-facing version):
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -29,8 +30,12 @@ from allspark.logs import logger
 
 from allspark.envelope import FrameError, addressed
 from allspark.delivery import Delivery
+from allspark.metrics import DEPTH_BUCKETS, Distribution
 from allspark.registry import Connection
 from allspark.store import AppendResult, InboxFull, InboxPage, InboxQuota, Store, StreamQuota
+
+if TYPE_CHECKING:
+    from allspark.push.scheduler import PushScheduler
 
 log = logger(__name__)
 
@@ -94,6 +99,14 @@ class Inbox:
         self.clock = clock
         self.config = config
         self._quota = config.inbox_quota
+        #: told which recipients of a stored message were not live (push notifications), when configured
+        self.push: PushScheduler | None = None
+        #: read by /metrics: ``stored`` (copies appended), ``delivered_live``
+        #: (of those, written to a live connection at once), ``acked`` (copies
+        #: removed by acks)
+        self.counts: Counter[str] = Counter()
+        #: read by /metrics: how many messages a node's inbox held for it at a full sync
+        self.depths = Distribution(DEPTH_BUCKETS)
 
     def store_and_deliver(
         self,
@@ -102,11 +115,14 @@ class Inbox:
         recipients: Sequence[str],
         body: bytes,
         answer: bytes,
+        push: bool = True,
     ) -> Deferred[bytes]:
         """Append ``body`` to each recipient's inbox, then hand each copy to
         the delivery point (:class:`~allspark.delivery.Delivery`).  A duplicate is not delivered
         again.  Fires once stored, with ``answer`` (the first attempt's answer
-        for a duplicate).
+        for a duplicate).  The recipients no copy reached live are reported
+        to :attr:`push` (unless ``push`` is false: the message said
+        ``"push": false``).
 
         Fails with ``inbox_full`` (a :class:`FrameError`), storing nothing for
         any recipient, when a recipient's inbox holds ``max_inbox`` unacked
@@ -122,7 +138,7 @@ class Inbox:
             self._quota,
         )
         # one callback pair: _refuse_full only ever sees the store's failure
-        return d.addCallbacks(self._deliver_stored, self._refuse_full, callbackArgs=(body,),
+        return d.addCallbacks(self._deliver_stored, self._refuse_full, callbackArgs=(body, push),
                               errbackArgs=(sender_id, dedup_id, len(recipients)))
 
     def _refuse_full(
@@ -143,11 +159,21 @@ class Inbox:
                    "send again once it has acked some")
         raise FrameError("inbox_full", why, frame_id)
 
-    def _deliver_stored(self, result: AppendResult, body: bytes) -> bytes:
+    def _deliver_stored(self, result: AppendResult, body: bytes, push: bool = True) -> bytes:
         if not result.duplicate:
             deliver = self.delivery.deliver
+            live = 0
+            offline: list[str] = []
             for node_id, seq in result.seqs.items():
-                deliver(node_id, addressed(body, node_id, seq))
+                if deliver(node_id, addressed(body, node_id, seq)):
+                    live += 1
+                else:
+                    offline.append(node_id)
+            if offline and push and self.push is not None:
+                self.push.copies_stored(offline)
+            counts = self.counts
+            counts["stored"] += len(result.seqs)
+            counts["delivered_live"] += live
         return result.answer
 
     async def sync(
@@ -171,7 +197,7 @@ class Inbox:
         for the socket, wait for it to drain.  Returns the ``synced`` frame."""
         return await write_rows(
             conn, partial(self.store.fetch_inbox, conn.node_id), after, limit=None,
-            rows=rows, max_queued=max_queued, where="this inbox",
+            rows=rows, max_queued=max_queued, where="this inbox", observe_sent=self.depths.observe,
         )
 
     async def ack(self, node_id: str, upto: int) -> dict[str, Any]:
@@ -183,6 +209,7 @@ class Inbox:
         last_seq, _ = await self.store.inbox_state(node_id)
         check_cursor("upto", upto, last_seq, "this inbox")
         removed = await self.store.ack_inbox(node_id, upto)
+        self.counts["acked"] += removed
         return {"op": "acked", "upto": upto, "removed": removed}
 
     def purge(self) -> Deferred[int]:
@@ -233,6 +260,7 @@ async def write_rows(
     extra: dict[str, Any] | None = None,
     splice: Callable[[bytes, int], bytes] | None = None,
     where: str | None = None,
+    observe_sent: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Write stored rows after ``after`` to ``conn``; their ``synced`` frame.
 
@@ -242,7 +270,9 @@ async def write_rows(
     body the frame to send (by default: addressed to ``conn``'s node with its
     inbox ``seq``); ``extra`` fields (a ``session_id``) go into ``synced``.
     ``where`` names the stream for a ``bad_cursor`` refusal of an ``after``
-    beyond its last seq (None: not checked).
+    beyond its last seq (None: not checked).  ``observe_sent`` is called
+    with the number of rows written, once, when the stream's end is reached
+    (the inbox depth metric).
 
     Two ways to respect the socket's bound (more than ``max_queued`` bytes
     waiting for it):
@@ -296,6 +326,8 @@ async def write_rows(
             cursor = max(cursor, page.last_seq)
             break
     assert page is not None
+    if observe_sent is not None:
+        observe_sent(sent)
     synced: dict[str, Any] = {"op": "synced", **(extra or {}), "upto": cursor,
                               "more": cursor < page.last_seq, "last_seq": page.last_seq}
     if gap_upto:

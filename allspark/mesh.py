@@ -32,7 +32,10 @@ node_ids not connected here), ``invalidate`` (``what``, ``key``: a cache entry
 to drop), ``error`` (``code``, ``message``), ``location`` (``node_id``,
 ``epoch``, ``online``: a connection of the sender opened or closed; with an
 ``id`` it is answered ``location_ack`` with that ``id``; see
-:mod:`allspark.locations`).  A ``deliver`` with ``"report": "missing"`` is
+:mod:`allspark.locations`), ``disconnect`` (``node_id``, ``reason``,
+``revoked_until``: close that node's connections, and refuse its keys until
+then; sent by the server API, :mod:`allspark.api`), ``drain``
+(``server_id``: the receiver drains as on SIGTERM when it is that server).  A ``deliver`` with ``"report": "missing"`` is
 answered ``delivered`` only when some node_ids are missing, and the sender
 then drops those nodes' locations on the answering server (a stale cache is
 corrected, never looped).  ``batch`` (``n``; the payload is the frames, each
@@ -64,7 +67,7 @@ import hashlib
 import heapq
 import hmac
 import secrets as _secrets
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NoReturn, Sequence
 from urllib.parse import urlsplit
@@ -104,7 +107,8 @@ PEER_CLOCK_SKEW = 5.0
 #: The peer frame version this server speaks.
 PEER_FRAME_VERSION = 1
 #: Peer frame types and the fields each must have.
-PEER_TYPES = ("hello", "deliver", "delivered", "invalidate", "error", "location", "location_ack", "batch")
+PEER_TYPES = ("hello", "deliver", "delivered", "invalidate", "error", "location", "location_ack", "batch",
+              "disconnect", "drain")
 #: Most frames one ``batch`` carries, and the bytes after which a batch is sent at once.
 MAX_BATCH_FRAMES = 1000
 MAX_BATCH_BYTES = 1024 * 1024
@@ -350,6 +354,15 @@ def decode_peer_frame(data: bytes) -> PeerFrame:
     elif frame_type == "location_ack":
         if frame_id is None:
             raise PeerFrameError("bad_frame", "location_ack needs id")
+    elif frame_type == "disconnect":
+        until = fields.get("revoked_until", 0)  # absent: no change to the node's revocation
+        if (not is_valid_id(fields.get("node_id")) or not isinstance(fields.get("reason", ""), str)
+                or isinstance(until, bool) or not isinstance(until, int) or until < 0):
+            raise PeerFrameError("bad_frame", "disconnect needs node_id, and takes reason (a string) and "
+                                              "revoked_until (Unix ms)", frame_id)
+    elif frame_type == "drain":
+        if not is_valid_id(fields.get("server_id")):
+            raise PeerFrameError("bad_frame", "drain needs server_id", frame_id)
     elif frame_type == "error":
         if not isinstance(fields.get("code"), str):
             raise PeerFrameError("bad_frame", "error needs code", frame_id)
@@ -469,6 +482,7 @@ class _LinkMixin:
     def _send_now(self, frame: bytes) -> None:
         if not self._link_open:
             return
+        self.mesh.counts["out"] += 1
         if not self._paused and not self._queue:
             self.sendMessage(frame, isBinary=True)  # type: ignore[attr-defined]
             return
@@ -477,6 +491,7 @@ class _LinkMixin:
         if self._queued > self.limits.max_queue_bytes:
             log.warn("closing the peer link to {peer_id}: send queue overflow ({queued} bytes)",
                      peer_id=self.peer_id, queued=self._queued)
+            self.mesh.counts["overflow"] += 1
             self._close_link()
             self.sendClose(CLOSE_QUEUE_OVERFLOW, "peer send queue overflow")  # type: ignore[attr-defined]
             self.mesh.clock.callLater(2.0, self.dropConnection, abort=True)  # type: ignore[attr-defined]
@@ -504,6 +519,7 @@ class _LinkMixin:
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._link_open:
             return
+        self.mesh.counts["in"] += 1
         try:
             frame = decode_peer_frame(payload)
         except PeerFrameError as e:
@@ -804,6 +820,9 @@ class Mesh(service.MultiService):
         self.tls = tls or PeerTLS()
         self.poll_interval = poll_interval
         self.links: dict[str, _LinkMixin] = {}
+        #: WebSocket messages on the links (``in``, ``out``) and queue
+        #: overflows (``overflow``), read by /metrics
+        self.counts: Counter[str] = Counter()
         #: where online nodes are (allspark.locations: filled by the LocationTracker)
         self.locations = Locations()
         #: called with (peer_id, node_id, epoch, online) for each ``location`` frame
@@ -820,6 +839,12 @@ class Mesh(service.MultiService):
         #: called with whether any link is up, each time a link comes up or
         #: goes down (the delivery point skips the mesh while there is none)
         self.on_links_changed: list[Callable[[bool], None]] = []
+        #: called with (node_id, reason, revoked_until) for each ``disconnect``
+        #: frame: close that node's connections here; ``revoked_until`` (Unix
+        #: ms, 0: lifted) is None when the frame changes no revocation
+        self.on_disconnect: Callable[[str, str, int | None], None] = lambda node_id, reason, until: None
+        #: called for a ``drain`` frame naming this server: drain as on SIGTERM
+        self.on_drain: Callable[[], None] = lambda: None
         self._dialers: dict[str, _Dialer] = {}
         self._poll: LoopingCall | None = None
         self._since: dict[str, float] = {}
@@ -959,6 +984,16 @@ class Mesh(service.MultiService):
                 handler(frame.fields["key"])
             else:
                 self.on_invalidate(frame.fields["what"], frame.fields["key"])
+        elif frame.type == "disconnect":
+            f = frame.fields
+            self.on_disconnect(f["node_id"], f.get("reason", ""), f.get("revoked_until"))
+        elif frame.type == "drain":
+            if frame.fields["server_id"] == self.server_id:
+                log.info("drain requested by peer {peer_id}", peer_id=link.peer_id)
+                self.on_drain()
+            else:
+                log.warn("peer {peer_id} asked server {target} to drain, not this one", peer_id=link.peer_id,
+                         target=frame.fields["server_id"])
         elif frame.type == "hello":
             if frame.fields["server_id"] != link.peer_id:
                 log.warn("peer {peer_id} says it is {claimed}", peer_id=link.peer_id,
@@ -1049,6 +1084,27 @@ class Mesh(service.MultiService):
         frame = encode_peer_frame("invalidate", what=what, key=key)
         for link in list(self.links.values()):
             link.send(frame)
+
+    def disconnect(self, node_id: str, reason: str, revoked_until_ms: int | None = None) -> list[str]:
+        """Tell every linked peer to close ``node_id``'s connections (and,
+        with ``revoked_until_ms``, that it is revoked until then: Unix ms, 0
+        lifts a revocation); the ids of the peers told."""
+        extra = {} if revoked_until_ms is None else {"revoked_until": revoked_until_ms}
+        frame = encode_peer_frame("disconnect", node_id=node_id, reason=reason, **extra)
+        told = []
+        for peer_id, link in sorted(self.links.items()):
+            link.send(frame)
+            told.append(peer_id)
+        return told
+
+    def drain(self, server_id: str) -> bool:
+        """Ask peer ``server_id`` to drain (as on SIGTERM); whether a link
+        to it was up to carry the request."""
+        link = self.links.get(server_id)
+        if link is None:
+            return False
+        link.send(encode_peer_frame("drain", server_id=server_id))
+        return True
 
     def resource(self) -> Any:
         """The ``/peer`` resource for the site."""

@@ -57,6 +57,10 @@ class Options(usage.Options):
     )
     optFlags = [
         ["force", None, "take back this server's identity (host_address, port) after an unclean stop"],
+        ["no-metrics", None, "serve no Prometheus metrics (default: /metrics on the client port, or on "
+                             "--metrics-port)"],
+        ["demo", None, "serve the demo chat page at /demo/ and let ANYONE mint an auth key for any name "
+                       "(POST /demo/key): for trying Allspark, never in production"],
     ]
     optParameters = [
         ["host_address", None, "127.0.0.1", "address clients and peers reach this server at"],
@@ -65,6 +69,8 @@ class Options(usage.Options):
         ["proxy_80_port", None, None, "proxy in front of this node (e.g. nginx): host[:port] for ws://, "
                                       "or a URL such as wss://chat.example.com"],
         ["log_level", None, "info", "debug, info, warn or error"],
+        ["metrics-port", None, None, "serve /metrics on this port of 127.0.0.1 only, instead of on the "
+                                     "client port", int],
         ["store", None, None, "sqlite:///path/allspark.db (default: allspark.db in --data-dir), "
                               "memory:, postgresql://user@host:port/db, or mongodb://host/db"],
         ["data-dir", None, "data", "directory for the default SQLite store and the identity claim"],
@@ -73,6 +79,8 @@ class Options(usage.Options):
                                          "(default: $ALLSPARK_AUTH_SECRET)"],
         ["cluster-secret-file", None, None, "file holding the cluster secret "
                                             "(default: $ALLSPARK_CLUSTER_SECRET, else derived from the auth secret)"],
+        ["push-config", None, None, "TOML file of push notification settings ([push]) and providers ([fcm], "
+                                    "[apns], [webpush], [webhook]); see docs/push.md (default: no pushes)"],
         ["max-connections", None, 10_000, "most client connections this server accepts", _positive_int],
         ["max-connections-per-node", None, 10, "most connections one node_id may hold; one more closes "
                                                "that node's oldest connection with 4009", _positive_int],
@@ -129,6 +137,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["auth-public-key-file"] = []
         self["trusted-proxy"] = []
+        self["allowed-origin"] = []
         self["peer"] = []
         for name, handler in list(self._dispatch.items()):
             if type(handler) is usage.CoerceParameter:
@@ -145,6 +154,11 @@ class Options(usage.Options):
                 raise
             sys.stderr.write(f"twistd allspark: error: {e}\nRun 'twistd allspark --help' for the options.\n")
             raise SystemExit(1) from None
+
+    def opt_allowed_origin(self, origin: str) -> None:
+        """browser origin (scheme://host[:port]) whose pages may use the HTTP API (CORS) and open
+        WebSockets, besides this server's own (repeatable; none: same origin only)"""
+        self["allowed-origin"].append(origin)
 
     def opt_trusted_proxy(self, network: str) -> None:
         """proxy address or CIDR network whose X-Forwarded-For/X-Real-IP are believed (repeatable)"""
@@ -168,6 +182,7 @@ class Options(usage.Options):
         from allspark.ids import is_valid_id
         from allspark.logs import FORMATS, LEVELS
         from allspark.mesh import static_peers
+        from allspark.origins import check_allowed_origin
 
         if self["log_level"] not in LEVELS:
             raise usage.UsageError(f"--log_level must be one of {', '.join(sorted(LEVELS))}")
@@ -175,6 +190,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format must be one of {', '.join(FORMATS)}")
         if self["log-format"] == "json" and self.parent is not None and self.parent.get("syslog"):
             raise usage.UsageError("--log-format=json writes to stdout or twistd's --logfile, not to --syslog")
+        try:
+            self["allowed-origin"] = [check_allowed_origin(o) for o in self["allowed-origin"]]
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         for network in self["trusted-proxy"]:
             try:
                 ipaddress.ip_network(network.strip(), strict=False)
@@ -183,6 +202,8 @@ class Options(usage.Options):
                     f"--trusted-proxy {network!r} is not an IP address or CIDR network") from None
         if not 0 < self["port"] < 65536:
             raise usage.UsageError("--port must be 1-65535")
+        if self["metrics-port"] is not None and not 0 < self["metrics-port"] < 65536:
+            raise usage.UsageError("--metrics-port must be 1-65535")
         ports = [_listen_port(d) for d in self["listen"]]
         if self["listen"] and self["port"] not in ports:
             raise usage.UsageError(
@@ -203,6 +224,7 @@ class Options(usage.Options):
             self["cluster-secret"] = _cluster_secret(self["cluster-secret-file"])
             self["peer-tls"] = _peer_tls(self["peer-tls-ca"], self["peer-tls-cert"], self["peer-tls-key"])
             static_peers(self["peer"])  # checks the --peer values
+            self["push"] = _push_config(self["push-config"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
 
@@ -241,6 +263,18 @@ def _cluster_secret(path: str | None) -> bytes | None:
     return secret
 
 
+def _push_config(path: str | None) -> Any:
+    """The loaded ``--push-config`` (its providers built, their secrets
+    read), or None; a bad file raises ``PushConfigError`` (a ValueError)."""
+    if path is None:
+        return None
+    from twisted.internet import reactor
+
+    from allspark.push.config import load_push_config
+
+    return load_push_config(path, reactor)
+
+
 def _peer_tls(ca: str | None, cert: str | None, key: str | None) -> Any:
     """The TLS settings of peer links from the ``--peer-tls-*`` files."""
     from allspark.mesh import PeerTLS
@@ -256,6 +290,49 @@ def _retention_ms(days: float, seconds: float | None) -> int:
     if seconds is not None:
         return max(1, int(seconds * 1000))
     return int(days * 86_400_000)
+
+
+def _serve_metrics(server: Any, counts: Any, site: Any, service: Any, port: int | None) -> None:
+    """``/metrics`` for Prometheus (allspark.metrics): on the client port's
+    site, or, with ``port``, on a site of its own listening on 127.0.0.1
+    only (a child of ``service``, started before the client ports)."""
+    from twisted.application.strports import service as port_service
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from allspark.metrics import ServerCollector, metrics_registry, metrics_resource
+
+    resource = metrics_resource(metrics_registry(ServerCollector(server, counts)))
+    if port is None:
+        site.resource.putChild(b"metrics", resource)
+        return
+    root = Resource()
+    root.putChild(b"metrics", resource)
+    metrics_site = Site(root)
+    metrics_site.noisy = False
+    listener = port_service(f"tcp:{port}:interface=127.0.0.1", metrics_site)
+    listener._raiseSynchronously = True  # a port in use refuses the start, as the client ports do
+    listener.setServiceParent(service)
+
+
+def _wire_push(push: Any, server: Any, service: Any, reactor: Any) -> None:
+    """Push notifications from a loaded ``--push-config``: the scheduler
+    hears of stored copies from the inbox and the sessions, and is a child
+    service (started after the store, stopped before it closes)."""
+    import secrets as random_secrets
+
+    from allspark.push.dispatcher import Dispatcher
+    from allspark.push.scheduler import PushScheduler
+
+    owner = f"{server.config.server_id}/{random_secrets.token_hex(6)}"
+    scheduler = PushScheduler(server.store, server.delivery, Dispatcher(push.providers, push.settings, reactor),
+                              push.settings, reactor, owner)
+    server.inbox.push = scheduler
+    server.sessions.push = scheduler
+    server.push = scheduler
+    # register_push answers "active" for the providers configured here
+    server.push_providers = push.provider_names
+    service.addService(scheduler)
 
 
 def makeService(options: Options) -> Any:
@@ -303,6 +380,7 @@ def makeService(options: Options) -> Any:
         server_dead_after=options["server-dead-after"],
         session_cache_ttl=options["session-cache-ttl"],
         trusted_proxies=tuple(options["trusted-proxy"]),
+        allowed_origins=tuple(options["allowed-origin"]),
         limits=limits,
         delivery=DeliveryConfig(
             retention_ms=_retention_ms(options["retention-days"], options["retention-seconds"]),
@@ -340,9 +418,18 @@ def makeService(options: Options) -> Any:
         server.admin = AdminAuth(derive_admin_key(options["cluster-secret"]), config.server_id, reactor)
     server.mesh = mesh
     server.share_caches(mesh)
-    site = build_site(server, ClientFactory(server, limits), {**session_resources(server), PEER_PATH.encode(): mesh.resource()})
+    ws_factory = ClientFactory(server, limits)
+    site = build_site(server, ws_factory, {**session_resources(server), PEER_PATH.encode(): mesh.resource()})
+    if options["demo"]:
+        from allspark.demo import demo_resource
+
+        site.resource.putChild(b"demo", demo_resource(secrets[0], reactor))
     service = ServerService(server, site, reactor)
     service.mesh = mesh
+    if options["push"] is not None:
+        _wire_push(options["push"], server, service, reactor)
+    if not options["no-metrics"]:
+        _serve_metrics(server, ws_factory.counts, site, service, options["metrics-port"])
     if options["log-format"] == "json":
         service.log_observer = json_observer(twistd_log_file(options.parent))
     return service

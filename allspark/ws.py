@@ -30,6 +30,8 @@ from allspark import logs, wsmask
 from allspark.auth import AuthError, Identity
 from allspark.envelope import Control, FrameError, Message, encode, error_frame, parse_frame
 from allspark.logs import logger
+from allspark.metrics import FrameCounts
+from allspark.origins import OriginPolicy
 from allspark.router import Sender
 from allspark.web import TrustedProxies, raw_json_answer
 
@@ -43,6 +45,11 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_QUEUE_OVERFLOW = 4008
 CLOSE_REPLACED = 4009
+#: closed by the server API's disconnect (``disconnected: <reason>``)
+CLOSE_DISCONNECTED = 4010
+#: closed by the server API's disconnect with a revocation (``revoked: <reason>``):
+#: the node's keys are refused until the revocation ends
+CLOSE_REVOKED = 4011
 
 
 @dataclass(frozen=True)
@@ -100,14 +107,19 @@ class ClientProtocol(WebSocketServerProtocol):
         self._drain_waiters: list[tuple[int, Deferred[None]]] = []
 
     # -- handshake ----------------------------------------------------------
-    def onConnect(self, request: ConnectionRequest) -> None:
-        """Authenticate the handshake: a valid auth key and a validation token
-        for this node and this server, redeemed once.  Refusals raise
-        :class:`ConnectionDeny` (401 for credentials, 503 when the server is
-        draining or full) and are answered by :meth:`sendHttpErrorResponse`
-        with a JSON body."""
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:
+        """Authenticate the handshake: a browser ``Origin`` this server
+        allows (:mod:`allspark.origins`; checked first), a valid auth key and
+        a validation token for this node and this server, redeemed once.
+        Refusals raise :class:`ConnectionDeny` (403 for the origin, 401 for
+        credentials, 503 when the server is draining or full) and are
+        answered by :meth:`sendHttpErrorResponse` with a JSON body."""
         server = self.factory.app
         self.client_address = self._client_address(request.headers)
+        origin = request.headers.get("origin")
+        if origin is not None and not self.factory.origins.allows(origin, request.headers.get("host")):
+            self._deny(403, "origin_not_allowed",
+                       f"pages from {origin!r} may not open this WebSocket (see --allowed-origin)")
         if server.draining:
             self._deny(503, "unavailable", "server is shutting down")
         if server.starting:
@@ -126,6 +138,19 @@ class ClientProtocol(WebSocketServerProtocol):
         self.node_id = identity.node_id
         self.client_id = identity.client_id
         self.sender = Sender(identity.node_id, identity.client_id)
+        # a revoked node (the server API's disconnect) is refused: from the
+        # cache at once, else after one store read (Autobahn waits for it)
+        revocations = server.revocations
+        cached = revocations.cached_until(identity.node_id)
+        if cached is not None:
+            self._refuse_revoked(cached)
+            return None
+        return revocations.until(identity.node_id).addCallback(self._refuse_revoked)
+
+    def _refuse_revoked(self, until_ms: int) -> None:
+        """Refuse the handshake (401 ``revoked``) while the node is revoked."""
+        if until_ms and self.factory.app.revocations.revoked_now(until_ms):
+            self._deny(401, "revoked", f"this node is revoked until {until_ms // 1000} (Unix time)")
 
     def _client_address(self, headers: dict[str, str]) -> str:
         """The client's address: the peer's, or what a trusted proxy says in
@@ -156,6 +181,7 @@ class ClientProtocol(WebSocketServerProtocol):
         """Refuse the handshake with ``status`` and a JSON ``{"error": code,
         "message": message}`` body."""
         self._refusal = (code, message)
+        self.factory.counts.refused_handshakes[code] += 1
         raise ConnectionDeny(status, f"{code}: {message}")
 
     def sendHttpErrorResponse(
@@ -236,6 +262,7 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         log.info("closing {node_id} from {client}: {code} {reason}", node_id=self.node_id,
                  client=self.client_address, code=code, reason=reason, **fields)
+        self.factory.counts.closes[code] += 1
         self._unregister()
         self._queue.clear()
         self._queued = 0
@@ -289,7 +316,9 @@ class ClientProtocol(WebSocketServerProtocol):
         self.message_data = None  # type: ignore[assignment]
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        counts = self.factory.counts
         if not self._take_token():  # every frame counts, malformed ones too
+            counts.frames_in["over_rate"] += 1
             self._refuse_over_rate(payload, isBinary)
             return
         try:
@@ -298,15 +327,19 @@ class ClientProtocol(WebSocketServerProtocol):
             if logs.DEBUG:
                 log.debug("bad frame from {node_id}: {code}", node_id=self.node_id, code=e.code,
                           size=len(payload), id=e.frame_id)
+            counts.frames_in["bad"] += 1
+            counts.errors[e.code] += 1
             self.send(e.to_frame())
             return
         if logs.DEBUG:
             self._log_frame(frame, len(payload))
         if isinstance(frame, Message):
+            counts.frames_in["message"] += 1
             assert self.sender is not None
             d = self.factory.app.router.route(self.sender, frame)
             d.addCallbacks(self.send, self._refused, errbackArgs=(frame.id,))
         else:
+            counts.frames_in[frame.op] += 1
             ensureDeferred(self._control(frame)).addErrback(self._refused, frame.id)
 
     def _refuse_over_rate(self, payload: bytes, isBinary: bool) -> None:
@@ -336,6 +369,7 @@ class ClientProtocol(WebSocketServerProtocol):
         if logs.DEBUG:
             log.debug("rate limited a frame from {node_id}", node_id=self.node_id, id=frame_id,
                       size=len(payload))
+        self.factory.counts.errors["rate_limited"] += 1
         self.send(error_frame("rate_limited", "too many frames: slow down", frame_id))
 
     def _log_frame(self, frame: Message | Control, size: int) -> None:
@@ -381,12 +415,14 @@ class ClientProtocol(WebSocketServerProtocol):
             if logs.DEBUG:
                 log.debug("answered {node_id} with error {code}", node_id=self.node_id, code=error.code,
                           id=error.frame_id)
+            self.factory.counts.errors[error.code] += 1
             self.send(error.to_frame())
             return
         self._unexpected(failure, frame_id)
 
     def _unexpected(self, failure: Failure, frame_id: str | None) -> None:
         log.failure("internal error handling a frame from {node_id}", failure, node_id=self.node_id)
+        self.factory.counts.errors["internal_error"] += 1
         self.send(error_frame("internal_error", "the server could not handle this frame", frame_id))
 
     # -- frames to the client ----------------------------------------------
@@ -410,6 +446,9 @@ class ClientProtocol(WebSocketServerProtocol):
                       size=len(frame), node_id=self.node_id, limit=limit)
             frame = error_frame("too_large", f"a frame of {len(frame)} bytes for you was over the "
                                 f"limit of {limit} bytes and was not sent")
+            self.factory.counts.errors["too_large"] += 1
+        # counted by kind: an op frame by its op (its first field), else a message copy
+        self.factory.counts.frames_out[frame[7:frame.find(b'"', 7)] if frame.startswith(b'{"op":"') else b""] += 1
         if not self._paused and not self._queue:
             self.sendMessage(frame)
             return
@@ -424,6 +463,7 @@ class ClientProtocol(WebSocketServerProtocol):
             "closing {node_id}: send queue overflow ({queued} bytes)",
             node_id=self.node_id, queued=self._queued,
         )
+        self.factory.counts.closes[CLOSE_QUEUE_OVERFLOW] += 1
         self._queue.clear()
         self._queued = 0
         self._fail_drain_waiters()
@@ -504,6 +544,10 @@ class ClientFactory(WebSocketServerFactory):
         self.app = server
         self.limits = limits
         self.trusted_proxies = trusted_proxies or TrustedProxies(server.config.trusted_proxies)
+        #: what the sockets count (frames, errors, refusals, closes), read by /metrics
+        self.counts = FrameCounts()
+        #: the browser origins whose pages may open a connection (checked in onConnect)
+        self.origins = OriginPolicy(server.config.allowed_origins)
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_size,
             maxMessagePayloadSize=limits.max_message_size,

@@ -13,6 +13,7 @@ from twisted.trial import unittest
 
 from allspark.auth import Identity
 from allspark.registry import Registry
+from allspark.metrics import FrameCounts
 from allspark.ws import ClientProtocol, SocketLimits
 
 
@@ -39,7 +40,8 @@ class OnOpenTests(unittest.SynchronousTestCase):
             on_disconnected=lambda conn: None,
         )
         protocol = ClientProtocol()
-        protocol.factory = SimpleNamespace(app=server, limits=SocketLimits())  # type: ignore[assignment]
+        protocol.factory = SimpleNamespace(app=server, limits=SocketLimits(),  # type: ignore[assignment]
+                                           counts=FrameCounts())
         protocol.transport = FakeTransport()
         protocol.state = ClientProtocol.STATE_OPEN
         protocol.identity = Identity("alice", None)

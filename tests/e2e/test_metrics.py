@@ -1,0 +1,76 @@
+"""``GET /metrics`` of a real server: what it counts, and where it is served."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial import unittest
+
+from tests.e2e.helpers import http_get, wait_until
+from tests.support import client_for, free_port, start_server
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of the text exposition at ``url``: (name, sorted labels) -> value."""
+    answer = http_get(url)
+    assert answer.status == 200, answer
+    assert answer.headers["content-type"].startswith("text/plain"), answer.headers
+    samples = {}
+    for family in text_string_to_metric_families(answer.body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+class MetricsTests(unittest.TestCase):
+    timeout = 60
+
+    async def test_a_round_trip_is_counted(self) -> None:
+        server = start_server(self)
+        url = server.base_url + "/metrics"
+        alice = await client_for(self, server, "alice-laptop", "alice")
+        bob = await client_for(self, server, "bob-phone", "bob")
+        for n in range(3):
+            await alice.send(dest_id="bob-phone", payload={"n": n})
+        for _ in range(3):
+            await bob.next_message()
+        alice.send_raw(b"{not json")
+        await wait_until(lambda: value(scrape(url), "allspark_messages_total", stage="acked") == 3, 10,
+                         what="bob's acks counted")
+        samples = scrape(url)
+        self.assertEqual(value(samples, "allspark_connections"), 2)
+        self.assertEqual(value(samples, "allspark_frames_in_total", kind="message"), 3)
+        self.assertEqual(value(samples, "allspark_frames_in_total", kind="bad"), 1)
+        self.assertEqual(value(samples, "allspark_frames_in_total", kind="sync"), 2)
+        self.assertEqual(value(samples, "allspark_frames_out_total", kind="accepted"), 3)
+        self.assertEqual(value(samples, "allspark_frames_out_total", kind="message"), 3)
+        self.assertEqual(value(samples, "allspark_frames_out_total", kind="hello"), 2)
+        self.assertEqual(value(samples, "allspark_messages_total", stage="accepted"), 3)
+        self.assertEqual(value(samples, "allspark_messages_total", stage="stored"), 3)
+        self.assertEqual(value(samples, "allspark_messages_total", stage="delivered_live"), 3)
+        self.assertEqual(value(samples, "allspark_errors_total", code="bad_frame"), 1)
+        self.assertEqual(value(samples, "allspark_sync_pages_total"), 2)
+        self.assertEqual(value(samples, "allspark_inbox_depth_count"), 2)  # one full sync each
+        self.assertEqual(value(samples, "allspark_inbox_depth_bucket", le="0"), 2)
+        self.assertGreater(value(samples, "allspark_store_batch_size_count"), 0)
+        self.assertGreater(value(samples, "allspark_store_batch_seconds_sum"), 0)
+        self.assertEqual(value(samples, "allspark_peer_links"), 0)
+        self.assertEqual(value(samples, "allspark_server_state", state="live"), 1)
+        self.assertEqual(value(samples, "allspark_send_queue_overflows_total"), 0)
+        self.assertEqual(value(samples, "allspark_refusals_total", reason="rate_limited"), 0)
+        # no node id is ever a label
+        self.assertFalse([key for key in samples if any("alice" in v or "bob" in v for _, v in key[1])])
+
+    def test_no_metrics_turns_it_off(self) -> None:
+        server = start_server(self, "--no-metrics")
+        self.assertEqual(http_get(server.base_url + "/metrics").status, 404)
+
+    def test_metrics_port_serves_it_on_loopback_only(self) -> None:
+        port = free_port()
+        server = start_server(self, f"--metrics-port={port}")
+        self.assertEqual(http_get(server.base_url + "/metrics").status, 404)
+        samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        self.assertEqual(value(samples, "allspark_connections"), 0)
