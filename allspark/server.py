@@ -44,6 +44,7 @@ from allspark.cluster import (
 from allspark.delivery import Delivery
 from allspark.inbox import DeliveryConfig, Inbox, fetch_rows, now_ms
 from allspark.registry import Registry
+from allspark.revocations import Revocations
 from allspark.router import Router
 from allspark.store import ServerRecord, Store
 from allspark.ws import SocketLimits
@@ -74,6 +75,8 @@ class ServerConfig:
     request_timeout: float = 10.0
     #: peers (addresses or CIDR networks) whose X-Forwarded-For is believed
     trusted_proxies: tuple[str, ...] = ()
+    #: browser origins besides the server's own that may use it (--allowed-origin; allspark.origins)
+    allowed_origins: tuple[str, ...] = ()
     limits: SocketLimits = field(default_factory=SocketLimits)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     drain_timeout: float = 5.0
@@ -137,6 +140,8 @@ class Server:
         )
         # connections with a sync being answered (one at a time each)
         self._syncing: set[Any] = set()
+        #: revoked nodes (the server API's disconnect): refused at pre-connection and handshake
+        self.revocations = Revocations(store, clock)
 
     def new_sessions(self) -> Any:
         """Build this server's :class:`~allspark.sessions.Sessions` from its
@@ -179,6 +184,29 @@ class Server:
         d.addErrback(lambda f: log.failure("could not remember node {node_id}", f, node_id=conn.node_id))
         if self.locations is not None:
             self.locations.connected(conn)  # its sync waits for this (see _sync)
+
+    def close_node(self, node_id: str, reason: str, revoked_until_ms: int | None = None) -> int:
+        """Close every connection ``node_id`` has on this server (the server
+        API's disconnect, here or from a peer's ``disconnect`` frame): with
+        4011 ``revoked: <reason>`` while a revocation is in force, else 4010
+        ``disconnected: <reason>``.  ``revoked_until_ms`` (Unix ms, 0: lifted)
+        goes into the revocation cache first.  How many were closed."""
+        from allspark.ws import CLOSE_DISCONNECTED, CLOSE_REVOKED
+
+        if revoked_until_ms is not None:
+            self.revocations.note(node_id, revoked_until_ms)
+        revoked = revoked_until_ms is not None and self.revocations.revoked_now(revoked_until_ms)
+        code, word = (CLOSE_REVOKED, "revoked") if revoked else (CLOSE_DISCONNECTED, "disconnected")
+        closed = 0
+        for conn in list(self.registry.connections(node_id)):
+            close = getattr(conn, "close_for_policy", None)
+            if close is not None:
+                close(code, f"{word}: {reason}" if reason else word)
+                closed += 1
+        if closed:
+            log.info("closed {count} connections of {node_id}: {word}", count=closed, node_id=node_id,
+                     word=word, reason=reason, revoked_until=revoked_until_ms)
+        return closed
 
     def on_disconnected(self, conn: "ClientProtocol") -> None:
         """A client connection closed: its location goes."""

@@ -34,6 +34,7 @@ from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
 from allspark.auth import AuthError, Identity
+from allspark.origins import ALLOWED_HEADERS, PREFLIGHT_MAX_AGE, OriginPolicy, origin_text, parse_origin
 
 if TYPE_CHECKING:
     from allspark.server import Server
@@ -118,6 +119,40 @@ def parse_bool(args: dict[str, Any], name: str, default: bool = False) -> bool:
 Handler = Callable[[IRequest, dict[str, Any]], Any]
 
 
+def answer_cors(request: IRequest, methods: tuple[bytes, ...]) -> bool:
+    """CORS for one request of the HTTP API (:mod:`allspark.origins`):
+    ``Vary: Origin`` always, ``Access-Control-Allow-Origin`` for an allowed
+    origin, and a preflight answered here (204 with the allowed ``methods``,
+    or 403 ``origin_not_allowed``).  True when the request was a preflight
+    and is answered."""
+    request.setHeader(b"vary", b"Origin")
+    raw = request.getHeader(b"origin")
+    if raw is None:
+        return False
+    origin = raw.decode("latin-1")
+    policy: OriginPolicy = getattr(getattr(request, "site", None), "origins", None) or OriginPolicy()
+    host = request.getHeader(b"host")
+    allowed = policy.allows(origin, host.decode("latin-1") if host is not None else None)
+    parsed = parse_origin(origin)
+    if allowed and parsed is not None:
+        request.setHeader(b"access-control-allow-origin", origin_text(parsed).encode("latin-1"))
+    if request.method != b"OPTIONS" or request.getHeader(b"access-control-request-method") is None:
+        return False
+    if not allowed:
+        log.debug("refused a CORS preflight from {origin}", origin=origin, uri=redact_uri(request.uri).decode("latin-1"))
+        write_json(request, 403, {"error": "origin_not_allowed",
+                                  "message": f"pages from {origin!r} may not use this server (see --allowed-origin)"})
+        return True
+    request.setResponseCode(204)
+    request.setHeader(b"access-control-allow-methods", b", ".join(methods))
+    request.setHeader(b"access-control-allow-headers", ALLOWED_HEADERS.encode())
+    request.setHeader(b"access-control-max-age", str(PREFLIGHT_MAX_AGE).encode())
+    request.setHeader(b"cache-control", b"no-store")
+    request.setHeader(b"content-length", b"0")
+    request.finish()
+    return True
+
+
 class JSONEndpoint(resource.Resource):
     """A leaf that parses arguments, runs ``handler`` (sync or ``async``) and
     answers its dict as JSON, mapping :class:`HTTPError` to its status."""
@@ -132,6 +167,8 @@ class JSONEndpoint(resource.Resource):
     def render(self, request: IRequest) -> Any:
         if request.postpath and request.postpath != [b""]:
             return NotFound().render(request)
+        if answer_cors(request, self.methods):  # a preflight, answered
+            return server.NOT_DONE_YET
         if request.method not in self.methods:
             request.setHeader(b"allow", b", ".join(self.methods))
             write_json(request, 405, {"error": "method_not_allowed",
@@ -185,13 +222,17 @@ class Root(resource.Resource):
         return {"service": "allspark", "server_id": self.app.config.server_id,
                 "docs": "see docs/protocol.md"}
 
-    def pre_connection(self, request: IRequest, args: dict[str, Any]) -> dict[str, Any]:
+    async def pre_connection(self, request: IRequest, args: dict[str, Any]) -> dict[str, Any]:
         """Where to open the WebSocket: the least loaded live server of the
         cluster (:meth:`allspark.cluster.ClusterRecords.pick`; this one when
         it knows no records, e.g. before its first heartbeat), a token bound
-        to the caller's node_id and that server, and the ``ws_url`` to use."""
+        to the caller's node_id and that server, and the ``ws_url`` to use.
+        A revoked node (:mod:`allspark.revocations`) gets 401 ``revoked``."""
         server = self.app
         identity = authenticate(server, args)
+        revoked_until = await server.revocations.until(identity.node_id)
+        if revoked_until and server.revocations.revoked_now(revoked_until):
+            raise HTTPError(401, "revoked", f"this node is revoked until {revoked_until // 1000} (Unix time)")
         if server.draining:
             raise HTTPError(503, "unavailable", "this server is shutting down; ask another")
         if server.starting:
@@ -561,15 +602,17 @@ access_log = Logger(namespace="allspark.access")
 class AllsparkSite(server.Site):
     """The one site: ``Server: Allspark`` on every answer, a deadline for
     every request (:class:`DeadlineChannel`), client addresses through
-    trusted proxies, and an access log without credentials."""
+    trusted proxies, the browser origins its JSON endpoints answer CORS for
+    (:func:`answer_cors`), and an access log without credentials."""
 
     requestFactory = AllsparkRequest
 
     def __init__(self, root: resource.Resource, request_timeout: float = 10.0,
-                 trusted_proxies: TrustedProxies | None = None) -> None:
+                 trusted_proxies: TrustedProxies | None = None, origins: OriginPolicy | None = None) -> None:
         super().__init__(root, logFormatter=redacted_log_formatter)
         self.request_timeout = request_timeout
         self.trusted_proxies = trusted_proxies or TrustedProxies()
+        self.origins = origins or OriginPolicy()
 
     def protocol(self) -> DeadlineChannel:  # type: ignore[override]
         return DeadlineChannel()
@@ -626,7 +669,8 @@ def build_site(srv: "Server", ws_factory: "ClientFactory", extra: dict[bytes, re
     root.putChild(b"admin", admin)
     for path, child in (extra or {}).items():
         root.putChild(path, child)
-    site = AllsparkSite(root, srv.config.request_timeout, TrustedProxies(srv.config.trusted_proxies))
+    site = AllsparkSite(root, srv.config.request_timeout, TrustedProxies(srv.config.trusted_proxies),
+                        OriginPolicy(srv.config.allowed_origins))
     site.displayTracebacks = False
     site.noisy = False
     return site

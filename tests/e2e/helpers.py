@@ -37,10 +37,18 @@ class HTTPAnswer:
         return json.loads(self.body)
 
 
-def http_get(url: str, timeout: float = IO_TIMEOUT) -> HTTPAnswer:
-    """GET ``url``; any status is returned, not raised."""
+def http_get(url: str, timeout: float = IO_TIMEOUT, headers: dict[str, str] | None = None) -> HTTPAnswer:
+    """GET ``url`` (with ``headers``); any status is returned, not raised."""
+    return http_request(url, "GET", headers=headers, timeout=timeout)
+
+
+def http_request(url: str, method: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+                 timeout: float = IO_TIMEOUT) -> HTTPAnswer:
+    """``method`` on ``url`` with ``body`` and ``headers``; any status is
+    returned, not raised."""
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return HTTPAnswer(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
     except urllib.error.HTTPError as e:
         with e:
@@ -61,14 +69,17 @@ def ws_path_and_query(ws_url: str) -> str:
     return f"{parts.path}?{parts.query}"
 
 
-def raw_handshake(server: ServerProcess, path_and_query: str, timeout: float = IO_TIMEOUT) -> HTTPAnswer:
-    """Send a WebSocket opening handshake for ``path_and_query`` over a plain
-    socket and return the server's HTTP answer (101 when accepted; the socket
-    is then closed without a close frame).  The body is read until the server
-    closes the connection or ``timeout`` passes."""
+def raw_handshake(server: ServerProcess, path_and_query: str, timeout: float = IO_TIMEOUT,
+                  headers: dict[str, str] | None = None) -> HTTPAnswer:
+    """Send a WebSocket opening handshake for ``path_and_query`` (with extra
+    ``headers``) over a plain socket and return the server's HTTP answer (101
+    when accepted; the socket is then closed without a close frame).  The
+    body is read until the server closes the connection or ``timeout``
+    passes."""
     request = (
         f"GET {path_and_query} HTTP/1.1\r\n"
         f"Host: 127.0.0.1:{server.port}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items()) +
         "Upgrade: websocket\r\n"
         "Connection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
