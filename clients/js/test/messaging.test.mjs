@@ -1,0 +1,127 @@
+// hello, pre-connection (both forms), send/receive, user-wide sends, errors
+// and bad input: against one real server.
+
+import assert from "node:assert/strict";
+import { after, before, describe, test } from "node:test";
+
+import { AllsparkClient, AllsparkError, PreConnectionError, preConnection } from "../allspark.js";
+import { client, closeAll, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
+
+let url;
+const run = `m${Date.now().toString(36)}`;
+
+before(async () => {
+  url = await sharedServerUrl();
+});
+
+after(async () => {
+  await closeAll();
+  await stopSharedServer();
+});
+
+describe("connecting", () => {
+  test("hello: ready once connected and synced, with who the server believes we are", async () => {
+    const alice = await client(url, `${run}-alice-laptop`, { clientId: `${run}-alice`, connect: false });
+    const ready = new Promise((r) => alice.once("ready", r));
+    const hello = await alice.connect();
+    assert.equal(hello.op, "hello");
+    assert.equal(hello.node_id, `${run}-alice-laptop`);
+    assert.equal(alice.nodeId, `${run}-alice-laptop`);
+    assert.equal(alice.clientId, `${run}-alice`);
+    assert.equal(typeof hello.max_message_size, "number");
+    const detail = await ready;
+    assert.equal(detail.reconnected, false);
+    assert.equal(detail.serverId, hello.server_id);
+    assert.equal(alice.state, "ready");
+    assert.equal((await alice.ping()).op, "pong");
+  });
+
+  test("both pre-connection forms answer a ws_url the client connects to", async () => {
+    for (const form of ["v1", "seed"]) {
+      const info = await preConnection(url, key(`${run}-forms`), { form });
+      assert.match(info.node.ws_url, /^ws:\/\/127\.0\.0\.1:\d+\/ws\?auth_key=.+&validation_token=.+/);
+      const c = await client(url, `${run}-form-${form}`, { preConnectionForm: form });
+      assert.equal(c.nodeId, `${run}-form-${form}`);
+    }
+  });
+
+  test("a refused auth key rejects connect() with the server's code and stops", async () => {
+    const c = new AllsparkClient({ url, authKey: "not-a-jwt" });
+    await assert.rejects(c.connect(), (error) => error instanceof PreConnectionError && error.status === 401
+      && error.code === "malformed_key" && error.keyRefused);
+    assert.equal(c.state, "closed");
+  });
+
+  test("an authKey function is asked again after its key is refused", async () => {
+    const keys = ["not-a-jwt", key(`${run}-fresh`)];
+    let asked = 0;
+    const c = await client(url, `${run}-fresh`, { authKey: () => keys[Math.min(asked++, 1)] });
+    assert.equal(c.nodeId, `${run}-fresh`);
+    assert.equal(asked, 2);
+  });
+
+  test("bad options are refused at once with a clear error", () => {
+    assert.throws(() => new AllsparkClient({ url: "ftp://x", authKey: "k" }), TypeError);
+    assert.throws(() => new AllsparkClient({ url, authKey: 7 }), TypeError);
+    assert.throws(() => new AllsparkClient({ url, authKey: "k", preConnectionForm: "v2" }), TypeError);
+  });
+});
+
+describe("messages", () => {
+  test("send and receive: accepted, then the message stamped by the server, with its seq", async () => {
+    const alice = await client(url, `${run}-a1`, { clientId: `${run}-alice` });
+    const bob = await client(url, `${run}-b1`, { clientId: `${run}-bob` });
+    const accepted = await alice.send({ dest_id: `${run}-b1`, payload: { text: "hi" }, type: 7 });
+    assert.equal(accepted.op, "accepted");
+    assert.equal(accepted.status, "delivered");
+    assert.match(accepted.id, /^js-/);
+    await waitUntil(() => bob.got.message.length === 1, 10_000, "bob's message");
+    const [message] = bob.got.message;
+    assert.deepEqual(message.payload, { text: "hi" });
+    assert.equal(message.src_id, `${run}-a1`);
+    assert.equal(message.src_client_id, `${run}-alice`);
+    assert.equal(message.dest_id, `${run}-b1`);
+    assert.equal(message.seq, 1);
+    assert.equal(message.type, 7);
+    assert.equal(message.id, accepted.id);
+  });
+
+  test("a user-wide send reaches every device of the user and the sender's other devices", async () => {
+    const laptop = await client(url, `${run}-cw-laptop`, { clientId: `${run}-cwa` });
+    const phone = await client(url, `${run}-cw-phone`, { clientId: `${run}-cwa` });
+    const bobPhone = await client(url, `${run}-cw-bphone`, { clientId: `${run}-cwb` });
+    const bobTab = await client(url, `${run}-cw-btab`, { clientId: `${run}-cwb` });
+    const accepted = await laptop.send({ dest_client_id: `${run}-cwb`, payload: "to all of bob" });
+    assert.equal(accepted.recipients, 3);
+    for (const device of [phone, bobPhone, bobTab]) {
+      await waitUntil(() => device.got.message.length === 1, 10_000, `${device.nodeId}'s copy`);
+      assert.equal(device.got.message[0].dest_id, device.nodeId);
+    }
+    assert.equal(phone.isOwnCopy(phone.got.message[0]), true);
+    assert.equal(bobPhone.isOwnCopy(bobPhone.got.message[0]), false);
+    assert.equal(laptop.got.message.length, 0);
+  });
+
+  test("an error answer rejects with AllsparkError and its code; the connection stays", async () => {
+    const alice = await client(url, `${run}-err`);
+    await assert.rejects(alice.send({ dest_id: `${run}-nobody-ever` }),
+      (error) => error instanceof AllsparkError && error.code === "unknown_destination");
+    await assert.rejects(alice.request({ op: "frobnicate" }),
+      (error) => error instanceof AllsparkError && error.code === "unknown_op");
+    assert.equal((await alice.ping()).op, "pong");
+  });
+
+  test("bad input is refused locally with a clear error, never sent", async () => {
+    const alice = await client(url, `${run}-bad`);
+    await assert.rejects(alice.send({ payload: 1 }), /needs dest_id, dest_client_id or dest_session_id/);
+    await assert.rejects(alice.send(null), TypeError);
+    const circular = {};
+    circular.self = circular;
+    await assert.rejects(alice.send({ dest_id: `${run}-bad`, payload: circular }), /cannot be written as JSON/);
+    await assert.rejects(alice.send({ dest_id: `${run}-bad`, payload: "x".repeat(70_000) }),
+      (error) => error instanceof AllsparkError && error.code === "too_large");
+    await assert.rejects(alice.request({ op: "ping", id: "" }), /1-64 characters/);
+    assert.equal(alice.state, "ready");
+    assert.equal((await alice.ping()).op, "pong");
+  });
+});
