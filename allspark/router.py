@@ -36,10 +36,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Sender:
-    """The authenticated node a frame came from."""
+    """The authenticated node a frame came from.  ``app`` marks the
+    application's backend publishing through the server API
+    (:mod:`allspark.api`): it may send to any session without being a member."""
 
     node_id: str
     client_id: str | None
+    app: bool = False
 
 
 def accepted_frame(msg: Message, recipients: int, live: int, **extra: Any) -> bytes:
@@ -187,7 +190,8 @@ class Router:
                 deliver(node_id, addressed(body, node_id))
             return succeed(accepted_frame(msg, len(recipients), live))
         answer = accepted_frame(msg, len(recipients), live)
-        return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer)
+        return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer,
+                                            push=getattr(msg, "push", True))
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
         """Raise ``unknown_destination`` unless ``node_id`` ever connected."""

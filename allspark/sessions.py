@@ -118,6 +118,7 @@ from allspark.router import Router, Sender, accepted_frame
 from allspark.store import DuplicateSession, MemberRecord, SessionFull, SessionRecord, Store, StoreError
 
 if TYPE_CHECKING:
+    from allspark.push.scheduler import PushScheduler
     from allspark.server import Server
 
 log = logger(__name__)
@@ -282,6 +283,8 @@ class Sessions:
         #: tells the other servers that a session changed (its id); set when
         #: the mesh is wired in (:meth:`allspark.server.Server.share_caches`)
         self.announce: Callable[[str], None] | None = None
+        #: told the members of each stored broadcast (push notifications), when configured
+        self.push: PushScheduler | None = None
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         #: session_id -> the load from the store in flight
         self._loads: dict[str, _Load] = {}
@@ -703,12 +706,15 @@ class Sessions:
         if entry is None:
             raise FrameError("unknown_destination", f"no session {session_id!r}", msg.id)
         me = entry.members.get(sender.node_id)
+        if me is None and sender.app:
+            # the app's backend (the server API) speaks to any session under its own name
+            me = MemberRecord(session_id, sender.node_id, None, False, sender.node_id, 0, 0, 0)
         if me is None:
             raise FrameError("not_a_member", f"you are not a member of session {session_id!r}", msg.id)
         src_id = public_id(me)
         options = entry.record.options
         master_id = options.get("master_id") if options.get("session_type") == "game" else None
-        restricted = master_id is not None and sender.node_id != master_id
+        restricted = master_id is not None and sender.node_id != master_id and not sender.app
         if msg.dest_id is not None:
             target = self._resolve(entry, msg.dest_id)
             if target is None:
@@ -760,6 +766,9 @@ class Sessions:
             # joined or connected while the row was being stored
             current = self._cache.get(session_id) or entry
             self.fan_out(with_session_seq(body, seq), self._online_members(current, sender.node_id))
+            if self.push is not None and getattr(msg, "push", True):
+                # the offline members are picked out by the scheduler, on the next reactor turn
+                self.push.copies_stored(current.members, exclude=sender.node_id)
         return _answer_with_session_seq(result.answer, seq)
 
     async def sync(

@@ -1,0 +1,227 @@
+"""When to push: the scheduler over the memory store, the real inbox and
+delivery point, a scripted provider and a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from allspark.delivery import Delivery
+from allspark.inbox import DeliveryConfig, Inbox
+from allspark.push.config import PushSettings
+from allspark.push.dispatcher import Dispatcher
+from allspark.push.provider import Outcome, PushResult
+from allspark.push.scheduler import PushScheduler
+from allspark.registry import Registry
+from allspark.store import PushTarget
+from allspark.store.memory import MemoryStore
+from tests.fakes import FakeConnection
+from tests.push.fake_provider import FakeProvider
+
+START = 1_700_000_000.0
+
+
+class CountingStore(MemoryStore):
+    """The memory store, counting schedule_push calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.schedule_calls: list[list[str]] = []
+
+    def schedule_push(self, node_ids: Any, due_ms: int) -> Any:
+        self.schedule_calls.append(list(node_ids))
+        return super().schedule_push(node_ids, due_ms)
+
+
+class SchedulerTestCase(unittest.TestCase):
+    settings = PushSettings(grace_s=2.0, window_s=30.0, timeout_s=5.0, max_attempts=1, backoff_base_s=1.0,
+                            backoff_cap_s=10.0, max_rounds=3, poll_s=1.0)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = CountingStore()
+        self.registry = Registry()
+        self.delivery = Delivery(self.registry, self.clock)
+        self.inbox = Inbox(self.store, self.delivery, self.clock, DeliveryConfig())
+        self.provider = FakeProvider("fcm")
+        self.scheduler = self.make_scheduler("server-a")
+        self.inbox.push = self.scheduler
+        for node in ("phone", "tablet"):
+            self.store.set_push_target(PushTarget(node, "fcm", f"tok-{node}", None, None, None, 0))
+
+    def make_scheduler(self, owner: str, settings: PushSettings | None = None) -> PushScheduler:
+        settings = settings or self.settings
+        dispatcher = Dispatcher({"fcm": self.provider}, settings, self.clock, jitter=lambda: 0.5)
+        scheduler = PushScheduler(self.store, self.delivery, dispatcher, settings, self.clock, owner)
+        scheduler.startService()
+        self.addCleanup(scheduler.stopService)
+        return scheduler
+
+    def send(self, recipients: list[str], body: dict[str, Any] | None = None, push: bool = True,
+             sender: str = "alice") -> None:
+        frame = orjson.dumps({"src_id": sender, "text": "hi", **(body or {})})
+        self.inbox.store_and_deliver(sender, None, recipients, frame, b"{}", push=push)
+
+    def run_for(self, seconds: float, step: float = 0.1) -> None:
+        for _ in range(int(round(seconds / step))):
+            self.clock.advance(step)
+
+    def pushes(self, node: str = "phone") -> list[Any]:
+        return [note for target, note in self.provider.sent if target.node_id == node]
+
+
+class WhenToPushTests(SchedulerTestCase):
+    def test_a_burst_to_an_offline_node_is_one_push_with_the_count(self) -> None:
+        for i in range(100):
+            self.send(["phone"], {"push_text": f"message {i}"})
+        self.clock.advance(0)  # the reactor turn after the stores
+        self.assertEqual(self.store.schedule_calls, [["phone"]])  # one store call for the burst
+        self.run_for(1.9)
+        self.assertEqual(self.pushes(), [])  # the grace period
+        self.run_for(0.3)
+        [note] = self.pushes()
+        self.assertEqual(note.unread, 100)
+        self.assertEqual(note.sender_id, "alice")
+        self.assertEqual(note.text, "message 99")
+        self.run_for(60)
+        self.assertEqual(len(self.pushes()), 1)
+
+    def test_a_live_node_gets_no_push(self) -> None:
+        self.registry.add(FakeConnection("phone"))
+        self.send(["phone"])
+        self.run_for(10)
+        self.assertEqual((self.provider.sent, self.store.schedule_calls), ([], []))
+
+    def test_connecting_within_the_grace_period_means_no_push(self) -> None:
+        self.send(["phone"])
+        self.run_for(1)
+        self.registry.add(FakeConnection("phone"))
+        self.run_for(10)
+        self.assertEqual(self.provider.sent, [])
+
+    def test_acking_within_the_grace_period_means_no_push(self) -> None:
+        self.send(["phone"])
+        self.send(["phone"])
+        self.run_for(1)
+        self.store.ack_inbox("phone", 2)
+        self.run_for(10)
+        self.assertEqual(self.provider.sent, [])
+
+    def test_push_false_schedules_nothing(self) -> None:
+        self.send(["phone"], push=False)
+        self.run_for(10)
+        self.assertEqual((self.provider.sent, self.store.schedule_calls), ([], []))
+
+    def test_a_muted_node_gets_no_push(self) -> None:
+        self.store.set_push_muted("phone", True)
+        self.send(["phone", "tablet"])
+        self.run_for(5)
+        self.assertEqual([t.node_id for t, _ in self.provider.sent], ["tablet"])
+
+    def test_one_push_per_window_carrying_the_count_so_far(self) -> None:
+        self.send(["phone"])
+        self.run_for(3)
+        self.assertEqual([n.unread for n in self.pushes()], [1])
+        for _ in range(4):
+            self.send(["phone"])
+        self.run_for(28)  # 31 s after the first push was sent
+        self.assertEqual(len(self.pushes()), 1)  # the window holds it
+        self.run_for(2)
+        self.assertEqual([n.unread for n in self.pushes()], [1, 5])
+
+    def test_messages_after_a_push_schedule_again(self) -> None:
+        self.send(["phone"])
+        self.run_for(3)
+        self.run_for(40)
+        self.send(["phone"])
+        self.run_for(3)
+        self.assertEqual([n.unread for n in self.pushes()], [1, 2])
+
+    def test_content_levels(self) -> None:
+        cases = {"count": (None, None, None), "sender": ("alice", "room", None),
+                 "text": ("alice", "room", "wake up")}
+        for content, expected in cases.items():
+            self.provider.sent.clear()
+            settings = PushSettings(grace_s=1.0, content=content)
+            scheduler = PushScheduler(self.store, self.delivery, Dispatcher({}, settings, self.clock), settings,
+                                      self.clock, "x")
+            self.send(["phone"], {"dest_session_id": "room", "push_text": "wake up"})
+            note: list[Any] = []
+            ensureDeferred(scheduler.notification("phone")).addCallback(note.append)
+            self.assertEqual((note[0].sender_id, note[0].session_id, note[0].text), expected)
+
+
+class OutcomeTests(SchedulerTestCase):
+    def test_a_dead_token_removes_the_target(self) -> None:
+        self.provider.script.append(PushResult(Outcome.DEAD_TOKEN, 410, "gone"))
+        self.send(["phone"])
+        self.run_for(3)
+        self.assertIsNone(self.store.get_push_target("phone").result)
+        self.assertEqual(self.scheduler.dispatcher.stats["fcm", "token_removed"], 1)
+        self.send(["phone"])
+        self.run_for(60)
+        self.assertEqual(len(self.provider.sent), 1)
+
+    def test_a_transient_failure_is_due_again_then_dropped(self) -> None:
+        self.provider.default = PushResult(Outcome.RETRY, 503, "server_error")
+        self.send(["phone"])
+        self.run_for(3)
+        self.assertEqual(len(self.provider.sent), 1)
+        self.run_for(60)  # backed off in the store, claimed again: max_rounds claims in all
+        self.assertEqual(len(self.provider.sent), 3)
+        self.assertEqual(self.scheduler.dispatcher.stats["fcm", "dropped"], 1)
+        self.run_for(60)
+        self.assertEqual(len(self.provider.sent), 3)
+
+    def test_a_long_retry_after_re_dues_the_push_for_then(self) -> None:
+        self.provider.script.append(PushResult(Outcome.RETRY, 429, "rate_limited", 50.0))
+        self.send(["phone"])
+        self.run_for(3)
+        self.run_for(49)
+        self.assertEqual(len(self.provider.sent), 1)
+        self.run_for(2)
+        self.assertEqual(len(self.provider.sent), 2)
+
+
+class ClusterTests(SchedulerTestCase):
+    def test_two_schedulers_on_one_store_send_one_push(self) -> None:
+        other = self.make_scheduler("server-b")
+        self.send(["phone"])
+        other.copies_stored(["phone"])  # as if the other server stored a copy too
+        self.run_for(5)
+        self.assertEqual(len(self.pushes()), 1)
+
+    def test_a_restarted_scheduler_sends_what_was_scheduled(self) -> None:
+        self.send(["phone"])
+        self.clock.advance(0)
+        self.scheduler.stopService()
+        self.run_for(5)
+        self.assertEqual(self.provider.sent, [])
+        self.make_scheduler("server-a-again")
+        self.run_for(2)
+        self.assertEqual(len(self.pushes()), 1)
+
+
+class SessionTests(SchedulerTestCase):
+    def test_offline_members_are_scheduled_and_count_stream_rows(self) -> None:
+        store = self.store
+        store.create_session("room", "alice", {}, 0)
+        for node in ("alice", "phone", "tablet"):
+            store.add_member("room", node, None, False, node, 0)
+        self.registry.add(FakeConnection("tablet"))
+        for i in range(3):
+            store.append_session("room", "alice", None, orjson.dumps({"src_id": "alice", "dest_session_id": "room",
+                                                                      "push_text": f"t{i}"}), b"{}", 0, 1000)
+            self.scheduler.copies_stored({"alice": 1, "phone": 1, "tablet": 1}, exclude="alice")
+        self.send(["phone"])  # and one in the inbox
+        self.clock.advance(0)
+        self.assertEqual(store.schedule_calls, [["phone"]])
+        self.run_for(3)
+        [note] = self.pushes()
+        self.assertEqual(note.unread, 4)
+        self.assertEqual(self.pushes("tablet"), [])
