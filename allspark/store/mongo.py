@@ -23,6 +23,13 @@ Collections (in the database named by the URL path, default ``allspark``):
 ``dedup``        ``{sender_id, dedup_id, created_at, pending, txn, lease_until,
                  seqs, answer}``; unique ``(sender_id, dedup_id)``, index
                  ``created_at``.
+``push_devices`` ``{_id: node_id, target, address, muted, due_ms, gen,
+                 lease_owner, lease_until_ms, last_sent_ms, attempts}``: one
+                 document per node (the target as JSON, None once
+                 unregistered; ``due_ms`` is *absent* when nothing is pending,
+                 so ``$min`` sets it on a first schedule and keeps the earliest
+                 after); index ``due_ms`` for claims.
+``revocations``  ``{_id: node_id, until_ms}``.
 
 Ordering.  The contract says one process's operations apply in submission
 order.  Most operations here are several round trips, so this store runs its
@@ -68,6 +75,19 @@ failed); aborted, or a lease run out (the retry then aborts the txn, see step
 5), means the retry takes the claim over.  Otherwise it waits, at most about
 one lease.  Settling the entry after the commit is only a shortcut.
 
+Push claims.  :meth:`MongoStore.claim_due_pushes` takes its jobs one
+``find_one_and_update`` at a time (at most ``limit`` of them, each the
+earliest due document whose filter, due and unleased, still holds when
+MongoDB applies the update), so two servers claiming at once never take one
+node: each document changes atomically.  It costs a round trip per job, and
+the jobs of one call are not taken at one instant (another server's claim
+may interleave; each job is still taken once).  :meth:`MongoStore.finish_push`
+is two conditional updates at most: the first applies only if ``gen`` did not
+move (it also clears the schedule), the second otherwise (it keeps it).
+:meth:`MongoStore.schedule_push` reads which nodes have a target and no mute,
+then updates those in one ``update_many``; a node muted between the two is
+left alone but still returned.
+
 Leases use the wall clock (:attr:`MongoStore.lease_ms`, default 10 s): servers
 sharing a database need clocks within a small fraction of that.
 :meth:`MongoStore.start` gives up after :attr:`MongoStore.start_timeout_s`
@@ -99,6 +119,8 @@ from allspark.store import (
     InboxQuota,
     MemberRecord,
     LocationRecord,
+    PushJob,
+    PushTarget,
     ServerRecord,
     SessionFull,
     SessionRecord,
@@ -266,6 +288,8 @@ class MongoStore:
             ("dedup", _by("created_at"), {}),
             ("txns", _by("at"), {}),
             ("locations", _by("server_id"), {}),
+            # (due_ms alone: nx-27017 cannot index a compound key holding _id)
+            ("push_devices", _by("due_ms"), {}),
         ]
         for collection, spec, options in indexes:
             await self._c(collection).create_index(spec, **options)
@@ -1022,3 +1046,175 @@ class MongoStore:
             return_document=ReturnDocument.AFTER,
         )
         return 0 if doc is None else int(doc["acked_seq"])
+
+    # -- push notifications (collection ``push_devices``, see the module docstring) --
+    #: Fields a new push document starts with (``due_ms`` stays absent).
+    _PUSH_DEFAULTS: dict[str, Any] = {
+        "muted": False, "gen": 0, "lease_owner": None, "lease_until_ms": 0,
+        "last_sent_ms": None, "attempts": 0,
+    }
+
+    def set_push_target(self, target: PushTarget) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.set_push_target`."""
+        return self._run(self._set_push_target, target)
+
+    async def _push_upsert(self, node_id: str, fields: dict[str, Any]) -> None:
+        """Set ``fields`` on the node's push document, creating it (with
+        :attr:`_PUSH_DEFAULTS` and no target) when there is none."""
+        defaults = {k: v for k, v in self._PUSH_DEFAULTS.items() if k not in fields}
+        defaults.update({k: None for k in ("target", "address") if k not in fields})
+        await self._c("push_devices").update_one(
+            {"_id": node_id}, {"$set": fields, "$setOnInsert": defaults}, upsert=True
+        )
+
+    async def _set_push_target(self, target: PushTarget) -> None:
+        await self._push_upsert(target.node_id, {"target": target.to_json(), "address": target.address})
+
+    def get_push_target(self, node_id: str) -> Deferred[PushTarget | None]:
+        """See :meth:`allspark.store.Store.get_push_target`."""
+        return self._run(self._get_push_target, node_id)
+
+    async def _get_push_target(self, node_id: str) -> PushTarget | None:
+        doc = await self._c("push_devices").find_one({"_id": node_id})
+        if doc is None or doc.get("target") is None:
+            return None
+        return PushTarget.from_json(doc["target"])
+
+    def remove_push_target(self, node_id: str, address: str | None = None) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.remove_push_target`."""
+        return self._run(self._remove_push_target, node_id, address)
+
+    async def _remove_push_target(self, node_id: str, address: str | None) -> bool:
+        query: dict[str, Any] = {"_id": node_id, "target": {"$ne": None}}
+        if address is not None:
+            query["address"] = address
+        result = await self._c("push_devices").update_one(
+            query, {"$set": {"target": None, "address": None}}
+        )
+        return bool(result.matched_count == 1)
+
+    def set_push_muted(self, node_id: str, muted: bool) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.set_push_muted`."""
+        return self._run(self._set_push_muted, node_id, muted)
+
+    async def _set_push_muted(self, node_id: str, muted: bool) -> None:
+        await self._push_upsert(node_id, {"muted": bool(muted)})
+
+    def push_muted(self, node_id: str) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.push_muted`."""
+        return self._run(self._push_muted, node_id)
+
+    async def _push_muted(self, node_id: str) -> bool:
+        doc = await self._c("push_devices").find_one({"_id": node_id}, {"muted": True})
+        return doc is not None and bool(doc.get("muted"))
+
+    def schedule_push(self, node_ids: Sequence[str], due_ms: int) -> Deferred[list[str]]:
+        """See :meth:`allspark.store.Store.schedule_push`."""
+        return self._run(self._schedule_push, list(dict.fromkeys(node_ids)), due_ms)
+
+    async def _schedule_push(self, node_ids: list[str], due_ms: int) -> list[str]:
+        if not node_ids:
+            return []
+        eligible = {"target": {"$ne": None}, "muted": False}
+        docs = await self._c("push_devices").find(
+            dict(eligible, _id={"$in": node_ids}), {"_id": True}
+        )
+        found = {d["_id"] for d in docs}
+        scheduled = [n for n in node_ids if n in found]
+        if scheduled:
+            await self._c("push_devices").update_many(
+                dict(eligible, _id={"$in": scheduled}),
+                {"$min": {"due_ms": due_ms}, "$inc": {"gen": 1}},
+            )
+        return scheduled
+
+    def claim_due_pushes(
+        self, now_ms: int, owner: str, lease_ms: int, limit: int
+    ) -> Deferred[list[PushJob]]:
+        """See :meth:`allspark.store.Store.claim_due_pushes` (one
+        ``find_one_and_update`` per job, see the module docstring)."""
+        return self._run(self._claim_due_pushes, now_ms, owner, lease_ms, limit)
+
+    async def _claim_due_pushes(
+        self, now_ms: int, owner: str, lease_ms: int, limit: int
+    ) -> list[PushJob]:
+        query = {
+            "due_ms": {"$lte": now_ms},
+            "target": {"$ne": None},
+            "muted": False,
+            # no lease is lease_until_ms 0 (times are positive): one condition, no $or
+            "lease_until_ms": {"$lt": now_ms},
+        }
+        jobs: list[PushJob] = []
+        for _ in range(max(limit, 0)):
+            doc = await self._c("push_devices").find_one_and_update(
+                query,
+                {"$set": {"lease_owner": owner, "lease_until_ms": now_ms + lease_ms}},
+                sort=_by("due_ms", "_id"),
+                return_document=ReturnDocument.AFTER,
+            )
+            if doc is None:
+                break
+            jobs.append(PushJob(
+                doc["_id"], PushTarget.from_json(doc["target"]), int(doc["gen"]),
+                int(doc["due_ms"]), doc.get("last_sent_ms"), int(doc.get("attempts", 0)),
+            ))
+        return jobs
+
+    def finish_push(
+        self,
+        node_id: str,
+        owner: str,
+        gen: int,
+        sent_ms: int | None,
+        retry_at_ms: int | None,
+        failed: bool = False,
+    ) -> Deferred[bool]:
+        """See :meth:`allspark.store.Store.finish_push`."""
+        return self._run(self._finish_push, node_id, owner, gen, sent_ms, retry_at_ms, failed)
+
+    async def _finish_push(
+        self,
+        node_id: str,
+        owner: str,
+        gen: int,
+        sent_ms: int | None,
+        retry_at_ms: int | None,
+        failed: bool,
+    ) -> bool:
+        update: dict[str, Any] = {"$set": {"lease_owner": None, "lease_until_ms": 0}}
+        if sent_ms is not None:
+            update["$set"].update(last_sent_ms=sent_ms, attempts=int(failed))
+        elif failed:
+            update["$inc"] = {"attempts": 1}
+        devices = self._c("push_devices")
+        if retry_at_ms is not None:
+            update["$set"]["due_ms"] = retry_at_ms
+        else:
+            done = dict(update, **{"$unset": {"due_ms": ""}})
+            result = await devices.update_one({"_id": node_id, "lease_owner": owner, "gen": gen}, done)
+            if result.matched_count == 1:
+                return True
+        result = await devices.update_one({"_id": node_id, "lease_owner": owner}, update)
+        return bool(result.matched_count == 1)
+
+    # -- revocations (collection ``revocations``) -------------------------------
+    def revoke_node(self, node_id: str, until_ms: int) -> Deferred[None]:
+        """See :meth:`allspark.store.Store.revoke_node`."""
+        return self._run(self._revoke_node, node_id, until_ms)
+
+    async def _revoke_node(self, node_id: str, until_ms: int) -> None:
+        if until_ms > 0:
+            await self._c("revocations").update_one(
+                {"_id": node_id}, {"$set": {"until_ms": until_ms}}, upsert=True
+            )
+        else:
+            await self._c("revocations").delete_one({"_id": node_id})
+
+    def revoked_until(self, node_id: str) -> Deferred[int]:
+        """See :meth:`allspark.store.Store.revoked_until`."""
+        return self._run(self._revoked_until, node_id)
+
+    async def _revoked_until(self, node_id: str) -> int:
+        doc = await self._c("revocations").find_one({"_id": node_id})
+        return 0 if doc is None else int(doc["until_ms"])
