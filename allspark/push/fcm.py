@@ -39,6 +39,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from allspark.logs import logger
+from allspark.push.config import read_secret
 from allspark.push.httpclient import HttpAnswer, PushHttpClient, TransportError, retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
@@ -57,7 +58,8 @@ REFRESH_MARGIN_S = 300.0
 #: A token request that takes longer is abandoned (the sends waiting for it are retried).
 TOKEN_REQUEST_TIMEOUT_S = 30.0
 
-CONFIG_KEYS = frozenset({"project_id", "service_account_file", "endpoint", "token_uri"})
+CONFIG_KEYS = frozenset({"project_id", "service_account_file", "service_account_env", "endpoint",
+                         "token_uri"})
 _PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -81,6 +83,12 @@ class ServiceAccount:
                 raw = handle.read()
         except OSError as exc:
             raise PushConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from exc
+        return cls.from_json(raw, where)
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str = "[fcm] service account key") -> "ServiceAccount":
+        """Parse a service-account key (Google's JSON); :class:`PushConfigError`
+        says, after ``where``, what is wrong with it."""
         try:
             info = json.loads(raw)
         except ValueError as exc:
@@ -353,18 +361,20 @@ def _url(table: Mapping[str, Any], key: str, default: str) -> str:
 
 
 def from_config(table: Mapping[str, Any], reactor: Any) -> FcmProvider:
-    """Build the provider from the ``[fcm]`` table: ``project_id``,
-    ``service_account_file`` (required), ``endpoint`` (default
-    https://fcm.googleapis.com) and ``token_uri`` (default: the key file's)."""
+    """Build the provider from the ``[fcm]`` table: ``project_id`` (default:
+    the key's), the service account's JSON key from ``service_account_file``
+    or the environment variable ``service_account_env`` (one is required),
+    ``endpoint`` (default https://fcm.googleapis.com) and ``token_uri``
+    (default: the key's)."""
     unknown = sorted(set(table) - CONFIG_KEYS)
     if unknown:
         raise PushConfigError(f"[fcm] unknown key(s) {', '.join(unknown)} "
                               f"(known: {', '.join(sorted(CONFIG_KEYS))})")
-    path = table.get("service_account_file")
-    if not isinstance(path, str) or not path:
-        raise PushConfigError("[fcm] service_account_file is required (the path of the "
-                              "service account's JSON key)")
-    account = ServiceAccount.from_file(path)
+    raw = read_secret(table, "fcm", "service_account")
+    where = ("[fcm] service_account_file " + repr(table["service_account_file"])
+             if "service_account_file" in table else
+             "[fcm] service_account_env " + repr(table.get("service_account_env")))
+    account = ServiceAccount.from_json(raw, where)
     project_id = table.get("project_id", account.project_id)
     if not isinstance(project_id, str) or not _PROJECT_ID.match(project_id):
         raise PushConfigError(f"[fcm] project_id is required: the Firebase project id "

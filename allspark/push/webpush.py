@@ -41,6 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from allspark.logs import logger
+from allspark.push.config import read_secret
 from allspark.push.httpclient import HttpAnswer, PushHttpClient, TransportError, retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
@@ -63,7 +64,8 @@ DEFAULT_URGENCY = "normal"
 MAX_TOPIC_CHARS = 32
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
-CONFIG_KEYS = frozenset({"vapid_private_key_file", "subject", "ttl_s", "urgency"})
+CONFIG_KEYS = frozenset({"vapid_private_key_file", "vapid_private_key_env", "subject", "ttl_s",
+                         "urgency"})
 
 
 class BadSubscription(ValueError):
@@ -261,18 +263,12 @@ class WebPushProvider:
         return self._http.close()
 
 
-def load_vapid_key(path: str) -> Vapid02:
-    """The VAPID private key in ``path``: a PEM file (``openssl ecparam
-    -name prime256v1 -genkey``, or py-vapid's ``vapid --gen``), or the raw
-    32-byte key (or its DER form) in base64url, as py-vapid reads it."""
-    where = f"[webpush] vapid_private_key_file {path!r}"
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read().strip()
-    except OSError as exc:
-        raise PushConfigError(f"{where}: cannot read it: {exc.strerror or exc}") from exc
-    if not raw:
-        raise PushConfigError(f"{where}: the file is empty")
+def load_vapid_key(raw: bytes, where: str = "[webpush] VAPID key") -> Vapid02:
+    """The VAPID private key ``raw``: PEM (``openssl ecparam -name
+    prime256v1 -genkey``, or py-vapid's ``vapid --gen``), or the raw 32-byte
+    key (or its DER form) in base64url, as py-vapid reads it.
+    :class:`PushConfigError` says, after ``where``, what is wrong."""
+    raw = raw.strip()
     if raw.startswith(b"-----BEGIN"):
         try:
             key = load_pem_private_key(raw, password=None)
@@ -296,18 +292,20 @@ _SUBJECT = re.compile(r"^(mailto:[^@\s]+@[^@\s]+|https://[^\s/?#]+([/?#]\S*)?)$"
 
 
 def from_config(table: Mapping[str, Any], reactor: Any) -> WebPushProvider:
-    """Build the provider from the ``[webpush]`` table:
-    ``vapid_private_key_file`` and ``subject`` (``mailto:`` or ``https:``)
-    required; ``ttl_s`` (default 86400) and ``urgency`` (default normal)."""
+    """Build the provider from the ``[webpush]`` table: the VAPID private
+    key from ``vapid_private_key_file`` or the environment variable
+    ``vapid_private_key_env`` (one is required), ``subject`` (``mailto:`` or
+    ``https:``, required), ``ttl_s`` (default 86400) and ``urgency``
+    (default normal)."""
     unknown = sorted(set(table) - CONFIG_KEYS)
     if unknown:
         raise PushConfigError(f"[webpush] unknown key(s) {', '.join(unknown)} "
                               f"(known: {', '.join(sorted(CONFIG_KEYS))})")
-    path = table.get("vapid_private_key_file")
-    if not isinstance(path, str) or not path:
-        raise PushConfigError("[webpush] vapid_private_key_file is required (the path of the "
-                              "VAPID private key)")
-    vapid = load_vapid_key(path)
+    raw = read_secret(table, "webpush", "vapid_private_key")
+    where = ("[webpush] vapid_private_key_file " + repr(table["vapid_private_key_file"])
+             if "vapid_private_key_file" in table else
+             "[webpush] vapid_private_key_env " + repr(table.get("vapid_private_key_env")))
+    vapid = load_vapid_key(raw, where)
     subject = table.get("subject")
     if not isinstance(subject, str) or not _SUBJECT.match(subject):
         raise PushConfigError("[webpush] subject is required: a contact for the push services, "

@@ -389,6 +389,13 @@ class ConfigTests(unittest.TestCase):
                          f"https://fcm.googleapis.com/v1/projects/{PROJECT}/messages:send")
         self.assertEqual(provider.tokens.token_uri, "http://127.0.0.1:9/token")
 
+    def test_key_from_the_environment(self) -> None:
+        self.patch(os, "environ", dict(os.environ, ALLSPARK_TEST_FCM_KEY=json.dumps(account_json())))
+        provider = self.build({"service_account_env": "ALLSPARK_TEST_FCM_KEY"})
+        self.assertEqual(provider.tokens.account.client_email,
+                         "pusher@demo-project.iam.gserviceaccount.com")
+        self.assertConfigError({"service_account_env": "ALLSPARK_TEST_NO_SUCH_VARIABLE"}, "not set")
+
     def test_bad_tables(self) -> None:
         good = self.write(account_json())
         self.assertConfigError({"project_id": "x"}, "service_account_file")

@@ -291,10 +291,18 @@ class ConfigTests(unittest.TestCase):
                                    "urgency": "high"})
             self.assertEqual(provider.public_key, b64url(public_point(VAPID_KEY)))
 
+    def test_key_from_the_environment(self) -> None:
+        self.patch(os, "environ", dict(os.environ, ALLSPARK_TEST_VAPID=self.pem(VAPID_KEY).decode()))
+        provider = self.build({"vapid_private_key_env": "ALLSPARK_TEST_VAPID",
+                               "subject": "mailto:ops@example.com"})
+        self.assertEqual(provider.public_key, b64url(public_point(VAPID_KEY)))
+
     def test_bad_tables(self) -> None:
         key = self.write(self.pem(VAPID_KEY))
         subject = "mailto:ops@example.com"
-        self.assertConfigError({"subject": subject}, "vapid_private_key_file", "required")
+        self.assertConfigError({"subject": subject}, "vapid_private_key_file", "vapid_private_key_env")
+        self.assertConfigError({"vapid_private_key_env": "ALLSPARK_TEST_NO_SUCH_VARIABLE",
+                                "subject": subject}, "not set")
         self.assertConfigError({"vapid_private_key_file": temp_path(self) + ".missing", "subject": subject},
                                "cannot read")
         self.assertConfigError({"vapid_private_key_file": self.write(""), "subject": subject}, "empty")
