@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from allspark.auth import AuthError, AuthKeyVerifier, Identity
-from allspark.cli import SUBCOMMANDS, main
+from allspark.cli import SUBCOMMANDS, format_table, main, server_rows
+from allspark.store import ServerRecord
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "k" * 32
@@ -170,3 +171,69 @@ def test_main_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
 
 def test_subcommands_registry() -> None:
     assert "keygen" in SUBCOMMANDS
+
+
+# -- send, listen, status: usage and output (tests/e2e/test_cli.py runs them against servers)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("send", "http://127.0.0.1:1", "--node-id", "a"), "one of the arguments --dest-id"),
+        (("send", "http://127.0.0.1:1", "--node-id", "a", "--dest-id", "b", "--dest-client-id", "c"),
+         "not allowed with"),
+        (("send", "http://127.0.0.1:1", "--node-id", "a", "--dest-id", "b", "--payload", "{x"), "not JSON"),
+        (("send", "http://127.0.0.1:1", "--node-id", "a", "--dest-id", "b", "--payload", "1", "--text", "t"),
+         "not allowed with"),
+        (("send", "http://127.0.0.1:1", "--node-id", "a", "--dest-id", "bad id"), "not a valid id"),
+        (("send", "http://127.0.0.1:1", "--node-id", "a", "--dest-id", "b", "--timeout", "0"), "more than 0"),
+        (("send", "http://127.0.0.1:1", "--dest-id", "b"), "--node-id"),
+        (("listen", "http://127.0.0.1:1", "--node-id", "a", "--count", "0"), "at least 1"),
+        (("listen", "http://127.0.0.1:1", "--node-id", "a", "--timeout", "soon"), "number of seconds"),
+        (("listen", "http://127.0.0.1:1", "--auth-key-file", "/nonexistent/key"), "cannot read"),
+        (("status",), "--store"),
+        (("status", "--store", "ftp://x"), "ftp://x"),
+        (("status", "--store", "sqlite:////nonexistent/allspark.db"), "no SQLite store"),
+    ],
+)
+def test_send_listen_status_usage_errors(args: tuple[str, ...], fragment: str) -> None:
+    assert_usage_error(run(*args, secret=SECRET), fragment)
+
+
+def test_send_without_any_secret_is_a_usage_error() -> None:
+    assert_usage_error(run("send", "http://127.0.0.1:1", "--node-id", "a", "--dest-id", "b"),
+                       "ALLSPARK_AUTH_SECRET")
+
+
+def test_send_to_a_server_that_is_not_there_exits_1() -> None:
+    from tests.support import free_port
+
+    result = run("send", f"http://127.0.0.1:{free_port()}", "--node-id", "a", "--dest-id", "b",
+                 "--text", "hi", secret=SECRET)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "allspark send:" in result.stderr and "refused" in result.stderr
+
+
+def _record(server_id: str, connections: int, heartbeat_ms: int, state: str = "live",
+            proxy: str | None = None) -> ServerRecord:
+    return ServerRecord(server_id, "h/1/x", "10.0.0.1", 8080, proxy, "ws", 200, connections, state,
+                        heartbeat_ms, 1_000)
+
+
+def test_server_rows_state_load_and_dead() -> None:
+    rows = server_rows([_record("s2", 50, 9_000, "draining"), _record("s1", 10, 10_000),
+                        _record("s3", 0, 1_000)], now_ms=10_500, dead_after_ms=5_000)
+    assert [r["server_id"] for r in rows] == ["s1", "s2", "s3"]
+    assert [r["state"] for r in rows] == ["live", "draining", "dead"]
+    assert [r["load_percent"] for r in rows] == [5.0, 25.0, 0.0]
+    assert [r["heartbeat_age_ms"] for r in rows] == [500, 1_500, 9_500]
+
+
+def test_format_table() -> None:
+    table = format_table(server_rows([_record("s1", 10, 10_000, proxy="chat.example.com:80")], 10_500, 5_000))
+    header, line = table.splitlines()
+    assert header.split() == ["SERVER", "STATE", "CONNECTIONS", "LOAD", "HEARTBEAT", "ADDRESS"]
+    assert line.split()[:5] == ["s1", "live", "10/200", "5.0%", "0.5s"]
+    assert "ws://10.0.0.1:8080 (proxy chat.example.com:80)" in line
+    assert "no server records" in format_table([])
