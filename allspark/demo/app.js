@@ -142,6 +142,7 @@ async function enterLobby() {
   for (const member of await client.sessionMembers(LOBBY, 1000)) addPerson(userOf(member.name));
   const answer = await client.subscribePresence(LOBBY);
   setOnline(answer.online);
+  $("chat").dataset.lobby = "joined"; // who is online is known from here on
 }
 
 async function refreshSessions() {
