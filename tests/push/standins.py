@@ -132,12 +132,13 @@ class RecordingServer:
         self.closed_waiters: dict[_Channel, list[Deferred[None]]] = {}
         self.port: Any = None
 
-    def start(self) -> "RecordingServer":
+    def start(self, port: int = 0) -> "RecordingServer":
+        """Listen on 127.0.0.1:``port`` (0: a free port)."""
         site = server.Site(_Recorder(self))
         site.protocol = _Channel  # type: ignore[assignment]
         site.standin = self  # type: ignore[attr-defined]
         site.noisy = False
-        self.port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.port = self.reactor.listenTCP(port, site, interface="127.0.0.1")
         return self
 
     @property
@@ -182,3 +183,39 @@ class RecordingServer:
             assert channel.transport is not None
             channel.transport.abortConnection()  # type: ignore[attr-defined]
         return DeferredList(waits)
+
+
+def main() -> None:
+    """``python -m tests.push.standins [--port N]``: one stand-in for FCM
+    (``POST /token`` gives an access token, ``POST /v1/projects/<id>/messages:send``
+    answers 200) and Web Push (any other POST answers 201), printing each
+    request it records, for trying a server with ``--push-config`` by hand."""
+    import argparse
+    import itertools
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=9099)
+    port = parser.parse_args().port
+    counter = itertools.count(1)
+
+    def answer(request: Recorded) -> Answer:
+        print(request.method, request.path, {k: v for k, v in request.headers.items()
+                                              if k in ("authorization", "ttl", "topic", "urgency")},
+              f"{len(request.body)} bytes", flush=True)
+        if request.path == "/token":
+            return Answer(200, {"access_token": f"stand-in-token-{next(counter)}",
+                                "expires_in": 3599, "token_type": "Bearer"})
+        if request.path.endswith("/messages:send"):
+            return Answer(200, {"name": f"projects/stand-in/messages/{next(counter)}"})
+        return Answer(201)
+
+    standin = RecordingServer()
+    standin.default = answer
+    standin.start(port)
+    print(f"push stand-in on {standin.url}", file=sys.stderr, flush=True)
+    standin.reactor.run()
+
+
+if __name__ == "__main__":
+    main()
