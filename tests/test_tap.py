@@ -50,6 +50,25 @@ class OptionsTests(unittest.SynchronousTestCase):
         with self.assertRaises(usage.UsageError):
             self.parse()
 
+    def test_allowed_origins_and_demo(self) -> None:
+        """--allowed-origin is repeatable, canonical, and reaches the config
+        and the site; none by default.  --demo (off by default) adds /demo."""
+        from allspark.tap import makeService
+
+        default = makeService(self.parse("--store=memory:"))
+        self.assertEqual(default.server.config.allowed_origins, ())
+        self.assertNotIn(b"demo", default.site_factory.resource.children)
+        options = self.parse("--store=memory:", "--demo", "--allowed-origin=HTTPS://App.Example.com:443",
+                             "--allowed-origin", "http://localhost:3000")
+        service = makeService(options)
+        self.assertEqual(service.server.config.allowed_origins, ("https://app.example.com", "http://localhost:3000"))
+        self.assertTrue(service.site_factory.origins.allows("http://localhost:3000", "127.0.0.1:8080"))
+        self.assertIn(b"demo", service.site_factory.resource.children)
+        for bad in ("*", "app.example.com", "https://app.example.com/path"):
+            with self.assertRaises(usage.UsageError) as refused:
+                self.parse(f"--allowed-origin={bad}")
+            self.assertIn("is not an origin", str(refused.exception))
+
     def test_quota_options_reach_the_delivery_config(self) -> None:
         """The inbox and session quota options (defaults and given values)
         end up in the config the inbox and sessions read."""
