@@ -63,9 +63,10 @@ DEFAULT_URGENCY = "normal"
 #: RFC 8030: a Topic is at most 32 characters of the URL-safe base64 alphabet.
 MAX_TOPIC_CHARS = 32
 _TOPIC = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+MAX_ENDPOINT_CHARS = 2048
 
 CONFIG_KEYS = frozenset({"vapid_private_key_file", "vapid_private_key_env", "subject", "ttl_s",
-                         "urgency"})
+                         "urgency", "allow_http_endpoints"})
 
 
 class BadSubscription(ValueError):
@@ -92,17 +93,30 @@ def topic_for(collapse_key: str) -> str:
     return b64url(hashlib.sha256(collapse_key.encode()).digest())[:MAX_TOPIC_CHARS]
 
 
-def parse_subscription(subscription: Mapping[str, Any] | None) -> tuple[str, bytes, bytes]:
+def parse_subscription(subscription: Mapping[str, Any] | None,
+                       allow_http: bool = False) -> tuple[str, bytes, bytes]:
     """``(endpoint, p256dh public point, auth secret)`` of a
-    ``PushSubscription``; :class:`BadSubscription` says what is wrong."""
+    ``PushSubscription``; :class:`BadSubscription` says what is wrong.  The
+    endpoint must be an https URL (an http one too with ``allow_http``):
+    the client chose it, and the server should not POST in clear text
+    wherever a client says."""
     if not isinstance(subscription, Mapping):
         raise BadSubscription("no subscription")
     endpoint = subscription.get("endpoint")
-    if not isinstance(endpoint, str):
+    if not isinstance(endpoint, str) or not endpoint:
         raise BadSubscription("no endpoint")
-    parts = urlsplit(endpoint)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise BadSubscription("endpoint is not an http(s) URL")
+    if len(endpoint) > MAX_ENDPOINT_CHARS:
+        raise BadSubscription(f"endpoint longer than {MAX_ENDPOINT_CHARS} characters")
+    try:
+        parts = urlsplit(endpoint)
+        hostname = parts.hostname
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError as exc:
+        raise BadSubscription("endpoint is not a URL") from exc
+    schemes = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in schemes or not hostname:
+        raise BadSubscription("endpoint is not an https URL" if not allow_http
+                              else "endpoint is not an http(s) URL")
     keys = subscription.get("keys")
     if not isinstance(keys, Mapping):
         raise BadSubscription("no keys")
@@ -202,13 +216,17 @@ class WebPushProvider:
     name = "webpush"
 
     def __init__(self, reactor: Any, vapid: Vapid02, subject: str, ttl_s: int = DEFAULT_TTL_S,
-                 urgency: str = DEFAULT_URGENCY, clock: IReactorTime | None = None) -> None:
+                 urgency: str = DEFAULT_URGENCY, clock: IReactorTime | None = None,
+                 allow_http_endpoints: bool = False) -> None:
         """``vapid`` holds the VAPID private key; ``clock`` (default: the
-        reactor) tells the time for the JWT's ``exp``."""
+        reactor) tells the time for the JWT's ``exp``;
+        ``allow_http_endpoints`` lets subscriptions name http:// endpoints
+        (local stand-ins), refused otherwise."""
         self.vapid = vapid
         self.subject = subject
         self.ttl_s = ttl_s
         self.urgency = urgency
+        self.allow_http_endpoints = allow_http_endpoints
         self._clock: IReactorTime = clock or reactor
         self._http = PushHttpClient(reactor)
         self.public_key = b64url(vapid.public_key.public_bytes(Encoding.X962,
@@ -228,7 +246,7 @@ class WebPushProvider:
 
     async def _send(self, target: PushTarget, note: Notification) -> PushResult:
         try:
-            endpoint, p256dh, auth = parse_subscription(target.subscription)
+            endpoint, p256dh, auth = parse_subscription(target.subscription, self.allow_http_endpoints)
         except BadSubscription as exc:
             log.warn("Web Push subscription of {node_id} unusable: {error}",
                      node_id=target.node_id, error=str(exc))
@@ -295,8 +313,9 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> WebPushProvider:
     """Build the provider from the ``[webpush]`` table: the VAPID private
     key from ``vapid_private_key_file`` or the environment variable
     ``vapid_private_key_env`` (one is required), ``subject`` (``mailto:`` or
-    ``https:``, required), ``ttl_s`` (default 86400) and ``urgency``
-    (default normal)."""
+    ``https:``, required), ``ttl_s`` (default 86400), ``urgency`` (default
+    normal) and ``allow_http_endpoints`` (default false: only https
+    subscription endpoints)."""
     unknown = sorted(set(table) - CONFIG_KEYS)
     if unknown:
         raise PushConfigError(f"[webpush] unknown key(s) {', '.join(unknown)} "
@@ -318,5 +337,9 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> WebPushProvider:
     if urgency not in URGENCIES:
         raise PushConfigError(f"[webpush] urgency must be one of {', '.join(URGENCIES)}, "
                               f"not {urgency!r}")
+    allow_http = table.get("allow_http_endpoints", False)
+    if not isinstance(allow_http, bool):
+        raise PushConfigError(f"[webpush] allow_http_endpoints must be true or false, not {allow_http!r}")
     vapid.conf = {"no-strict": True}
-    return WebPushProvider(reactor, vapid, subject, ttl_s, urgency)
+    return WebPushProvider(reactor, vapid, subject, ttl_s, urgency,
+                           allow_http_endpoints=allow_http)

@@ -93,6 +93,7 @@ class WebPushTestCase(unittest.TestCase):
         return self.standin.stop()
 
     def make_provider(self, **options: Any) -> webpush.WebPushProvider:
+        options.setdefault("allow_http_endpoints", True)
         provider = webpush.WebPushProvider(reactor, webpush.Vapid02(VAPID_KEY), "mailto:ops@example.com",
                                            clock=self.clock, **options)
         self.addCleanup(provider.close)
@@ -178,6 +179,8 @@ class SendTests(WebPushTestCase):
             None,
             {"keys": good["keys"]},
             {"endpoint": "ftp://push.example.com/x", "keys": good["keys"]},
+            {"endpoint": "http://[::1/x", "keys": good["keys"]},
+            {"endpoint": "https://push.example.com/" + "x" * 3000, "keys": good["keys"]},
             {"endpoint": good["endpoint"]},
             {"endpoint": good["endpoint"], "keys": {"p256dh": good["keys"]["p256dh"], "auth": "AAAA"}},
             {"endpoint": good["endpoint"], "keys": {"p256dh": b64url(b"\x04" + b"\x01" * 64),
@@ -220,6 +223,13 @@ class ClassificationTests(WebPushTestCase):
         for status in (400, 401, 403):
             self.assertEqual(await self.classify(Answer(status, b"bad vapid")),
                              PushResult(Outcome.FAILED, status, f"http_{status}"))
+
+    async def test_http_endpoints_refused_unless_allowed(self) -> None:
+        """A subscription's endpoint is the client's choice: only https
+        unless the configuration allows http (local stand-ins)."""
+        self.provider = self.make_provider(allow_http_endpoints=False)
+        self.assertEqual(await self.send(), PushResult(Outcome.FAILED, 0, "bad_subscription"))
+        self.assertEqual(self.standin.requests, [])
 
     async def test_connection_refused_is_a_retry(self) -> None:
         self.browser.endpoint = f"http://127.0.0.1:{free_port()}/push/x"
@@ -277,7 +287,8 @@ class ConfigTests(unittest.TestCase):
                                "subject": "mailto:ops@example.com"})
         self.assertEqual(provider.name, "webpush")
         self.assertEqual(provider.public_key, b64url(public_point(VAPID_KEY)))
-        self.assertEqual((provider.ttl_s, provider.urgency), (86400, "normal"))
+        self.assertEqual((provider.ttl_s, provider.urgency, provider.allow_http_endpoints),
+                         (86400, "normal", False))
 
     def test_sec1_pem_and_raw_keys(self) -> None:
         """OpenSSL's EC PEM and the raw base64url private value work too."""
@@ -288,7 +299,8 @@ class ConfigTests(unittest.TestCase):
         for content in (sec1, raw + "\n"):
             provider = self.build({"vapid_private_key_file": self.write(content),
                                    "subject": "https://example.com/contact", "ttl_s": 0,
-                                   "urgency": "high"})
+                                   "urgency": "high", "allow_http_endpoints": True})
+            self.assertTrue(provider.allow_http_endpoints)
             self.assertEqual(provider.public_key, b64url(public_point(VAPID_KEY)))
 
     def test_key_from_the_environment(self) -> None:
@@ -320,6 +332,8 @@ class ConfigTests(unittest.TestCase):
                                    "ttl_s")
         self.assertConfigError({"vapid_private_key_file": key, "subject": subject, "urgency": "now"},
                                "urgency")
+        self.assertConfigError({"vapid_private_key_file": key, "subject": subject,
+                                "allow_http_endpoints": "yes"}, "allow_http_endpoints")
         self.assertConfigError({"vapid_private_key_file": key, "subject": subject, "endpoint": "x"},
                                "unknown", "endpoint")
 
