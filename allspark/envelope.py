@@ -16,6 +16,7 @@ with an error frame and keep the connection open.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +25,19 @@ import orjson
 from allspark.ids import is_valid_id
 
 #: Fields of a message that are carried to recipients as the sender wrote them.
-CONTENT_FIELDS = ("payload", "payload1", "payload2", "type")
+#: ``push`` (false: this message schedules no push notification) and
+#: ``push_text`` (a short text a push may show) are kept in the stored body
+#: too, where the push scheduler reads them.
+CONTENT_FIELDS = ("payload", "payload1", "payload2", "type", "push", "push_text")
+#: Longest ``push_text``, in characters.
+MAX_PUSH_TEXT = 200
+#: Longest push ``token`` (``register_push``), in characters.
+MAX_PUSH_TOKEN = 4096
+#: Longest APNs ``topic`` (a bundle id, maybe with a suffix such as ``.voip``).
+MAX_PUSH_TOPIC = 255
+#: Tokens, topics and endpoints: printable ASCII without spaces (they go into
+#: URLs and headers).
+PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 #: Destination fields; at least one makes a frame a message.
 DEST_FIELDS = ("dest_id", "dest_client_id", "dest_session_id")
 DEST_SET = frozenset(DEST_FIELDS)
@@ -83,6 +96,17 @@ class Message:
     content: dict[str, Any]
     ignored: list[str] = field(default_factory=list)
 
+    @property
+    def push(self) -> bool:
+        """False when the sender asked for no push notification (``"push": false``)."""
+        return self.content.get("push", True) is not False
+
+    @property
+    def push_text(self) -> str | None:
+        """The short text the sender offered for a push notification, if any."""
+        text = self.content.get("push_text")
+        return text if isinstance(text, str) else None
+
 
 @dataclass(slots=True)
 class Control:
@@ -130,6 +154,35 @@ def _session_type(value: Any) -> str:
     if value not in ("group", "game"):
         raise ValueError('session_type must be "group" or "game"')
     return value
+
+
+def _push_provider(value: Any) -> str:
+    # which names are providers is register_push's own check (unknown_provider)
+    if type(value) is not str or not 1 <= len(value) <= 64:
+        raise ValueError('provider must be a string: "fcm", "apns", "webpush" or "webhook"')
+    return value
+
+
+def _printable(name: str, limit: int, what: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if type(value) is not str or not 1 <= len(value) <= limit or not PRINTABLE_ASCII.fullmatch(value):
+            raise ValueError(f"{name} must be 1-{limit} printable ASCII characters without spaces{what}")
+        return value
+
+    return check
+
+
+def _push_subscription(value: Any) -> dict[str, Any]:
+    # its pieces are register_push's own check
+    if type(value) is not dict:
+        raise ValueError("subscription must be an object: the browser's PushSubscription as JSON")
+    return value
+
+
+def _push_environment(value: Any) -> str:
+    if value not in ("production", "development"):
+        raise ValueError('environment must be "production" or "development"')
+    return str(value)
 
 
 #: op -> {argument: (validator, required)}.  ``id`` is allowed on every op.
@@ -183,6 +236,16 @@ CONTROL_OPS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
         "after": (_an_id("after"), False),
         "limit": (_limit, False),
     },
+    # push registration (allspark.push.registration checks what depends on the provider)
+    "register_push": {
+        "provider": (_push_provider, True),
+        "token": (_printable("token", MAX_PUSH_TOKEN, ""), False),
+        "subscription": (_push_subscription, False),
+        "topic": (_printable("topic", MAX_PUSH_TOPIC, " (the app's bundle id)"), False),
+        "environment": (_push_environment, False),
+    },
+    "unregister_push": {},
+    "mute_push": {"muted": (_flag("muted"), True)},
 }
 
 
@@ -284,6 +347,13 @@ def _parse_message(frame: dict[str, Any], frame_id: str | None) -> Message:
     msg_type = frame.get("type")
     if msg_type is not None and (type(msg_type) is not int or not -(2**53) < msg_type < 2**53):
         raise FrameError("bad_frame", "type must be an integer", frame_id)
+    if "push" in frame and type(frame["push"]) is not bool:
+        raise FrameError("bad_frame", "push must be true or false", frame_id)
+    if "push_text" in frame:
+        push_text = frame["push_text"]
+        if type(push_text) is not str or len(push_text) > MAX_PUSH_TEXT:
+            raise FrameError("bad_frame", f"push_text must be a string of at most {MAX_PUSH_TEXT} characters",
+                             frame_id, limit=MAX_PUSH_TEXT)
     content = {name: frame[name] for name in CONTENT_FIELDS if name in frame}
     extra = frame.keys() - MESSAGE_FIELDS
     ignored = sorted(extra) if extra else []
@@ -296,6 +366,16 @@ def _parse_message(frame: dict[str, Any], frame_id: str | None) -> Message:
         content=content,
         ignored=ignored,
     )
+
+
+def control_from(op: str, fields: dict[str, Any]) -> Control:
+    """The :class:`Control` frame ``op`` with ``fields`` as arguments,
+    validated exactly as a frame would be (for HTTP endpoints that answer a
+    control op); :class:`FrameError` when they are not its arguments."""
+    for name in ("op", "id"):
+        if name in fields:
+            raise FrameError("bad_frame", f"op {op!r} takes no field {name!r}")
+    return _parse_control({**fields, "op": op}, None)
 
 
 def _parse_control(frame: dict[str, Any], frame_id: str | None) -> Control:

@@ -77,6 +77,40 @@ class ParseTests(unittest.SynchronousTestCase):
         ):
             self.assertEqual(self.refused({**frame, "id": "f-1"}).frame_id, "f-1", frame)
 
+    def test_push_fields_are_kept_as_sent_and_exposed(self) -> None:
+        """``push`` and ``push_text`` stay in the content (so in the stored
+        body) as sent; ``Message.push`` is False only for ``"push": false``."""
+        msg = parse({"dest_id": "bob", "payload": 1, "push": False, "push_text": "Dinner at 8?"})
+        assert isinstance(msg, Message)
+        self.assertEqual(msg.content, {"payload": 1, "push": False, "push_text": "Dinner at 8?"})
+        self.assertEqual((msg.push, msg.push_text, msg.ignored), (False, "Dinner at 8?", []))
+        body = orjson.loads(delivery_body(msg, "alice", None, 5))
+        self.assertEqual((body["push"], body["push_text"]), (False, "Dinner at 8?"))
+        plain = parse({"dest_id": "bob", "payload": 1})
+        assert isinstance(plain, Message)
+        self.assertEqual((plain.push, plain.push_text), (True, None))
+        self.assertNotIn("push", orjson.loads(delivery_body(plain, "alice", None, 5)))
+        explicit = parse({"dest_session_id": "s", "push": True, "push_text": "é" * 200})
+        assert isinstance(explicit, Message)
+        self.assertEqual((explicit.push, explicit.push_text), (True, "é" * 200))
+        self.assertIs(explicit.content["push"], True)
+
+    def test_bad_push_fields_are_refused(self) -> None:
+        """``push`` must be a boolean, ``push_text`` a string of at most 200
+        characters: anything else is ``bad_frame`` with the frame's id."""
+        for frame in (
+            {"dest_id": "bob", "push": "false"},
+            {"dest_id": "bob", "push": 0},
+            {"dest_id": "bob", "push": None},
+            {"dest_id": "bob", "push_text": 5},
+            {"dest_id": "bob", "push_text": None},
+            {"dest_id": "bob", "push_text": ["hi"]},
+            {"dest_id": "bob", "push_text": "x" * 201},
+        ):
+            error = self.refused({**frame, "id": "f-2"})
+            self.assertEqual(error.frame_id, "f-2", frame)
+            self.assertIn("push", error.message)
+
     def test_ids_are_bounded(self) -> None:
         self.assertEqual(parse({"dest_id": "b" * 128, "id": "i" * 64}).id, "i" * 64)
         for bad_id in ("i" * 65, "", 5, ["x"]):
