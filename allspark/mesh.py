@@ -1089,8 +1089,10 @@ class Mesh(service.MultiService):
         """Tell every linked peer to close ``node_id``'s connections (and,
         with ``revoked_until_ms``, that it is revoked until then: Unix ms, 0
         lifts a revocation); the ids of the peers told."""
-        extra = {} if revoked_until_ms is None else {"revoked_until": revoked_until_ms}
-        frame = encode_peer_frame("disconnect", node_id=node_id, reason=reason, **extra)
+        if revoked_until_ms is None:
+            frame = encode_peer_frame("disconnect", node_id=node_id, reason=reason)
+        else:
+            frame = encode_peer_frame("disconnect", node_id=node_id, reason=reason, revoked_until=revoked_until_ms)
         told = []
         for peer_id, link in sorted(self.links.items()):
             link.send(frame)

@@ -107,7 +107,8 @@ class ClientProtocol(WebSocketServerProtocol):
         self._drain_waiters: list[tuple[int, Deferred[None]]] = []
 
     # -- handshake ----------------------------------------------------------
-    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:
+    # Autobahn's annotation leaves out that onConnect may return a Deferred (it waits for it)
+    def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:  # type: ignore[override]
         """Authenticate the handshake: a browser ``Origin`` this server
         allows (:mod:`allspark.origins`; checked first), a valid auth key and
         a validation token for this node and this server, redeemed once.
