@@ -79,6 +79,8 @@ class Options(usage.Options):
                                          "(default: $ALLSPARK_AUTH_SECRET)"],
         ["cluster-secret-file", None, None, "file holding the cluster secret "
                                             "(default: $ALLSPARK_CLUSTER_SECRET, else derived from the auth secret)"],
+        ["api-key-file", None, None, "file of server API keys (Authorization: Bearer), one per line "
+                                     "(default: $ALLSPARK_API_KEYS; none: the API under /api/v1 is off)"],
         ["push-config", None, None, "TOML file of push notification settings ([push]) and providers ([fcm], "
                                     "[apns], [webpush], [webhook]); see docs/push.md (default: no pushes)"],
         ["max-connections", None, 10_000, "most client connections this server accepts", _positive_int],
@@ -139,6 +141,7 @@ class Options(usage.Options):
         self["trusted-proxy"] = []
         self["allowed-origin"] = []
         self["peer"] = []
+        self["api-sender-id"] = []
         for name, handler in list(self._dispatch.items()):
             if type(handler) is usage.CoerceParameter:
                 self._dispatch[name] = _NamedParameter(self, handler.coerce)
@@ -172,6 +175,11 @@ class Options(usage.Options):
         """a peer server to link with, as SERVER_ID=ws://host:port/peer (or
         wss://; repeatable), besides those found in the store"""
         self["peer"].append(spec)
+
+    def opt_api_sender_id(self, node_id: str) -> None:
+        """node id the server API publishes as (src_id for recipients; repeatable: a publish picks one
+        with sender_id, default the first; default: app)"""
+        self["api-sender-id"].append(node_id)
 
     def opt_auth_public_key_file(self, path: str) -> None:
         """PEM public key (RS256/ES256) that also verifies auth keys (repeatable)"""
@@ -222,11 +230,24 @@ class Options(usage.Options):
             self["auth-secrets"] = load_secrets(os.environ, self["auth-secret-file"])
             self["public-keys"] = [_read(path) for path in self["auth-public-key-file"]]
             self["cluster-secret"] = _cluster_secret(self["cluster-secret-file"])
+            self["api-keys"] = _api_keys(self["api-key-file"], self["api-sender-id"])
             self["peer-tls"] = _peer_tls(self["peer-tls-ca"], self["peer-tls-cert"], self["peer-tls-key"])
             static_peers(self["peer"])  # checks the --peer values
             self["push"] = _push_config(self["push-config"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(str(e)) from None
+
+
+def _api_keys(key_file: str | None, senders: list[str]) -> list[bytes]:
+    """The server API's keys (:func:`allspark.api.load_api_keys`), after
+    checking the ``--api-sender-id`` values."""
+    from allspark.api import load_api_keys
+    from allspark.ids import is_valid_id
+
+    for node_id in senders:
+        if not is_valid_id(node_id):
+            raise ValueError(f"--api-sender-id {node_id!r} is not 1-128 characters of [A-Za-z0-9_.:@-]")
+    return load_api_keys(os.environ, key_file)
 
 
 def _listen_port(description: str) -> int | None:
@@ -335,6 +356,22 @@ def _wire_push(push: Any, server: Any, service: Any, reactor: Any) -> None:
     service.addService(scheduler)
 
 
+def _server_api(server: Any, mesh: Any, options: Options) -> Any:
+    """The server API's ``/api`` resource (:mod:`allspark.api`), and the
+    peer frames it sends handled here: ``disconnect`` closes a node's
+    connections, ``drain`` drains this server."""
+    from allspark.api import DEFAULT_SENDER_ID, ApiConfig, ServerAPI
+
+    def drain_for_peer() -> None:
+        if server.request_drain is not None and not server.draining:
+            server.request_drain()
+
+    mesh.on_disconnect = server.close_node
+    mesh.on_drain = drain_for_peer
+    senders = tuple(options["api-sender-id"]) or (DEFAULT_SENDER_ID,)
+    return ServerAPI(server, ApiConfig(tuple(options["api-keys"]), senders))
+
+
 def makeService(options: Options) -> Any:
     """Compose one server from ``options``."""
     from twisted.internet import reactor
@@ -419,7 +456,9 @@ def makeService(options: Options) -> Any:
     server.mesh = mesh
     server.share_caches(mesh)
     ws_factory = ClientFactory(server, limits)
-    site = build_site(server, ws_factory, {**session_resources(server), PEER_PATH.encode(): mesh.resource()})
+    site = build_site(server, ws_factory, {**session_resources(server),
+                                           PEER_PATH.encode(): mesh.resource(),
+                                           b"api": _server_api(server, mesh, options)})
     if options["demo"]:
         from allspark.demo import demo_resource
 
