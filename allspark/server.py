@@ -43,6 +43,7 @@ from allspark.cluster import (
 )
 from allspark.delivery import Delivery
 from allspark.inbox import DeliveryConfig, Inbox, fetch_rows, now_ms
+from allspark.push.registration import PushRegistration
 from allspark.registry import Registry
 from allspark.revocations import Revocations
 from allspark.router import Router
@@ -142,6 +143,18 @@ class Server:
         self._syncing: set[Any] = set()
         #: revoked nodes (the server API's disconnect): refused at pre-connection and handshake
         self.revocations = Revocations(store, clock)
+        #: register_push, unregister_push, mute_push (socket and HTTP)
+        self.push_registration = PushRegistration(store, clock)
+
+    @property
+    def push_providers(self) -> frozenset[str]:
+        """The push providers this server has configured (``--push-config``);
+        ``register_push`` answers ``active`` from them.  Empty by default."""
+        return self.push_registration.push_providers
+
+    @push_providers.setter
+    def push_providers(self, names: frozenset[str]) -> None:
+        self.push_registration.push_providers = frozenset(names)
 
     def new_sessions(self) -> Any:
         """Build this server's :class:`~allspark.sessions.Sessions` from its
@@ -227,6 +240,9 @@ class Server:
             if "session_id" in args:
                 return await self._sessions().ack(conn.sender, args["session_id"], args["upto"])
             return await self.inbox.ack(conn.node_id, args["upto"])
+        if op in PushRegistration.OPS:
+            assert conn.sender is not None  # set by the handshake, before any frame
+            return await self.push_registration.control(conn.sender, frame)
         return await self._sessions().control(conn.sender, frame)
 
     async def _sync(self, conn: "ClientProtocol", frame: Control) -> dict[str, Any] | None:

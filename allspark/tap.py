@@ -382,6 +382,7 @@ def makeService(options: Options) -> Any:
     from allspark.mesh import PEER_PATH, Mesh, PeerLimits, combined_peers, record_peers, static_peers
     from allspark.cluster import AdminAuth, derive_admin_key
     from allspark.server import Server, ServerConfig, ServerService
+    from allspark.push.registration import push_resources
     from allspark.sessions import session_resources
     from allspark.store import open_store
     from allspark.web import build_site
@@ -456,7 +457,7 @@ def makeService(options: Options) -> Any:
     server.mesh = mesh
     server.share_caches(mesh)
     ws_factory = ClientFactory(server, limits)
-    site = build_site(server, ws_factory, {**session_resources(server),
+    site = build_site(server, ws_factory, {**session_resources(server), **push_resources(server),
                                            PEER_PATH.encode(): mesh.resource(),
                                            b"api": _server_api(server, mesh, options)})
     if options["demo"]:
