@@ -25,6 +25,7 @@ access token's own failures: a refused assertion (``oauth_invalid_grant``
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -55,6 +56,8 @@ GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ASSERTION_LIFETIME_S = 3600
 #: An access token is refreshed this long before it expires (at most half its lifetime).
 REFRESH_MARGIN_S = 300.0
+#: A token is never kept longer than this, whatever ``expires_in`` said.
+MAX_TOKEN_LIFETIME_S = 86400.0
 #: A token request that takes longer is abandoned (the sends waiting for it are retried).
 TOKEN_REQUEST_TIMEOUT_S = 30.0
 
@@ -202,9 +205,9 @@ class AccessTokens:
                 expires_in = float(info.get("expires_in", 3600))
             except (ValueError, KeyError, TypeError) as exc:
                 raise TokenError("oauth_bad_answer", retry=True, status=200) from exc
-            if not isinstance(token, str) or not token or expires_in <= 0:
+            if not isinstance(token, str) or not token or not 0 < expires_in < math.inf:
                 raise TokenError("oauth_bad_answer", retry=True, status=200)
-            return token, expires_in
+            return token, min(expires_in, MAX_TOKEN_LIFETIME_S)
         if answer.status == 429 or answer.status >= 500:
             raise TokenError(f"oauth_http_{answer.status}", retry=True, status=answer.status,
                              retry_after=retry_after_s(answer.header("retry-after"),

@@ -211,9 +211,12 @@ class TokenTests(FcmTestCase):
         self.assertEqual((await self.send()).outcome, Outcome.SENT)
 
     async def test_token_endpoint_bad_answer_is_a_retry(self) -> None:
-        self.standin.answer(Answer(200, {"token_type": "Bearer"}), path=TOKEN_PATH)
-        result = await self.send()
-        self.assertEqual((result.outcome, result.reason), (Outcome.RETRY, "oauth_bad_answer"))
+        for body in ({"token_type": "Bearer"}, [1], b"<html>", {"access_token": "t", "expires_in": "nan"},
+                     {"access_token": "t", "expires_in": -5}, {"access_token": 7}):
+            self.standin.answer(Answer(200, body), path=TOKEN_PATH)
+            result = await self.send()
+            self.assertEqual((result.outcome, result.reason), (Outcome.RETRY, "oauth_bad_answer"), body)
+        self.assertEqual(self.standin.requests_to(SEND_PATH), [])
 
     async def test_token_endpoint_unreachable_is_a_retry(self) -> None:
         provider = self.make_provider(token_uri=f"http://127.0.0.1:{free_port()}/token")
