@@ -14,16 +14,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Any
 
+from playwright.sync_api import Locator, Page, expect, sync_playwright  # the test extra (pip install -e '.[test]')
 from twisted.trial import unittest
 
 from tests.support import ROOT, ServerProcess
-
-try:
-    from playwright.sync_api import Page, expect, sync_playwright
-except ImportError:  # the test extra not installed
-    sync_playwright = None  # type: ignore[assignment]
 
 #: Debian's chromium (``./dev test`` installs it).
 CHROMIUM = next((p for p in ("/usr/bin/chromium", shutil.which("chromium") or "") if p and os.access(p, os.X_OK)),
@@ -36,7 +31,7 @@ ARTIFACTS = os.path.join(ROOT, "test-artifacts", "demo-browser")
 WAIT_MS = 20_000
 
 
-def sign_in(page: "Page", server: ServerProcess, name: str) -> None:
+def sign_in(page: Page, server: ServerProcess, name: str) -> None:
     """Open the demo and sign in as ``name``; returns once the client is
     connected, synced and in the lobby."""
     page.goto(server.base_url + "/demo/", timeout=WAIT_MS)
@@ -45,17 +40,17 @@ def sign_in(page: "Page", server: ServerProcess, name: str) -> None:
     wait_ready(page)
 
 
-def wait_ready(page: "Page") -> None:
+def wait_ready(page: Page) -> None:
     """Connected, synced, and in the lobby (who is online is known)."""
     expect(page.locator("#status")).to_have_attribute("data-state", "ready", timeout=WAIT_MS)
     expect(page.locator("#chat")).to_have_attribute("data-lobby", "joined", timeout=WAIT_MS)
 
 
-def person(page: "Page", name: str) -> Any:
+def person(page: Page, name: str) -> Locator:
     return page.locator(f'#people li[data-name="{name}"]')
 
 
-def say(page: "Page", text: str) -> None:
+def say(page: Page, text: str) -> None:
     """Send ``text`` in the open conversation and wait for its ``accepted``."""
     page.fill("#text", text)
     page.click("#send")
@@ -64,12 +59,12 @@ def say(page: "Page", text: str) -> None:
     expect(mine.locator(".meta")).to_contain_text(re.compile("delivered|stored"), timeout=WAIT_MS)
 
 
-def texts(page: "Page") -> list[str]:
+def texts(page: Page) -> list[str]:
     """The texts of the open conversation, in order."""
     return page.locator('#messages [data-test="message-text"]').all_text_contents()
 
 
-def shoot(page: "Page", name: str) -> None:
+def shoot(page: Page, name: str) -> None:
     path = os.path.join(ARTIFACTS, f"{name}.png")
     page.screenshot(path=path, full_page=True)
     print(f"screenshot: {path}")
@@ -77,8 +72,6 @@ def shoot(page: "Page", name: str) -> None:
 
 class DemoBrowserTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
-        if sync_playwright is None:
-            raise unittest.SkipTest("the playwright package is not installed (pip install -e '.[test]')")
         if CHROMIUM is None:
             raise unittest.SkipTest("no chromium found at /usr/bin/chromium or on PATH (apt-get install chromium)")
         os.makedirs(ARTIFACTS, exist_ok=True)
