@@ -8,7 +8,8 @@ secret), both base64url.  A send is one POST to the endpoint of a small JSON
 document (:func:`payload`) encrypted for those keys with ``http-ece`` (a new
 ephemeral key and salt each time), with the headers ``Authorization: vapid
 t=<ES256 JWT>, k=<the VAPID public key>`` (the JWT's ``aud`` is the
-endpoint's origin, ``sub`` the configured contact, ``exp`` 12 hours ahead),
+endpoint's origin, ``sub`` the configured contact, ``exp`` 12 hours ahead; reused for an
+hour per origin),
 ``TTL``, ``Urgency``, ``Topic`` (from the collapse key, so a newer push
 replaces one still queued at the push service) and ``Content-Encoding:
 aes128gcm``.  The HTTP part is treq's (never pywebpush's, which blocks).
@@ -55,6 +56,10 @@ MAX_BODY_BYTES = 4096
 MAX_PAYLOAD_BYTES = MAX_BODY_BYTES - 86 - 1 - 16
 #: The VAPID JWT is valid this long (RFC 8292 allows at most 24 hours).
 VAPID_LIFETIME_S = 12 * 3600
+#: A VAPID token is reused for this long (then at least 11 hours remain).
+VAPID_REUSE_S = 3600.0
+#: Push service origins whose tokens are kept (there are a handful in practice).
+MAX_CACHED_AUDIENCES = 64
 DEFAULT_TTL_S = 86400
 #: Push services keep a message at most about four weeks.
 MAX_TTL_S = 28 * 86400
@@ -229,16 +234,27 @@ class WebPushProvider:
         self.allow_http_endpoints = allow_http_endpoints
         self._clock: IReactorTime = clock or reactor
         self._http = PushHttpClient(reactor)
+        self._authorizations: dict[str, tuple[str, float]] = {}
         self.public_key = b64url(vapid.public_key.public_bytes(Encoding.X962,
                                                                PublicFormat.UncompressedPoint))
         """The application server key a browser subscribes with
         (``applicationServerKey``), base64url."""
 
     def authorization(self, endpoint: str) -> str:
-        """The ``Authorization`` header for a request to ``endpoint``."""
-        claims = {"aud": origin_of(endpoint), "sub": self.subject,
-                  "exp": int(self._clock.seconds()) + VAPID_LIFETIME_S}
-        return str(self.vapid.sign(claims)["Authorization"])
+        """The ``Authorization`` header for a request to ``endpoint``: one
+        token per origin, signed again once it is :data:`VAPID_REUSE_S` old
+        (signing costs about as much as encrypting)."""
+        audience = origin_of(endpoint)
+        now = self._clock.seconds()
+        cached = self._authorizations.get(audience)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        claims = {"aud": audience, "sub": self.subject, "exp": int(now) + VAPID_LIFETIME_S}
+        header = str(self.vapid.sign(claims)["Authorization"])
+        if len(self._authorizations) >= MAX_CACHED_AUDIENCES:
+            self._authorizations.clear()
+        self._authorizations[audience] = (header, now + VAPID_REUSE_S)
+        return header
 
     def send(self, target: PushTarget, note: Notification) -> Deferred[PushResult]:
         """Encrypt ``note`` for the target's subscription and POST it."""

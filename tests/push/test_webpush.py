@@ -152,6 +152,20 @@ class SendTests(WebPushTestCase):
             jwt.decode(token, other, algorithms=["ES256"], audience=self.standin.url,
                        options={"verify_exp": False})
 
+    async def test_vapid_token_reused_for_an_hour_per_origin(self) -> None:
+        """The same token for an origin within an hour, a new one (with a
+        later exp) after; another origin has its own."""
+        first = self.provider.authorization(self.standin.url + "/a")
+        self.clock.advance(3599)
+        self.assertEqual(self.provider.authorization(self.standin.url + "/b"), first)
+        other = self.provider.authorization("https://push.example.com/c")
+        self.assertNotEqual(other, first)
+        self.clock.advance(2)
+        renewed = self.provider.authorization(self.standin.url + "/a")
+        self.assertNotEqual(renewed, first)
+        claims = jwt.decode(vapid_token(renewed)[0], options={"verify_signature": False})
+        self.assertEqual(claims["exp"], int(NOW) + 3601 + 12 * 3600)
+
     async def test_long_collapse_key_becomes_a_url_safe_topic(self) -> None:
         note = Notification("browser-1", 1, "tenant:acme/node:browser-1@example.com#with spaces")
         await self.send(note)
