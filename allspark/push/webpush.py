@@ -8,11 +8,10 @@ secret), both base64url.  A send is one POST to the endpoint of a small JSON
 document (:func:`payload`) encrypted for those keys with ``http-ece`` (a new
 ephemeral key and salt each time), with the headers ``Authorization: vapid
 t=<ES256 JWT>, k=<the VAPID public key>`` (the JWT's ``aud`` is the
-endpoint's origin, ``sub`` the configured contact, ``exp`` 12 hours ahead; reused for an
-hour per origin),
-``TTL``, ``Urgency``, ``Topic`` (from the collapse key, so a newer push
-replaces one still queued at the push service) and ``Content-Encoding:
-aes128gcm``.  The HTTP part is treq's (never pywebpush's, which blocks).
+endpoint's origin, ``sub`` the configured contact, ``exp`` 12 hours ahead;
+reused for an hour per origin), ``TTL``, ``Urgency``, ``Topic`` (from the
+collapse key, so a newer push replaces one still queued at the push
+service) and ``Content-Encoding: aes128gcm``.  The HTTP part is treq's (never pywebpush's, which blocks).
 
 Classification: 200/201/202 sent; 404/410 a dead subscription; 429 and 5xx a
 retry (with ``Retry-After``); 413 and any other status failed; no answer a
