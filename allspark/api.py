@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping
@@ -49,7 +50,9 @@ from twisted.internet.defer import ensureDeferred
 from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
-from allspark.envelope import DEST_FIELDS, MESSAGE_FIELDS, Control, FrameError, Message, parse_frame
+from allspark.envelope import (
+    DEST_FIELDS, MAX_FRAME_INT, MIN_FRAME_INT, MESSAGE_FIELDS, Control, FrameError, Message, parse_frame,
+)
 from allspark.ids import is_valid_id
 from allspark.logs import logger
 from allspark.router import Sender
@@ -392,16 +395,34 @@ def _parse_message(raw: bytes, body: dict[str, Any]) -> Message | Control:
     """``raw`` parsed as a client's message frame (the same checks).  JSON
     Schema counts ``3.0`` as an integer, so an integral float ``type`` is
     taken as that integer: the body is then encoded again, which changes
-    nothing else when ``raw`` holds no run of 19 digits (no integer out of
-    the range the parser checks)."""
+    nothing else once every integer literal in ``raw`` is one ``orjson``
+    reads exactly (:func:`_exact_integers`)."""
     try:
         return parse_frame(raw)
     except FrameError:
         kind = body.get("type")
         if (not isinstance(kind, float) or not kind.is_integer() or not abs(kind) < 2**53
-                or re.search(rb"[0-9]{19}", raw)):
+                or not _exact_integers(raw)):
             raise
         return parse_frame(orjson.dumps({**body, "type": int(kind)}))
+
+
+def _exact_integers(raw: bytes) -> bool:
+    """Whether every integer literal in ``raw`` (valid JSON) lies in
+    ``MIN_FRAME_INT..MAX_FRAME_INT`` (read by the standard library's parser,
+    which sees each literal as written)."""
+
+    def exact(text: str) -> int:
+        value = int(text)
+        if not MIN_FRAME_INT <= value <= MAX_FRAME_INT:
+            raise ValueError(text)
+        return value
+
+    try:
+        json.loads(raw, parse_int=exact)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def _match(pattern: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:

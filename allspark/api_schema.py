@@ -15,6 +15,7 @@ import copy
 from typing import Any
 
 from allspark.api import ERROR_CODES, MAX_PRESENCE_IDS, MAX_REASON_CHARS, MAX_REVOKE_UNTIL
+from allspark.envelope import MAX_PUSH_TEXT
 
 ID_PATTERN = "^[A-Za-z0-9_.:@-]{1,128}$"
 
@@ -257,6 +258,10 @@ _DOCUMENT: dict[str, Any] = {
                     "payload": {"$ref": "#/components/schemas/JSONValue"},
                     "payload1": {"$ref": "#/components/schemas/JSONValue"},
                     "payload2": {"$ref": "#/components/schemas/JSONValue"},
+                    "push": {"type": "boolean",
+                             "description": "false: this message schedules no push notification (docs/push.md)"},
+                    "push_text": {"type": "string", "maxLength": MAX_PUSH_TEXT,
+                                  "description": "a short text a push notification may show"},
                 },
             },
             "Accepted": {

@@ -495,3 +495,50 @@ class PlainLinkWarningTests(TestCase):
             self.assertTrue(_on_a_private_network(host), host)
         for host in ("8.8.8.8", "2001:4860::8888", "chat.example.com"):
             self.assertFalse(_on_a_private_network(host), host)
+
+
+class ServerApiFrameTests(TestCase):
+    """The ``disconnect`` and ``drain`` peer frames (sent by the server API)."""
+
+    def setUp(self) -> None:
+        self.mesh = Mesh("b", SECRET, Clock(), lambda: succeed([]), lambda node_ids, frame: 0)
+        self.links = {peer: FakeLink(peer) for peer in ("a", "c")}
+        for link in self.links.values():
+            self.mesh.link_up(link)  # type: ignore[arg-type]
+
+    def test_disconnect_goes_to_every_link_and_reaches_the_hook(self) -> None:
+        told = self.mesh.disconnect("bob", "abuse", 5000)
+        self.assertEqual(told, ["a", "c"])
+        frame = decode_peer_frame(self.links["a"].sent[-1])
+        self.assertEqual((frame.type, frame.fields), ("disconnect", {"node_id": "bob", "reason": "abuse",
+                                                                     "revoked_until": 5000}))
+        seen: list[tuple[str, str, int | None]] = []
+        self.mesh.on_disconnect = lambda node_id, reason, until: seen.append((node_id, reason, until))
+        self.mesh.handle(self.links["a"], frame)  # type: ignore[arg-type]
+        self.mesh.disconnect("eve", "")
+        self.mesh.handle(self.links["c"], decode_peer_frame(self.links["c"].sent[-1]))  # type: ignore[arg-type]
+        self.assertEqual(seen, [("bob", "abuse", 5000), ("eve", "", None)])
+
+    def test_drain_goes_to_the_named_peer_only_and_drains_only_that_server(self) -> None:
+        drained: list[bool] = []
+        self.mesh.on_drain = lambda: drained.append(True)
+        self.assertTrue(self.mesh.drain("c"))
+        self.assertFalse(self.mesh.drain("z"))  # no link
+        self.assertEqual(self.links["a"].sent, [])
+        frame = decode_peer_frame(self.links["c"].sent[-1])
+        self.assertEqual((frame.type, frame.fields), ("drain", {"server_id": "c"}))
+        self.mesh.handle(self.links["c"], frame)  # type: ignore[arg-type]  # names c, not this server b
+        self.assertEqual(drained, [])
+        self.mesh.handle(self.links["c"], decode_peer_frame(encode_peer_frame("drain", server_id="b")))  # type: ignore[arg-type]
+        self.assertEqual(drained, [True])
+
+    def test_malformed_disconnect_and_drain(self) -> None:
+        for data in (b'{"v":1,"t":"disconnect"}\n', b'{"v":1,"t":"disconnect","node_id":"bad id"}\n',
+                     b'{"v":1,"t":"disconnect","node_id":"n","reason":3}\n',
+                     b'{"v":1,"t":"disconnect","node_id":"n","revoked_until":-1}\n',
+                     b'{"v":1,"t":"disconnect","node_id":"n","revoked_until":true}\n',
+                     b'{"v":1,"t":"disconnect","node_id":"n","revoked_until":"soon"}\n',
+                     b'{"v":1,"t":"drain"}\n', b'{"v":1,"t":"drain","server_id":""}\n'):
+            with self.assertRaises(PeerFrameError) as caught:
+                decode_peer_frame(data)
+            self.assertEqual(caught.exception.code, "bad_frame", data)
