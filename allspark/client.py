@@ -61,7 +61,8 @@ MAX_STALLED_PAGES = 200
 
 #: Answers the server sends to a request, matched by the request's id.
 ANSWER_OPS = frozenset({"accepted", "acked", "synced", "error", "pong", "session", "member",
-                        "left", "revealed", "master", "sessions", "sync_done", "presence"})
+                        "left", "revealed", "master", "sessions", "sync_done", "presence",
+                        "push_registered", "push_unregistered", "push_muted"})
 
 
 class AllsparkError(Exception):
@@ -289,6 +290,22 @@ class Client:
     def set_master(self, session_id: str, **member: Any) -> Deferred[dict[str, Any]]:
         """``set_master`` with ``node_id=`` or ``alias=``; the ``master`` answer."""
         return self.request({"op": "set_master", "session_id": session_id, **member})
+
+    # -- push notifications -------------------------------------------------
+    def register_push(self, provider: str, **target: Any) -> Deferred[dict[str, Any]]:
+        """``register_push`` for ``provider`` (``fcm``, ``apns``, ``webpush``,
+        ``webhook``) with ``token=`` (or ``subscription=`` for webpush;
+        ``topic=`` and ``environment=`` for apns); the ``push_registered``
+        answer (``active``: whether this server has the provider configured)."""
+        return self.request({"op": "register_push", "provider": provider, **target})
+
+    def unregister_push(self) -> Deferred[dict[str, Any]]:
+        """``unregister_push``; the ``push_unregistered`` answer (``removed``)."""
+        return self.request({"op": "unregister_push"})
+
+    def mute_push(self, muted: bool = True) -> Deferred[dict[str, Any]]:
+        """``mute_push``; the ``push_muted`` answer."""
+        return self.request({"op": "mute_push", "muted": muted})
 
     async def my_sessions(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Every session this node is a member of, with its cursors
