@@ -2,7 +2,8 @@
 ``Origin`` check of WebSocket handshakes, decided in one place.
 
 An origin is allowed when it is this server's own (the ``Origin``'s host and
-port are those of the request's ``Host`` header) or one of the
+port are those of the request's ``Host`` header; the loopback names count as
+one host) or one of the
 ``--allowed-origin`` values.  None are listed by default: same origin only.
 
 - HTTP (:class:`allspark.web.JSONEndpoint`): an allowed origin gets
@@ -30,6 +31,11 @@ from urllib.parse import urlsplit
 
 #: The ports a browser leaves out of an ``Origin``.
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+#: Names of this machine: a page at http://localhost:8080 talking to
+#: ws://127.0.0.1:8080 (the ws_url of a server at 127.0.0.1) is the same
+#: server on the same port, so the same origin.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 #: Seconds a browser may cache a preflight's answer.
 PREFLIGHT_MAX_AGE = 600
@@ -95,12 +101,16 @@ class OriginPolicy:
     def is_same_origin(self, origin: str, host_header: str | None) -> bool:
         """Whether ``origin`` names the server the request reached: its host
         and port are those of ``host_header`` (a ``Host`` without a port
-        means the default port of the origin's scheme)."""
+        means the default port of the origin's scheme; ``localhost``,
+        ``127.0.0.1`` and ``::1`` are one host)."""
         parsed = parse_origin(origin)
         if parsed is None or not host_header:
             return False
         scheme, host, port = parsed
-        return _host_and_port(host_header, DEFAULT_PORTS[scheme]) == (host, port)
+        reached = _host_and_port(host_header, DEFAULT_PORTS[scheme])
+        if reached is None or reached[1] != port:
+            return False
+        return reached[0] == host or (reached[0] in LOOPBACK_HOSTS and host in LOOPBACK_HOSTS)
 
     def allows(self, origin: str, host_header: str | None) -> bool:
         """Whether a page from ``origin`` may use this server: its own

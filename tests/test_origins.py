@@ -44,6 +44,15 @@ class OriginPolicyTests(unittest.TestCase):
         self.assertFalse(policy.allows("http://127.0.0.1:8080", None))
         self.assertFalse(policy.allows("null", "127.0.0.1:8080"))
 
+    def test_the_loopback_names_are_one_host(self) -> None:
+        """A page at http://localhost:8080 reaches ws://127.0.0.1:8080."""
+        policy = OriginPolicy()
+        self.assertTrue(policy.allows("http://localhost:8080", "127.0.0.1:8080"))
+        self.assertTrue(policy.allows("http://127.0.0.1:8080", "[::1]:8080"))
+        self.assertFalse(policy.allows("http://localhost:8081", "127.0.0.1:8080"))
+        self.assertFalse(policy.allows("http://evil.localhost:8080", "127.0.0.1:8080"))
+        self.assertFalse(policy.allows("http://localhost:8080", "10.0.0.1:8080"))
+
     def test_listed_origins_are_allowed_anywhere(self) -> None:
         policy = OriginPolicy(["https://app.example.com", "http://localhost:3000"])
         self.assertTrue(policy.allows("https://app.example.com", "api.example.com"))

@@ -99,13 +99,15 @@ class AllowedOriginTests(unittest.TestCase):
 
     def test_a_websocket_from_the_servers_own_origin_opens(self) -> None:
         self.assertEqual(handshake(self.server, "ws-same", self.own_origin).status, 101)
+        # a page opened at localhost reaches the ws_url at 127.0.0.1: the same server
+        self.assertEqual(handshake(self.server, "ws-local", f"http://localhost:{self.server.port}").status, 101)
 
     def test_a_websocket_without_an_origin_opens(self) -> None:
         """Non-browser clients send no Origin."""
         self.assertEqual(handshake(self.server, "ws-none", None).status, 101)
 
     def test_a_websocket_from_another_origin_is_refused(self) -> None:
-        for origin in (OTHER, "null", f"http://127.0.0.1:{self.server.port + 1}", f"http://localhost:{self.server.port}"):
+        for origin in (OTHER, "null", f"http://127.0.0.1:{self.server.port + 1}", f"http://127.0.0.2:{self.server.port}"):
             answer = handshake(self.server, "ws-other", origin)
             self.assertEqual(answer.status, 403, origin)
             self.assertEqual(answer.headers.get("content-type"), "application/json")
