@@ -323,7 +323,10 @@ def _serve_metrics(server: Any, counts: Any, site: Any, service: Any, port: int 
 
     from allspark.metrics import ServerCollector, metrics_registry, metrics_resource
 
-    resource = metrics_resource(metrics_registry(ServerCollector(server, counts)))
+    def push_stats() -> Any:  # the dispatcher's (provider, outcome) counts, when push is configured
+        return getattr(getattr(getattr(server, "push", None), "dispatcher", None), "stats", None)
+
+    resource = metrics_resource(metrics_registry(ServerCollector(server, counts, push_stats)))
     if port is None:
         site.resource.putChild(b"metrics", resource)
         return

@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
 from tests.e2e.helpers import http_get, wait_until
+from tests.e2e.test_push import PushTestCase
 from tests.support import client_for, free_port, start_server
 
 
@@ -74,3 +75,17 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(http_get(server.base_url + "/metrics").status, 404)
         samples = scrape(f"http://127.0.0.1:{port}/metrics")
         self.assertEqual(value(samples, "allspark_connections"), 0)
+
+
+class PushMetricsTests(PushTestCase):
+    async def test_push_outcomes_are_read_from_the_dispatcher(self) -> None:
+        server = self.server()
+        url = server.base_url + "/metrics"
+        self.assertNotIn(("allspark_push_notifications_total", (("outcome", "sent"), ("provider", "webhook"))),
+                         scrape(url))
+        await self.register(server, "phone")
+        alice = await client_for(self, server, "alice")
+        await alice.send(dest_id="phone", payload="hi")
+        await wait_until(lambda: len(self.pushes("phone")) > 0, 15, what="a push to phone")
+        await wait_until(lambda: value(scrape(url), "allspark_push_notifications_total", provider="webhook",
+                                       outcome="sent") == 1, 10, what="the push counted as sent")
