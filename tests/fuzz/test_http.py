@@ -2,7 +2,7 @@
 ``twistd allspark`` process per test class.
 
 Requests are drawn from the endpoints (pre-connection in both forms,
-``/health``, every session endpoint, ``/ws`` without an upgrade, unknown
+``/health``, every session and push endpoint, ``/ws`` without an upgrade, unknown
 paths), methods (GET, HEAD, POST and odd ones), query strings (real argument
 names with good and bad values, repeated arguments, broken percent escapes),
 auth keys (valid, junk, and hand-made JWTs with odd headers such as ``crit``
@@ -35,8 +35,9 @@ from tests.support import SECRET, ServerProcess, key
 
 SESSION_PATHS = ["/" + op for op in ("create_session", "join_session", "unjoin_session", "get_session_info",
                                      "reveal_anonymity", "set_master", "my_sessions")]
+PUSH_PATHS = ["/push/register", "/push/unregister", "/push/mute", "/push", "/push/register/x"]
 PATHS = ["/", "/v1/pre_connection_info", "/health", "/ws", "/v1", "/v1/", "/nothing", "/health/x",
-         "/create_session/x", "/%2e%2e/health", "//health", "/ws/x"] + SESSION_PATHS
+         "/create_session/x", "/%2e%2e/health", "//health", "/ws/x"] + SESSION_PATHS + PUSH_PATHS
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "FOO"]
 
 #: Every argument name an endpoint reads.
