@@ -214,6 +214,13 @@ class NginxTests(unittest.TestCase):
                                                         "\r\nConnection: close\r\n\r\n")
             self.assertEqual(status, 200, data)
             self.assertIn(f'"node_id":"127.0.0.1:{server.port}"'.encode(), data.replace(b" ", b""))
+            # the metrics stay inside: nginx does not forward /metrics, the node's own port serves it
+            status, data = raw_request(self.nginx_port, f"GET /metrics HTTP/1.1\r\nHost: {name}:{self.nginx_port}"
+                                                        "\r\nConnection: close\r\n\r\n")
+            self.assertEqual(status, 404, data)
+            status, data = raw_request(server.port, "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                                    "Connection: close\r\n\r\n")
+            self.assertEqual(status, 200, data)
 
     async def test_the_server_sees_the_forwarded_client_address(self) -> None:
         host = SAMPLE_PORTS[8081]
