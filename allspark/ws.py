@@ -111,10 +111,12 @@ class ClientProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Deferred[None] | None:  # type: ignore[override]
         """Authenticate the handshake: a browser ``Origin`` this server
         allows (:mod:`allspark.origins`; checked first), a valid auth key and
-        a validation token for this node and this server, redeemed once.
+        a validation token for this node and this server, redeemed once,
+        and a node the server API has not revoked (:mod:`allspark.revocations`:
+        from the cache, else a Deferred that Autobahn waits for).
         Refusals raise :class:`ConnectionDeny` (403 for the origin, 401 for
-        credentials, 503 when the server is draining or full) and are
-        answered by :meth:`sendHttpErrorResponse` with a JSON body."""
+        credentials and ``revoked``, 503 when the server is draining or full)
+        and are answered by :meth:`sendHttpErrorResponse` with a JSON body."""
         server = self.factory.app
         self.client_address = self._client_address(request.headers)
         origin = request.headers.get("origin")
