@@ -37,8 +37,6 @@ import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,6 +69,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from allspark.logs import logger
+from allspark.push.config import read_secret
+from allspark.push.httpclient import retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
 
@@ -119,14 +119,14 @@ class ProviderToken:
         self._key = key
         self._team_id = team_id
         self._key_id = key_id
-        self._clock = clock
+        self.clock = clock
         self._reuse_s = reuse_s
         self._token: str | None = None
         self._issued_at = 0.0
 
     def current(self) -> str:
         """The token to send now (a new one when the last is too old)."""
-        now = self._clock.seconds()
+        now = self.clock.seconds()
         if self._token is None or now - self._issued_at >= self._reuse_s:
             self._issued_at = now
             self._token = jwt.encode({"iss": self._team_id, "iat": int(now)}, self._key,
@@ -200,22 +200,6 @@ class _Request:
             self.result.callback(result)
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """A ``Retry-After`` value (seconds, or an HTTP date) in seconds from now."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
 def _reason_of(body: bytes) -> str:
     """The ``reason`` of an APNs error body, or ""."""
     try:
@@ -227,19 +211,19 @@ def _reason_of(body: bytes) -> str:
     return ""
 
 
-def classify(status: int, headers: Mapping[str, str], body: bytes) -> PushResult:
+def classify(status: int, headers: Mapping[str, str], body: bytes, now_s: float) -> PushResult:
     """An APNs answer as a :class:`PushResult`: 200 ``SENT``; 410 and 400
     ``BadDeviceToken``/``DeviceTokenNotForTopic`` ``DEAD_TOKEN``; 429, 5xx and
     403 ``ExpiredProviderToken`` ``RETRY`` (with ``Retry-After`` when given);
     any other status ``FAILED``.  ``reason`` is Apple's reason, else
-    ``http_<status>``."""
+    ``http_<status>``; ``now_s`` (Unix time) reads a dated ``Retry-After``."""
     reason = _reason_of(body) or f"http_{status}"
     if status == 200:
         return PushResult(Outcome.SENT, status, headers.get("apns-id", ""))
     if status == 410 or (status == 400 and reason in DEAD_TOKEN_REASONS):
         return PushResult(Outcome.DEAD_TOKEN, status, reason)
     if status == 429 or status >= 500 or (status == 403 and reason == "ExpiredProviderToken"):
-        return PushResult(Outcome.RETRY, status, reason, _retry_after_s(headers.get("retry-after")))
+        return PushResult(Outcome.RETRY, status, reason, retry_after_s(headers.get("retry-after"), now_s))
     return PushResult(Outcome.FAILED, status, reason)
 
 
@@ -579,7 +563,8 @@ class _EndpointConnection:
     def answered(self, request: _Request) -> None:
         """A stream ended with a complete answer: classify it."""
         protocol = request.protocol
-        result = classify(request.status, request.response_headers, bytes(request.response))
+        result = classify(request.status, request.response_headers, bytes(request.response),
+                          self.token.clock.seconds())
         if result.reason == "ExpiredProviderToken":
             self.token.expired(request.token)
         log.debug("apns answered", endpoint=self.endpoint.url, status=result.status, reason=result.reason)
@@ -716,20 +701,15 @@ def _required_str(table: Mapping[str, Any], key: str) -> str:
     return value.strip()
 
 
-def load_key(path: str) -> ec.EllipticCurvePrivateKey:
-    """The P-256 private key of a ``.p8`` file (PEM, PKCS #8), or
-    PushConfigError."""
+def load_key(pem: bytes, where: str = "key") -> ec.EllipticCurvePrivateKey:
+    """The P-256 private key of a ``.p8`` (PEM, PKCS #8), or PushConfigError
+    naming ``where`` (the key that gave it)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise PushConfigError(f"[apns] key_file: cannot read {path!r}: {error.strerror}") from None
-    try:
-        key = load_pem_private_key(data, password=None)
+        key = load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as error:
-        raise PushConfigError(f"[apns] key_file: {path!r} is not a PEM private key ({error})") from None
+        raise PushConfigError(f"[apns] {where}: not a PEM private key ({error})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise PushConfigError(f"[apns] key_file: {path!r} is not a P-256 (ES256) key")
+        raise PushConfigError(f"[apns] {where}: not a P-256 (ES256) key")
     return key
 
 
@@ -750,13 +730,14 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
     return ssl.trustRootFromCertificates(certificates)
 
 
-KNOWN_KEYS = frozenset({"team_id", "key_id", "key_file", "topic", "endpoint", "sandbox_endpoint",
+KNOWN_KEYS = frozenset({"team_id", "key_id", "key_file", "key_env", "topic", "endpoint", "sandbox_endpoint",
                         "ca_file", "expiration_s"})
 
 
 def from_config(table: Mapping[str, Any], reactor: Any) -> APNsProvider:
-    """The provider of an ``[apns]`` table: ``team_id``, ``key_id``,
-    ``key_file`` (the ``.p8``) required; ``topic`` (the default bundle id),
+    """The provider of an ``[apns]`` table: ``team_id``, ``key_id`` and the
+    ``.p8`` key, named by ``key_file`` (a path) or ``key_env`` (an environment
+    variable holding the PEM), required; ``topic`` (the default bundle id),
     ``endpoint``, ``sandbox_endpoint``, ``ca_file``, ``expiration_s``
     optional.  Raises PushConfigError naming the key."""
     if not isinstance(table, Mapping):
@@ -766,7 +747,7 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> APNsProvider:
         raise PushConfigError(f"[apns] {unknown[0]}: unknown key (known: {', '.join(sorted(KNOWN_KEYS))})")
     team_id = _required_str(table, "team_id")
     key_id = _required_str(table, "key_id")
-    key = load_key(_required_str(table, "key_file"))
+    key = load_key(read_secret(table, "apns", "key"), "key_file" if "key_file" in table else "key_env")
     topic = table.get("topic")
     if topic is not None and (not isinstance(topic, str) or not topic.strip()):
         raise PushConfigError("[apns] topic: expected a non-empty string (the app's bundle id)")

@@ -387,7 +387,10 @@ class FromConfigTests(unittest.TestCase):
         self.assertEqual(provider.name, "apns")
         self.assertEqual(provider._endpoints["production"].authority, "127.0.0.1:8443")
         self.assertEqual(provider._endpoints["development"].url, apns.SANDBOX_ENDPOINT)
-        default = apns.from_config(self.table(topic=None), reactor)
+        with open(self.key_file) as f:
+            os.environ["ALLSPARK_TEST_APNS_KEY"] = f.read()
+        self.addCleanup(os.environ.pop, "ALLSPARK_TEST_APNS_KEY")
+        default = apns.from_config(self.table(topic=None, key_file=None, key_env="ALLSPARK_TEST_APNS_KEY"), reactor)
         self.assertEqual(default._endpoints["production"].url, apns.PRODUCTION_ENDPOINT)
         self.assertIsNone(default._trust_root)
 
@@ -399,8 +402,11 @@ class FromConfigTests(unittest.TestCase):
         with open(not_pem, "w") as f:
             f.write("hello")
         cases = [
-            (self.table(team_id=None), "team_id"), (self.table(key_id=""), "key_id"),
-            (self.table(key_file=None), "key_file"), (self.table(key_file="/nonexistent/AuthKey.p8"), "key_file"),
+            (self.table(team_id=None), "[apns] team_id"), (self.table(key_id=""), "[apns] key_id"),
+            (self.table(key_file=None), "exactly one of key_file or key_env"),
+            (self.table(key_env="ALLSPARK_TEST_NO_SUCH_VARIABLE"), "exactly one of key_file or key_env"),
+            (self.table(key_file=None, key_env="ALLSPARK_TEST_NO_SUCH_VARIABLE"), "[apns] key_env"),
+            (self.table(key_file="/nonexistent/AuthKey.p8"), "key_file"),
             (self.table(key_file=not_pem), "key_file"), (self.table(key_file=rsa_file), "key_file"),
             (self.table(key_file=p384_file), "key_file"), (self.table(topic=5), "topic"),
             (self.table(endpoint="http://api.push.apple.com"), "endpoint"),
@@ -410,14 +416,16 @@ class FromConfigTests(unittest.TestCase):
             (self.table(expiration_s=-1), "expiration_s"), (self.table(expiration_s="1"), "expiration_s"),
             (self.table(keyfile=self.key_file), "keyfile"),
         ]
-        for table, key in cases:
-            with self.assertRaises(PushConfigError, msg=key) as raised:
+        for table, expected in cases:
+            with self.assertRaises(PushConfigError, msg=expected) as raised:
                 apns.from_config(table, reactor)
-            self.assertIn(f"[apns] {key}", str(raised.exception))
+            message = str(raised.exception)
+            self.assertIn("[apns]", message)
+            self.assertIn(expected, message)
 
 
 class ClassifyTests(unittest.TestCase):
     def test_retry_after_as_a_date(self) -> None:
-        result = apns.classify(503, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, b"")
-        self.assertEqual((result.outcome, result.retry_after_s), (Outcome.RETRY, 0.0))
-        self.assertIsNone(apns.classify(503, {"retry-after": "soon"}, b"").retry_after_s)
+        result = apns.classify(503, {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, b"", 1445412470.0)
+        self.assertEqual((result.outcome, result.retry_after_s), (Outcome.RETRY, 10.0))
+        self.assertIsNone(apns.classify(503, {"retry-after": "soon"}, b"", NOW).retry_after_s)
