@@ -29,6 +29,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry
+from twisted.application.service import Service
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_SECONDS_BUCKETS", "BATCH_SIZE_BUCKETS", "DEPTH_BUCKETS", "Distribution", "FrameCounts",
-    "ServerCollector", "metrics_registry", "frame_kind",
+    "MetricsPort", "ServerCollector", "metrics_registry", "frame_kind",
 ]
 
 #: Inbox depths (messages a node had waiting when it synced).
@@ -293,3 +294,38 @@ def metrics_resource(registry: CollectorRegistry) -> Any:
     from prometheus_client.twisted import MetricsResource
 
     return MetricsResource(registry)
+
+
+class MetricsPort(Service):
+    """``--metrics-port``: ``/metrics`` on a listener of its own, on
+    127.0.0.1 only.  A child of the server's service, so it listens after
+    the store is open and before the client ports, and a port in use
+    refuses the start with one line, as a client port does."""
+
+    def __init__(self, reactor: Any, port: int, resource: Any) -> None:
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        root = Resource()
+        root.putChild(b"metrics", resource)
+        self.site = Site(root)
+        self.site.noisy = False
+        self.reactor = reactor
+        self.port_number = port
+        self.listening: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.error import CannotListenError
+
+        from allspark.server import StartFailed
+
+        try:
+            self.listening = self.reactor.listenTCP(self.port_number, self.site, interface="127.0.0.1")
+        except CannotListenError as e:
+            raise StartFailed(f"cannot listen on --metrics-port {self.port_number}: {e.socketError}") from e
+
+    def stopService(self) -> Any:
+        super().stopService()
+        listening, self.listening = self.listening, None
+        return listening.stopListening() if listening is not None else None

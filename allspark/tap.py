@@ -317,11 +317,9 @@ def _serve_metrics(server: Any, counts: Any, site: Any, service: Any, port: int 
     """``/metrics`` for Prometheus (allspark.metrics): on the client port's
     site, or, with ``port``, on a site of its own listening on 127.0.0.1
     only (a child of ``service``, started before the client ports)."""
-    from twisted.application.strports import service as port_service
-    from twisted.web.resource import Resource
-    from twisted.web.server import Site
+    from twisted.internet import reactor
 
-    from allspark.metrics import ServerCollector, metrics_registry, metrics_resource
+    from allspark.metrics import MetricsPort, ServerCollector, metrics_registry, metrics_resource
 
     def push_stats() -> Any:  # the dispatcher's (provider, outcome) counts, when push is configured
         return getattr(getattr(getattr(server, "push", None), "dispatcher", None), "stats", None)
@@ -330,13 +328,7 @@ def _serve_metrics(server: Any, counts: Any, site: Any, service: Any, port: int 
     if port is None:
         site.resource.putChild(b"metrics", resource)
         return
-    root = Resource()
-    root.putChild(b"metrics", resource)
-    metrics_site = Site(root)
-    metrics_site.noisy = False
-    listener = port_service(f"tcp:{port}:interface=127.0.0.1", metrics_site)
-    listener._raiseSynchronously = True  # a port in use refuses the start, as the client ports do
-    listener.setServiceParent(service)
+    MetricsPort(reactor, port, resource).setServiceParent(service)
 
 
 def _wire_push(push: Any, server: Any, service: Any, reactor: Any) -> None:

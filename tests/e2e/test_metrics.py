@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import tempfile
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
-from tests.e2e.helpers import http_get, wait_until
+from tests.e2e.helpers import http_get, run_to_exit, wait_until
 from tests.e2e.test_push import PushTestCase
 from tests.support import client_for, free_port, start_server
 
@@ -75,6 +78,15 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(http_get(server.base_url + "/metrics").status, 404)
         samples = scrape(f"http://127.0.0.1:{port}/metrics")
         self.assertEqual(value(samples, "allspark_connections"), 0)
+
+    def test_a_metrics_port_in_use_refuses_the_start_in_one_line(self) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            result = run_to_exit(tempfile.mkdtemp(prefix="allspark-metrics-"), free_port(), f"--metrics-port={busy}")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"allspark: cannot start: cannot listen on --metrics-port {busy}", result.stdout.decode())
 
 
 class PushMetricsTests(PushTestCase):
