@@ -33,6 +33,7 @@ Twisted TLS client connection: Twisted's own HTTP/2 is server-only.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections import deque
 from collections.abc import Mapping
@@ -51,6 +52,7 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    PingAckReceived,
     RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
@@ -62,7 +64,7 @@ from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # not re-exported by twisted.internet.ssl
 from twisted.python.failure import Failure
@@ -94,8 +96,17 @@ DEFAULT_EXPIRATION_S = 86400
 (``apns-expiration``), unless ``expiration_s`` says otherwise (0: once, now)."""
 
 CONNECT_TIMEOUT_S = 10.0
-"""The TCP connect timeout (the TLS handshake is bounded by the dispatcher's
-per-request timeout, which cancels the waiting requests)."""
+"""How long a new connection may take to be usable (TCP, TLS, the peer's
+SETTINGS); then it is closed and the waiting pushes answered ``RETRY``
+(``connect_timeout``)."""
+
+PING_INTERVAL_S = 60.0
+"""A PING on an open connection this often (0: never), so that one that died
+silently (a NAT or firewall forgot it) is noticed and replaced."""
+
+PING_TIMEOUT_S = 10.0
+"""A PING not acknowledged within this closes the connection.  A PING is also
+sent when a push is cancelled (it timed out): is the connection still alive?"""
 
 MAX_RESPONSE_BYTES = 65536
 """A response body larger than this is not read: the stream is reset and the
@@ -285,7 +296,11 @@ class _H2ClientProtocol(Protocol):
         self.alpn_refused = False
         self.going_away = False
         self.disconnected = False
+        self.timed_out = False
         self.lost: Deferred[None] = Deferred()
+        self._ready_deadline: IDelayedCall | None = None
+        self._ping_due: IDelayedCall | None = None
+        self._ping_deadline: IDelayedCall | None = None
 
     @property
     def ready(self) -> bool:
@@ -301,6 +316,51 @@ class _H2ClientProtocol(Protocol):
     def connectionMade(self) -> None:
         self.conn.initiate_connection()
         self._flush()
+        self._ready_deadline = self.owner.reactor.callLater(self.owner.connect_timeout_s, self._not_ready_in_time)
+
+    def _not_ready_in_time(self) -> None:
+        self._ready_deadline = None
+        self.timed_out = True
+        log.warn("apns connection not ready in time", endpoint=self.owner.endpoint.url,
+                 timeout_s=self.owner.connect_timeout_s, handshake_done=self.handshake_done)
+        self.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _check_ready(self) -> None:
+        """Once TLS (with h2) is up and the peer's SETTINGS came: stop the
+        connect deadline, start the keepalive PINGs, start waiting pushes."""
+        if not (self.handshake_done and self.settings_received) or self._ready_deadline is None:
+            return
+        self._ready_deadline.cancel()
+        self._ready_deadline = None
+        log.info("apns connected", endpoint=self.owner.endpoint.url,
+                 max_concurrent_streams=self.conn.remote_settings.max_concurrent_streams)
+        self._schedule_ping()
+        self.owner.pump()
+
+    def _schedule_ping(self) -> None:
+        if self.owner.ping_interval_s > 0 and not self.disconnected:
+            if self._ping_due is not None and self._ping_due.active():
+                self._ping_due.cancel()
+            self._ping_due = self.owner.reactor.callLater(self.owner.ping_interval_s, self.check_alive)
+
+    def check_alive(self) -> None:
+        """Send a PING (unless one is awaited); without its ACK within
+        ``ping_timeout_s`` the connection is closed (its streams answered
+        ``RETRY``, the next push connects again)."""
+        if self.disconnected or self._ping_deadline is not None:
+            return
+        try:
+            self.conn.ping(os.urandom(8))
+        except H2Error:
+            return
+        self._flush()
+        self._ping_deadline = self.owner.reactor.callLater(self.owner.ping_timeout_s, self._ping_unanswered)
+
+    def _ping_unanswered(self) -> None:
+        self._ping_deadline = None
+        log.warn("apns connection did not answer PING, closing it", endpoint=self.owner.endpoint.url,
+                 timeout_s=self.owner.ping_timeout_s, open_streams=len(self.streams))
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def handshakeCompleted(self) -> None:
         protocol = getattr(self.transport, "negotiatedProtocol", None)
@@ -311,7 +371,7 @@ class _H2ClientProtocol(Protocol):
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.handshake_done = True
-        self.owner.pump()
+        self._check_ready()
 
     def dataReceived(self, data: bytes) -> None:
         try:
@@ -364,6 +424,12 @@ class _H2ClientProtocol(Protocol):
                     self._send_body(request)
         elif isinstance(event, RemoteSettingsChanged):
             self.settings_received = True
+            self._check_ready()
+        elif isinstance(event, PingAckReceived):
+            if self._ping_deadline is not None:
+                self._ping_deadline.cancel()
+                self._ping_deadline = None
+            self._schedule_ping()
         elif isinstance(event, ConnectionTerminated):
             self._goaway(event)
 
@@ -448,6 +514,9 @@ class _H2ClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.disconnected = True
+        for call in (self._ready_deadline, self._ping_due, self._ping_deadline):
+            if call is not None and call.active():
+                call.cancel()
         self.owner.lost(self, reason)
         self.lost.callback(None)
 
@@ -469,8 +538,12 @@ class _EndpointConnection:
     stream on it, in order."""
 
     def __init__(self, reactor: Any, endpoint: _Endpoint, trust_root: IOpenSSLTrustRoot | None,
-                 token: ProviderToken) -> None:
+                 token: ProviderToken, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 ping_interval_s: float = PING_INTERVAL_S, ping_timeout_s: float = PING_TIMEOUT_S) -> None:
         self.reactor = reactor
+        self.connect_timeout_s = connect_timeout_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         self.endpoint = endpoint
         self.trust_root = trust_root
         self.token = token
@@ -502,8 +575,10 @@ class _EndpointConnection:
         if request in self.queue:
             self.queue.remove(request)
         elif request.protocol is not None:
-            request.protocol.reset(request, ErrorCodes.CANCEL)
+            protocol = request.protocol
+            protocol.reset(request, ErrorCodes.CANCEL)
             request.protocol = None
+            protocol.check_alive()
         self.pump()
 
     def pump(self) -> None:
@@ -535,7 +610,8 @@ class _EndpointConnection:
         self.connections_made += 1
         options = ssl.optionsForClientTLS(self.endpoint.host, trustRoot=self.trust_root,
                                           acceptableProtocols=[b"h2"])
-        tcp = HostnameEndpoint(self.reactor, self.endpoint.host, self.endpoint.port, timeout=CONNECT_TIMEOUT_S)
+        tcp = HostnameEndpoint(self.reactor, self.endpoint.host, self.endpoint.port,
+                               timeout=max(1, int(self.connect_timeout_s)))
         log.info("apns connecting", endpoint=self.endpoint.url)
         attempt = wrapClientTLS(options, tcp).connect(_ProtocolFactory(self))
         self.connecting = attempt
@@ -590,7 +666,9 @@ class _EndpointConnection:
             log.info("apns connection closed", endpoint=self.endpoint.url, why=reason.getErrorMessage())
             self.pump()
             return
-        if protocol.alpn_refused:
+        if protocol.timed_out:
+            why = "connect_timeout"
+        elif protocol.alpn_refused:
             why = "alpn"
         elif reason.check(SSL.Error):
             why = "tls"
@@ -619,10 +697,12 @@ class APNsProvider:
     def __init__(self, reactor: Any, *, team_id: str, key_id: str, key: ec.EllipticCurvePrivateKey,
                  topic: str | None = None, endpoint: str = PRODUCTION_ENDPOINT,
                  sandbox_endpoint: str = SANDBOX_ENDPOINT, trust_root: IOpenSSLTrustRoot | None = None,
-                 expiration_s: int = DEFAULT_EXPIRATION_S, clock: IReactorTime | None = None) -> None:
-        """``reactor`` connects; ``clock`` (default: the reactor) dates the
-        provider token and ``apns-expiration``.  ``trust_root`` None means the
-        system's trust store."""
+                 expiration_s: int = DEFAULT_EXPIRATION_S, clock: IReactorTime | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, ping_interval_s: float = PING_INTERVAL_S,
+                 ping_timeout_s: float = PING_TIMEOUT_S) -> None:
+        """``reactor`` connects and times connections; ``clock`` (default:
+        the reactor) dates the provider token and ``apns-expiration``.
+        ``trust_root`` None means the system's trust store."""
         self._reactor = reactor
         self._clock: IReactorTime = clock if clock is not None else reactor
         self.token = ProviderToken(key, team_id, key_id, self._clock)
@@ -631,6 +711,7 @@ class APNsProvider:
                            "development": _parse_endpoint(sandbox_endpoint, "sandbox_endpoint")}
         self._trust_root = trust_root
         self._expiration_s = expiration_s
+        self._timing = (connect_timeout_s, ping_interval_s, ping_timeout_s)
         self._connections: dict[str, _EndpointConnection] = {}
         self._closed = False
 
@@ -683,7 +764,7 @@ class APNsProvider:
     def _connection(self, endpoint: _Endpoint) -> _EndpointConnection:
         connection = self._connections.get(endpoint.url)
         if connection is None:
-            connection = _EndpointConnection(self._reactor, endpoint, self._trust_root, self.token)
+            connection = _EndpointConnection(self._reactor, endpoint, self._trust_root, self.token, *self._timing)
             self._connections[endpoint.url] = connection
         return connection
 
@@ -731,15 +812,23 @@ def load_trust_root(path: str) -> IOpenSSLTrustRoot:
 
 
 KNOWN_KEYS = frozenset({"team_id", "key_id", "key_file", "key_env", "topic", "endpoint", "sandbox_endpoint",
-                        "ca_file", "expiration_s"})
+                        "ca_file", "expiration_s", "connect_timeout_s", "ping_interval_s", "ping_timeout_s"})
+
+
+def _seconds(table: Mapping[str, Any], key: str, default: float, zero_ok: bool) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (value == 0 and not zero_ok):
+        raise PushConfigError(f"[apns] {key}: expected a number of seconds {'>= 0' if zero_ok else '> 0'}")
+    return float(value)
 
 
 def from_config(table: Mapping[str, Any], reactor: Any) -> APNsProvider:
     """The provider of an ``[apns]`` table: ``team_id``, ``key_id`` and the
     ``.p8`` key, named by ``key_file`` (a path) or ``key_env`` (an environment
     variable holding the PEM), required; ``topic`` (the default bundle id),
-    ``endpoint``, ``sandbox_endpoint``, ``ca_file``, ``expiration_s``
-    optional.  Raises PushConfigError naming the key."""
+    ``endpoint``, ``sandbox_endpoint``, ``ca_file``, ``expiration_s``,
+    ``connect_timeout_s``, ``ping_interval_s`` (0: no keepalive PING),
+    ``ping_timeout_s`` optional.  Raises PushConfigError naming the key."""
     if not isinstance(table, Mapping):
         raise PushConfigError("[apns]: expected a table")
     unknown = sorted(set(table) - KNOWN_KEYS)
@@ -764,4 +853,7 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> APNsProvider:
         raise PushConfigError("[apns] expiration_s: expected a whole number of seconds >= 0")
     return APNsProvider(reactor, team_id=team_id, key_id=key_id, key=key,
                         topic=topic.strip() if topic else None, endpoint=endpoint, sandbox_endpoint=sandbox,
-                        trust_root=trust_root, expiration_s=expiration_s)
+                        trust_root=trust_root, expiration_s=expiration_s,
+                        connect_timeout_s=_seconds(table, "connect_timeout_s", CONNECT_TIMEOUT_S, zero_ok=False),
+                        ping_interval_s=_seconds(table, "ping_interval_s", PING_INTERVAL_S, zero_ok=True),
+                        ping_timeout_s=_seconds(table, "ping_timeout_s", PING_TIMEOUT_S, zero_ok=False))

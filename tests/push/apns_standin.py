@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import ConnectionTerminated, DataReceived, RequestReceived, StreamEnded, StreamReset
+from h2.events import ConnectionTerminated, DataReceived, PingReceived, RequestReceived, StreamEnded, StreamReset
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
@@ -128,6 +128,7 @@ class _StandInProtocol(Protocol):
         self.conn = H2Connection(H2Configuration(client_side=False, header_encoding="utf-8"))
         self.partial: dict[int, Received] = {}
         self.open_streams: set[int] = set()
+        self.frozen = False
 
     def connectionMade(self) -> None:
         self.conn.local_settings = Settings(client=False, initial_values={
@@ -137,6 +138,8 @@ class _StandInProtocol(Protocol):
         self.flush()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.frozen:
+            return  # a peer that died silently: reads nothing, answers nothing
         try:
             events = self.conn.receive_data(data)
         except H2Error:
@@ -162,6 +165,8 @@ class _StandInProtocol(Protocol):
             elif isinstance(event, StreamReset):
                 self.open_streams.discard(event.stream_id)
                 self.standin.resets.append((self.number, event.stream_id, int(event.error_code or 0)))
+            elif isinstance(event, PingReceived):
+                self.standin.pings += 1  # h2 acknowledges it
             elif isinstance(event, ConnectionTerminated):
                 self.transport.loseConnection()  # type: ignore[union-attr]
         self.flush()
@@ -228,6 +233,7 @@ class APNsStandIn:
         self.connections = 0
         self.closed = 0
         self.most_open = 0
+        self.pings = 0
         self.live: set[_StandInProtocol] = set()
         self.default: Script = Reply(200)
         self._scripted: deque[Script] = deque()
@@ -261,6 +267,11 @@ class APNsStandIn:
     def goaway(self, connection: int, last_stream_id: int) -> None:
         """Send GOAWAY on connection number ``connection`` and close it."""
         self._protocol(connection).goaway(last_stream_id)
+
+    def freeze(self, connection: int) -> None:
+        """Make connection number ``connection`` silent from now on (it
+        neither reads nor answers, PINGs included), as a dead peer would."""
+        self._protocol(connection).frozen = True
 
     def stop(self) -> Deferred[Any]:
         """Stop listening and close every connection."""

@@ -68,11 +68,11 @@ class APNsTestCase(unittest.TestCase):
         self.provider = self.make_provider()
 
     def make_provider(self, endpoint: str | None = None, sandbox: str | None = None,
-                      ca_file: str | None = None) -> apns.APNsProvider:
+                      ca_file: str | None = None, **timing: float) -> apns.APNsProvider:
         provider = apns.APNsProvider(
             reactor, team_id=TEAM, key_id=KEY_ID, key=self.key, topic=TOPIC,
             endpoint=endpoint or self.standin.url, sandbox_endpoint=sandbox or self.standin.url,
-            trust_root=apns.load_trust_root(ca_file or self.standin.ca_file), clock=self.clock)
+            trust_root=apns.load_trust_root(ca_file or self.standin.ca_file), clock=self.clock, **timing)
         self.addCleanup(provider.close)
         return provider
 
@@ -301,6 +301,40 @@ class ConnectionTests(APNsTestCase):
         self.assertEqual((result.outcome, result.reason), (Outcome.RETRY, "closed"))
 
 
+class LivenessTests(APNsTestCase):
+    async def test_a_silently_dead_connection_is_found_by_ping_and_replaced(self) -> None:
+        provider = self.make_provider(ping_interval_s=0, ping_timeout_s=0.5)
+        self.assertEqual((await outcome_of(provider.send(target(), NOTE))).outcome, Outcome.SENT)
+        self.standin.freeze(1)
+        hung, other = provider.send(target(), NOTE), provider.send(target(), SILENT)
+        hung.cancel()  # the dispatcher's timeout: a PING asks whether the connection lives
+        with self.assertRaises(CancelledError):
+            await hung
+        result = await outcome_of(other)
+        self.assertEqual((result.outcome, result.reason), (Outcome.RETRY, "connection_lost"))
+        self.assertEqual((await outcome_of(provider.send(target(), NOTE))).outcome, Outcome.SENT)
+        self.assertEqual(self.standin.connections, 2)
+        self.assertEqual([r.connection for r in self.standin.received], [1, 2])
+
+    async def test_an_open_connection_is_pinged(self) -> None:
+        provider = self.make_provider(ping_interval_s=0.1)
+        await outcome_of(provider.send(target(), NOTE))
+        await wait_until(lambda: self.standin.pings >= 2, WAIT_S, what="two PINGs")
+        self.assertEqual((await outcome_of(provider.send(target(), NOTE))).outcome, Outcome.SENT)
+        self.assertEqual(self.standin.connections, 1)
+
+    async def test_a_handshake_that_never_ends_times_out(self) -> None:
+        port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        provider = self.make_provider(endpoint=f"https://127.0.0.1:{port.getHost().port}", connect_timeout_s=0.3)
+        result = await outcome_of(provider.send(target(), NOTE))
+        self.assertEqual((result.outcome, result.reason), (Outcome.RETRY, "connect_timeout"))
+        # the next push tries a new connection
+        result = await outcome_of(provider.send(target(), NOTE))
+        self.assertEqual(result.reason, "connect_timeout")
+        self.assertEqual(provider.connections_made(), 2)
+
+
 class StreamLimitTests(APNsTestCase):
     standin_options = {"max_concurrent_streams": 3}
 
@@ -382,8 +416,10 @@ class FromConfigTests(unittest.TestCase):
         return {k: v for k, v in table.items() if v is not None}
 
     def test_a_good_table(self) -> None:
-        provider = apns.from_config(self.table(ca_file=self.ca_file, expiration_s=0,
+        provider = apns.from_config(self.table(ca_file=self.ca_file, expiration_s=0, ping_interval_s=0,
+                                               ping_timeout_s=2.5, connect_timeout_s=3,
                                                endpoint="https://127.0.0.1:8443"), reactor)
+        self.assertEqual(provider._timing, (3.0, 0.0, 2.5))
         self.assertEqual(provider.name, "apns")
         self.assertEqual(provider._endpoints["production"].authority, "127.0.0.1:8443")
         self.assertEqual(provider._endpoints["development"].url, apns.SANDBOX_ENDPOINT)
@@ -414,7 +450,8 @@ class FromConfigTests(unittest.TestCase):
             (self.table(sandbox_endpoint="https://:99999"), "sandbox_endpoint"),
             (self.table(ca_file="/nonexistent/ca.pem"), "ca_file"), (self.table(ca_file=not_pem), "ca_file"),
             (self.table(expiration_s=-1), "expiration_s"), (self.table(expiration_s="1"), "expiration_s"),
-            (self.table(keyfile=self.key_file), "keyfile"),
+            (self.table(keyfile=self.key_file), "keyfile"), (self.table(ping_timeout_s=0), "ping_timeout_s"),
+            (self.table(ping_interval_s=-1), "ping_interval_s"), (self.table(connect_timeout_s=True), "connect_timeout_s"),
         ]
         for table, expected in cases:
             with self.assertRaises(PushConfigError, msg=expected) as raised:
