@@ -117,7 +117,7 @@ DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unr
 
 ENVIRONMENTS = ("production", "development")
 
-_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9._~-]{1,512}")
+_TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,512}")
 """What may go into ``/3/device/<token>`` (Apple's tokens are hex)."""
 
 
@@ -498,7 +498,11 @@ class _H2ClientProtocol(Protocol):
             self.transport.loseConnection()
 
     def close(self) -> None:
-        """Say GOAWAY and close."""
+        """Say GOAWAY and close (abort a connection still being set up)."""
+        if not (self.handshake_done and self.settings_received):
+            if self.transport is not None:
+                self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         try:
             self.conn.close_connection()
             self._flush()

@@ -47,7 +47,7 @@ def write_p8(directory: str, key: Any) -> str:
     return path
 
 
-def outcome_of(d: Deferred[PushResult]) -> Deferred[PushResult]:
+def outcome_of(d: Deferred[Any]) -> Deferred[Any]:
     """The result of a send, failing the test (not hanging it) after WAIT_S."""
     return d.addTimeout(WAIT_S, reactor)
 
@@ -333,6 +333,11 @@ class LivenessTests(APNsTestCase):
         result = await outcome_of(provider.send(target(), NOTE))
         self.assertEqual(result.reason, "connect_timeout")
         self.assertEqual(provider.connections_made(), 2)
+        # closing while a connection is being set up aborts it at once
+        waiting = provider.send(target(), NOTE)
+        await outcome_of(provider.close())
+        result = await outcome_of(waiting)
+        self.assertEqual((result.outcome, result.reason), (Outcome.RETRY, "closed"))
 
 
 class StreamLimitTests(APNsTestCase):
