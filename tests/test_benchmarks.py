@@ -159,3 +159,16 @@ class PostgresBenchmarkTests(unittest.TestCase):
         self.assertEqual((row["errors"], row["lost"]), (0, 0))
         self.assertEqual(row["status_counts"], {"delivered": row["sent"]})
         self.assertGreater(row["acks_sent"], 0)
+
+
+class PushStoreBenchmarkTests(unittest.TestCase):
+    """``benchmarks/push_store.py`` runs at a tiny size on SQLite: every
+    scheduled push is claimed and finished once (the script asserts it)."""
+
+    def test_tiny_run(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "push_store.py"), "-n", "50",
+                               "--claim", "7"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        self.assertEqual(proc.returncode, 0, proc.stdout[-4000:] + proc.stderr[-4000:])
+        self.assertIn("schedule_push of 50 nodes", proc.stdout)
