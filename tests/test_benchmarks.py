@@ -172,3 +172,25 @@ class PushStoreBenchmarkTests(unittest.TestCase):
                                "--claim", "7"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         self.assertEqual(proc.returncode, 0, proc.stdout[-4000:] + proc.stderr[-4000:])
         self.assertIn("schedule_push of 50 nodes", proc.stdout)
+
+
+class PushIsolationBenchmarkTests(unittest.TestCase):
+    """``python -m benchmarks.push_isolation --quick``: both phases (webhook
+    healthy, webhook hung) run against one server, nothing online is lost,
+    the healthy stand-in got pushes and the hung one held requests open."""
+
+    def test_both_phases_in_one_run(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.push_isolation", "--quick"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+        self.assertEqual(proc.returncode, 0, proc.stdout[-4000:] + proc.stderr[-4000:])
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        phases = {row["phase"]: row for row in rows if "phase" in row}
+        self.assertEqual(set(phases), {"healthy", "hung"})
+        for row in phases.values():
+            self.assertEqual(row["lost"], 0)
+            self.assertEqual(set(row["latency_ms"]), {"p50", "p95", "p99", "max"})
+        self.assertGreater(phases["healthy"]["pushes_answered"], 0)
+        self.assertEqual(phases["hung"]["pushes_answered"], 0)
+        self.assertGreater(phases["hung"]["push_requests_hung"], 0)
