@@ -64,7 +64,7 @@ class StandIn(Resource):
         """Answer every hanging request still open (between phases)."""
         hanging, self.hanging = self.hanging, []
         for request in hanging:
-            if not request.finished and not request._disconnected:  # type: ignore[attr-defined]
+            if not request.finished and not request._disconnected:
                 request.setResponseCode(503)
                 request.finish()
 
@@ -156,7 +156,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     stand_in = StandIn()
     site = web_server.Site(stand_in)
     site.noisy = False
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    port: Any = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[arg-type]
     secret_file = os.path.join(workdir, "webhook.secret")
     with open(secret_file, "w") as f:
         f.write(SECRET)
@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     finally:
         stand_in.release()
         target.stop()
-        await port.stopListening()
+        await defer.maybeDeferred(port.stopListening)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
