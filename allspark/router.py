@@ -191,7 +191,7 @@ class Router:
             return succeed(accepted_frame(msg, len(recipients), live))
         answer = accepted_frame(msg, len(recipients), live)
         return self.inbox.store_and_deliver(sender.node_id, msg.id, recipients, body, answer,
-                                            push=getattr(msg, "push", True))
+                                            push=msg.push)
 
     async def _check_known(self, node_id: str, frame_id: str | None) -> None:
         """Raise ``unknown_destination`` unless ``node_id`` ever connected."""

@@ -766,7 +766,7 @@ class Sessions:
             # joined or connected while the row was being stored
             current = self._cache.get(session_id) or entry
             self.fan_out(with_session_seq(body, seq), self._online_members(current, sender.node_id))
-            if self.push is not None and getattr(msg, "push", True):
+            if self.push is not None and msg.push:
                 # the offline members are picked out by the scheduler, on the next reactor turn
                 self.push.copies_stored(current.members, exclude=sender.node_id)
         return _answer_with_session_seq(result.answer, seq)

@@ -225,3 +225,69 @@ class SessionTests(SchedulerTestCase):
         [note] = self.pushes()
         self.assertEqual(note.unread, 4)
         self.assertEqual(self.pushes("tablet"), [])
+
+
+class RoutedTests(unittest.TestCase):
+    """Through the real router, inbox and sessions of a :class:`Server`:
+    what they report to the scheduler."""
+
+    def setUp(self) -> None:
+        from allspark.auth import AuthKeyVerifier, ValidationTokens
+        from allspark.server import Server, ServerConfig
+
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.store = MemoryStore()
+        config = ServerConfig(server_id="srv", host="127.0.0.1", port=1, listen=())
+        tokens = ValidationTokens(b"k" * 32, "srv", self.clock)
+        self.server = Server(config, self.store, AuthKeyVerifier([b"secret"]), tokens, self.clock)
+        self.server.new_sessions()
+        self.provider = FakeProvider("fcm")
+        settings = PushSettings(grace_s=1.0, window_s=30.0)
+        self.scheduler = PushScheduler(self.store, self.server.delivery,
+                                       Dispatcher({"fcm": self.provider}, settings, self.clock), settings,
+                                       self.clock, "srv/1")
+        self.server.inbox.push = self.scheduler
+        self.server.sessions.push = self.scheduler
+        self.scheduler.startService()
+        self.addCleanup(self.scheduler.stopService)
+        for node in ("alice", "bob", "carol"):
+            self.store.remember_node(node, None, 0)
+            self.store.set_push_target(PushTarget(node, "fcm", f"tok-{node}", None, None, None, 0))
+        self.alice = FakeConnection("alice")
+        self.server.registry.add(self.alice)
+
+    def route(self, **frame: Any) -> Any:
+        from allspark.envelope import parse_frame
+        from allspark.router import Sender
+
+        d = self.server.router.route(Sender("alice", None), parse_frame(orjson.dumps(frame)))
+        return self.successResultOf(d)
+
+    def run_for(self, seconds: float) -> None:
+        for _ in range(int(seconds * 10)):
+            self.clock.advance(0.1)
+
+    def pushed(self) -> list[tuple[str, int]]:
+        return [(target.node_id, note.unread) for target, note in self.provider.sent]
+
+    def test_session_broadcasts_and_direct_messages_wake_offline_recipients_unless_push_false(self) -> None:
+        sessions = self.server.sessions
+        from allspark.router import Sender
+
+        self.successResultOf(ensureDeferred(sessions.create(Sender("alice", None), {"session_id": "room"})))
+        for node in ("bob", "carol"):
+            self.successResultOf(ensureDeferred(sessions.join(Sender("alice", None),
+                                                              {"session_id": "room", "node_id": node})))
+        self.server.registry.add(FakeConnection("carol"))  # carol is online: no push for her
+        self.route(dest_session_id="room", id="s1", payload=1, push=False)
+        self.run_for(3)
+        self.assertEqual(self.pushed(), [])
+        self.route(dest_session_id="room", id="s2", payload=2)
+        self.run_for(2)
+        self.assertEqual(self.pushed(), [("bob", 2)])  # both stream rows are unread
+        self.route(dest_id="bob", id="d1", payload=3, push=False)
+        self.route(dest_id="carol", id="d2", payload=3)
+        self.route(dest_id="bob", id="d3", payload=3)
+        self.run_for(40)
+        self.assertEqual(self.pushed(), [("bob", 2), ("bob", 4)])
