@@ -9,7 +9,8 @@ an ephemeral copy, a session broadcast or event, a join notice) goes through
    "write this frame to these node_ids", which another server holding them
    writes to its own sockets;
 3. else nothing: a durable copy waits in the store for the node's next
-   ``sync`` (push notifications will hook in here).
+   ``sync`` (the inbox and the sessions note such recipients for push
+   notifications: ``allspark.push.scheduler``).
 
 Delivery never stores anything and never fails the caller: the store is the
 truth, a copy that cannot be written costs only that copy (logged), and the

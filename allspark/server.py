@@ -51,6 +51,7 @@ from allspark.store import ServerRecord, Store
 from allspark.ws import SocketLimits
 
 if TYPE_CHECKING:
+    from allspark.push.scheduler import PushScheduler
     from allspark.ws import ClientProtocol
 
 log = logger(__name__)
@@ -145,6 +146,8 @@ class Server:
         self.revocations = Revocations(store, clock)
         #: register_push, unregister_push, mute_push (socket and HTTP)
         self.push_registration = PushRegistration(store, clock)
+        #: the push scheduler (``--push-config``; allspark.push.scheduler), else None
+        self.push: PushScheduler | None = None
 
     @property
     def push_providers(self) -> frozenset[str]:
@@ -210,11 +213,13 @@ class Server:
             self.revocations.note(node_id, revoked_until_ms)
         revoked = revoked_until_ms is not None and self.revocations.revoked_now(revoked_until_ms)
         code, word = (CLOSE_REVOKED, "revoked") if revoked else (CLOSE_DISCONNECTED, "disconnected")
+        # a close reason is at most 123 bytes of UTF-8: cut between characters
+        text = (f"{word}: {reason}" if reason else word).encode()[:120].decode("utf-8", "ignore")
         closed = 0
         for conn in list(self.registry.connections(node_id)):
             close = getattr(conn, "close_for_policy", None)
             if close is not None:
-                close(code, f"{word}: {reason}" if reason else word)
+                close(code, text)
                 closed += 1
         if closed:
             log.info("closed {count} connections of {node_id}: {word}", count=closed, node_id=node_id,
@@ -501,7 +506,7 @@ class ServerService(service.MultiService):
     composed service.
 
     Start, in order: the store; the mesh (:attr:`mesh`); child services
-    added with :meth:`addService` (push, later), each in the order added;
+    added with :meth:`addService` (the push scheduler), each in the order added;
     the listening ports; this server's record in the store (the identity
     claim, :class:`~allspark.cluster.ClusterRecords`) and its heartbeat.
     Only then is the server ``live``: until its record is claimed it
