@@ -145,7 +145,10 @@ class OneServer(TestCase):
         answer = api(server, "POST", "/api/v1/nodes/erin/disconnect")
         self.assertEqual((answer.status, answer.json()["revoked_until"]), (200, None))
         self.assertEqual(await erin.closed, (4010, "disconnected"))
-        await client_for(self, server, "erin")
+        erin = await client_for(self, server, "erin")
+        # a long reason is cut to fit a close frame, between characters
+        api(server, "POST", "/api/v1/nodes/erin/disconnect", {"reason": "x" + "é" * 150})
+        self.assertEqual(await erin.closed, (4010, "disconnected: x" + "é" * 52))
 
     async def test_drain_this_server(self) -> None:
         server = api_server(self)
