@@ -22,9 +22,9 @@ from twisted.trial.unittest import TestCase
 
 from allspark.client import Client, open_socket
 from allspark.push.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
-from tests.e2e.helpers import http_get, pre_connect, wait_until
+from tests.e2e.helpers import http_get, pre_connect, run_to_exit, wait_until
 from tests.push.standins import Answer, Recorded, RecordingServer
-from tests.support import ServerProcess, client_for, key, sleep
+from tests.support import ServerProcess, client_for, free_port, key, sleep
 
 GRACE_S = 1.0
 WINDOW_S = 4.0
@@ -123,6 +123,17 @@ class OneServer(PushTestCase):
         # the 429 said one second: the third request waited at least that long
         self.assertGreaterEqual(arrived[2] - arrived[1], 0.9)
         self.assertIn("push_retried", server.log())
+
+
+class BadConfig(PushTestCase):
+    def test_a_bad_push_config_stops_the_start_with_one_line(self) -> None:
+        with open(self.config, "a") as f:
+            f.write("\n[gcm]\nkey = 1\n")
+        done = run_to_exit(self.dir, free_port(), f"--push-config={self.config}")
+        output = done.stdout.decode(errors="replace")
+        self.assertEqual(done.returncode, 1, output)
+        [line] = [line for line in output.splitlines() if "gcm" in line]
+        self.assertIn("unknown table [gcm]", line)
 
 
 class Restart(PushTestCase):
