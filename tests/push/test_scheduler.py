@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -20,7 +20,7 @@ from allspark.registry import Registry
 from allspark.store import PushTarget
 from allspark.store.memory import MemoryStore
 from tests.fakes import FakeConnection
-from tests.push.fake_provider import FakeProvider
+from tests.push.fake_provider import HANG, FakeProvider
 
 START = 1_700_000_000.0
 
@@ -35,6 +35,28 @@ class CountingStore(MemoryStore):
     def schedule_push(self, node_ids: Any, due_ms: int) -> Any:
         self.schedule_calls.append(list(node_ids))
         return super().schedule_push(node_ids, due_ms)
+
+
+class FrozenAfterClaim:
+    """A store as a process sees it that froze (or died) after its first
+    claim: later claims find nothing and its finish never completes."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+        self.claimed = False
+
+    def claim_due_pushes(self, *args: Any) -> Any:
+        if self.claimed:
+            return succeed([])
+        d = self.store.claim_due_pushes(*args)
+        d.addCallback(lambda jobs: setattr(self, "claimed", bool(jobs)) or jobs)
+        return d
+
+    def finish_push(self, *args: Any) -> Any:
+        return Deferred()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
 
 
 class SchedulerTestCase(unittest.TestCase):
@@ -195,6 +217,26 @@ class ClusterTests(SchedulerTestCase):
         other.copies_stored(["phone"])  # as if the other server stored a copy too
         self.run_for(5)
         self.assertEqual(len(self.pushes()), 1)
+
+    def test_a_claimer_stuck_past_its_lease_costs_one_extra_push_never_none(self) -> None:
+        self.scheduler.stopService()
+        stuck_provider = FakeProvider("fcm", HANG)
+        slow = PushSettings(grace_s=2.0, timeout_s=100.0, max_attempts=1, poll_s=1.0)
+        stuck = PushScheduler(FrozenAfterClaim(self.store), self.delivery,
+                              Dispatcher({"fcm": stuck_provider}, slow, self.clock), slow, self.clock, "stuck")
+        stuck.startService()
+        self.inbox.push = stuck
+        self.send(["phone"])
+        self.run_for(3)
+        self.assertEqual(len(stuck_provider.sent), 1)  # claimed, and its request hangs
+        other = self.make_scheduler("server-b")
+        self.run_for(slow.lease_s - 5)
+        self.assertEqual(self.pushes(), [])  # the lease still holds
+        self.run_for(10)
+        self.assertEqual(len(self.pushes()), 1)  # the other server took it over after the lease
+        self.run_for(60)
+        self.assertEqual((len(self.pushes()), len(stuck_provider.sent)), (1, 1))  # one extra at most
+        self.assertEqual(other.dispatcher.stats["fcm", "sent"], 1)
 
     def test_a_restarted_scheduler_sends_what_was_scheduled(self) -> None:
         self.send(["phone"])
