@@ -19,7 +19,8 @@ on the next reactor turn and later.
    :attr:`PushSettings.lease_s`.
 3. **Decide.**  For each claimed job: live again anywhere, or nothing unread
    (inbox messages not acked plus session stream rows past the member's
-   cursor): finish without sending.  A push sent less than ``window_s`` ago:
+   cursor), or the latest unread message was user-wide (``dest_client_id``)
+   and another device of the same user is live: finish without sending.  A push sent less than ``window_s`` ago:
    due again when the window ends (that is the coalescing: a burst gives
    one push now and at most one per window after).  Else the notification
    (the unread count; the sender or session and ``push_text`` of the latest
@@ -250,10 +251,16 @@ class PushScheduler(service.Service):
         if self.delivery.is_live(node_id):
             await self._finish(job, None, None)
             return
-        note = await self.notification(node_id)
-        if note is None:
+        unread, latest = await self.unread(node_id)
+        if unread <= 0:
             await self._finish(job, None, None)
             return
+        if "dest_client_id" in latest and await self._user_live_elsewhere(node_id):
+            # a user-wide message that another device of the user got live: nothing to wake
+            log.debug("no push to {node_id}: another device of its user is online", node_id=node_id)
+            await self._finish(job, None, None)
+            return
+        note = self._note(node_id, unread, latest)
         now = now_ms(self.clock)
         window_ms = int(settings.window_s * 1000)
         if job.last_sent_ms is not None and job.last_sent_ms + window_ms > now:
@@ -299,12 +306,17 @@ class PushScheduler(service.Service):
 
     # -- what a push says -------------------------------------------------------
     async def notification(self, node_id: str) -> Notification | None:
-        """The notification ``node_id`` would get now (None: nothing unread).
+        """The notification ``node_id`` would get now (None: nothing unread)."""
+        unread, latest = await self.unread(node_id)
+        return self._note(node_id, unread, latest) if unread > 0 else None
 
-        ``unread``: inbox messages not acked (an inbox's rows are contiguous
-        up to its ``last_seq``: acks and retention remove the oldest) plus,
-        per session, the stream rows past the member's cursor.  The latest of
-        those messages gives the sender or session and the text."""
+    async def unread(self, node_id: str) -> tuple[int, dict[str, Any]]:
+        """How many messages ``node_id`` has not acked, and the fields of the
+        latest of them (empty when none).
+
+        Inbox messages not acked (an inbox's rows are contiguous up to its
+        ``last_seq``: acks and retention remove the oldest) plus, per
+        session, the stream rows past the member's cursor."""
         store = self.store
         unread = 0
         latest: tuple[int, bytes] | None = None
@@ -327,23 +339,32 @@ class PushScheduler(service.Service):
                 page = await store.fetch_session(member.session_id, node_id, page.last_seq - 1, 1)
             if page.messages and (latest is None or page.messages[-1].stored_at >= latest[0]):
                 latest = (page.messages[-1].stored_at, page.messages[-1].body)
-        if unread <= 0:
-            return None
-        return self._note(node_id, unread, latest[1] if latest is not None else None)
-
-    def _note(self, node_id: str, unread: int, body: bytes | None) -> Notification:
-        content = self.settings.content
-        sender_id = session_id = text = None
-        if body is not None and content != "count":
+        fields: Any = {}
+        if latest is not None:
             try:
-                fields = orjson.loads(body)
+                fields = orjson.loads(latest[1])
             except orjson.JSONDecodeError:
                 fields = {}
-            if isinstance(fields, dict):
-                session_id = _string(fields.get("dest_session_id"))
-                sender_id = _string(fields.get("src_id"))
-                if content == "text":
-                    text = _string(fields.get("push_text"))
+        return unread, fields if isinstance(fields, dict) else {}
+
+    async def _user_live_elsewhere(self, node_id: str) -> bool:
+        """Whether another node of ``node_id``'s client is live anywhere."""
+        node = await self.store.get_node(node_id)
+        if node is None or node[1] is None:
+            return False
+        is_live = self.delivery.is_live
+        return any(other != node_id and is_live(other) for other in await self.store.nodes_of_client(node[1]))
+
+    def _note(self, node_id: str, unread: int, fields: dict[str, Any]) -> Notification:
+        """What the push says, as ``[push] content`` allows: the count; the
+        sender or session of the latest message; its ``push_text``."""
+        content = self.settings.content
+        sender_id = session_id = text = None
+        if content != "count":
+            session_id = _string(fields.get("dest_session_id"))
+            sender_id = _string(fields.get("src_id"))
+            if content == "text":
+                text = _string(fields.get("push_text"))
         return Notification(node_id=node_id, unread=unread, collapse_key=COLLAPSE_KEY,
                             sender_id=sender_id, session_id=session_id, text=text)
 

@@ -134,6 +134,17 @@ class WhenToPushTests(SchedulerTestCase):
         self.run_for(10)
         self.assertEqual(self.provider.sent, [])
 
+    def test_no_push_for_a_user_wide_message_another_device_of_the_user_got_live(self) -> None:
+        for node in ("phone", "laptop"):
+            self.store.remember_node(node, "user-1", 0)
+        self.registry.add(FakeConnection("laptop", "user-1"))
+        self.send(["phone", "laptop"], {"dest_client_id": "user-1"})
+        self.run_for(5)
+        self.assertEqual(self.provider.sent, [])
+        self.send(["phone"])  # to the phone alone: the laptop never saw it
+        self.run_for(5)
+        self.assertEqual([n.unread for n in self.pushes()], [2])
+
     def test_push_false_schedules_nothing(self) -> None:
         self.send(["phone"], push=False)
         self.run_for(10)
