@@ -97,6 +97,8 @@ export interface ClientOptions {
   inboxAfter?: number;
   /** A JSON ping this often while ready; no pong within requestTimeout: reconnect. 0: off. Default 30000. */
   pingInterval?: number;
+  /** A seq missing (a higher one arrived) for this long starts a sync that fetches it, ms. Default 1000. */
+  holeSyncDelay?: number;
   reconnect?: ReconnectPolicy;
   /** A WebSocket class (default: the global one, else the `ws` package). */
   WebSocket?: unknown;
@@ -170,6 +172,8 @@ export interface Stats {
   acksSent: number;
   /** Connections made after the first one. */
   reconnections: number;
+  /** Syncs started to fill a hole in the seqs. */
+  holeSyncs: number;
   lastCloseCode: number | null;
 }
 

@@ -47,6 +47,9 @@ const RETRYABLE_CODES = new Set(["rate_limited", "internal_error"]);
 /** Error codes of a pre-connection refused for its auth key. */
 const KEY_ERRORS = new Set(["missing_key", "malformed_key", "bad_signature", "expired_key", "bad_claims"]);
 
+/** Pre-connection URLs learned from draining servers' `reconnect` frames kept at most. */
+const MAX_LEARNED_URLS = 8;
+
 /** Full syncs in a row (each part of one ending with `more`) before giving up. */
 const MAX_SYNC_ROUNDS = 50;
 
@@ -64,6 +67,7 @@ export const DEFAULTS = Object.freeze({
   ackEvery: 100,
   inboxAfter: 0,
   pingInterval: 30_000,
+  holeSyncDelay: 1000,
   reconnect: Object.freeze({ initialDelay: 500, maxDelay: 30_000, factor: 2, maxAttempts: Infinity }),
 });
 
@@ -178,8 +182,15 @@ function utf8Length(text) {
 
 function sleep(ms, signal) {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal?.addEventListener("abort", () => { clearTimeout(timer); resolve(); }, { once: true });
+    const wake = () => {
+      clearTimeout(timer);
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", wake);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", wake, { once: true });
   });
 }
 
@@ -276,13 +287,15 @@ export class AllsparkClient extends EventTarget {
       throw new TypeError('preConnectionForm must be "v1" or "seed"');
     }
     this.options = { ...DEFAULTS, ...options, reconnect: { ...DEFAULTS.reconnect, ...(options.reconnect ?? {}) } };
-    this.urls = urls.map((u) => u.replace(/\/+$/, ""));
+    this._configuredUrls = urls.map((u) => u.replace(/\/+$/, ""));
+    /** The pre-connection URLs tried in turn: the configured ones, then those draining servers named. */
+    this.urls = [...this._configuredUrls];
     /** "idle", "connecting", "syncing", "ready", "closed" */
     this.state = "idle";
     /** The last `hello` frame. */
     this.hello = null;
     /** Counters: messages handed over, duplicates dropped, acks sent, reconnections, last close code. */
-    this.stats = { received: 0, duplicates: 0, acksSent: 0, reconnections: 0, lastCloseCode: null };
+    this.stats = { received: 0, duplicates: 0, acksSent: 0, reconnections: 0, holeSyncs: 0, lastCloseCode: null };
     this._socket = null;
     this._pending = new Map();
     this._fullSyncs = new Map();
@@ -301,6 +314,8 @@ export class AllsparkClient extends EventTarget {
     this._authKey = typeof options.authKey === "string" ? options.authKey : null;
     this._readyCount = 0;
     this._closedResolver = null;
+    this._holeTimer = null;
+    this._fullSync = null;
   }
 
   // -- events ---------------------------------------------------------------
@@ -425,6 +440,8 @@ export class AllsparkClient extends EventTarget {
     this._ackTimer = null;
     clearInterval(this._pingTimer);
     this._pingTimer = null;
+    clearTimeout(this._holeTimer);
+    this._holeTimer = null;
   }
 
   /** The connect loop: connect, sync, wait for the close, pause, again. */
@@ -481,6 +498,16 @@ export class AllsparkClient extends EventTarget {
     return this._authKey;
   }
 
+  /**
+   * Remember a server a draining one named: later attempts try it in turn with
+   * the configured URLs (which may be down by then).  At most
+   * MAX_LEARNED_URLS are kept, the newest.
+   */
+  _learn(url) {
+    this._learned = [...(this._learned ?? []).filter((u) => u !== url), url].slice(-MAX_LEARNED_URLS);
+    this.urls = [...this._configuredUrls, ...this._learned.filter((u) => !this._configuredUrls.includes(u))];
+  }
+
   _nextBaseUrl() {
     if (this._moveTo !== null) {
       const target = this._moveTo;
@@ -530,6 +557,7 @@ export class AllsparkClient extends EventTarget {
     }
     this._flushPending();
     this._resubscribe();
+    if ([...this._streams.values()].some((stream) => stream.seen.size > 0)) this._holeSoon();
     const reconnected = this._readyCount > 0;
     this._readyCount += 1;
     if (reconnected) this.stats.reconnections += 1;
@@ -647,7 +675,10 @@ export class AllsparkClient extends EventTarget {
       return;
     }
     if (op === "reconnect") {
-      this._moveTo = typeof frame.pre_connection_url === "string" ? frame.pre_connection_url : null;
+      const target = typeof frame.pre_connection_url === "string" && /^https?:\/\//i.test(frame.pre_connection_url)
+        ? frame.pre_connection_url.replace(/\/+$/, "") : null;
+      this._moveTo = target;
+      if (target !== null && !this.urls.includes(target)) this._learn(target);
       return;
     }
     if (op === "member_joined" && frame.you === true && frame.member) {
@@ -689,10 +720,27 @@ export class AllsparkClient extends EventTarget {
         return;
       }
       this._ackSoon(stream);
+      if (stream.seen.size > 0) this._holeSoon();
     }
     this.stats.received += 1;
     for (const [id] of this._fullSyncs) this._touch(id);
     this._emit(frame.dest_session_id !== undefined ? "session_message" : "message", frame);
+  }
+
+  /**
+   * A seq above one not seen yet (a hole): a copy missed on its way, e.g.
+   * delivered to a server this node just left.  Every stored message is in the
+   * store, so a hole still open after `holeSyncDelay` ms is filled by a sync.
+   */
+  _holeSoon() {
+    if (this._holeTimer !== null || this.state !== "ready") return;
+    this._holeTimer = setTimeout(() => {
+      this._holeTimer = null;
+      const open = [...this._streams.values()].some((stream) => stream.seen.size > 0);
+      if (!open || this.state !== "ready") return;
+      this.stats.holeSyncs += 1;
+      this.sync().catch(() => {}); // a failure here is a dropped connection: its reconnect syncs
+    }, this.options.holeSyncDelay);
   }
 
   _stream(sessionId) {
@@ -912,15 +960,9 @@ export class AllsparkClient extends EventTarget {
   async sync(sessionId = null) {
     const before = this.stats.received;
     if (sessionId === null) {
-      const id = this._nextId();
-      const state = { more: false };
-      this._fullSyncs.set(id, state);
-      try {
-        await this._request({ op: "sync", after: this._stream(null).watermark, limit: this.options.syncLimit, id },
-          { timeout: this.options.syncTimeout });
-      } finally {
-        this._fullSyncs.delete(id);
-      }
+      // one full sync at a time (the server answers another with sync_in_progress)
+      this._fullSync ??= this._syncEverything().finally(() => { this._fullSync = null; });
+      await this._fullSync;
       return this.stats.received - before;
     }
     const stream = this._stream(sessionId);
@@ -935,6 +977,18 @@ export class AllsparkClient extends EventTarget {
       after = synced.upto;
     }
     return this.stats.received - before;
+  }
+
+  async _syncEverything() {
+    const id = this._nextId();
+    const state = { more: false };
+    this._fullSyncs.set(id, state);
+    try {
+      await this._request({ op: "sync", after: this._stream(null).watermark, limit: this.options.syncLimit, id },
+        { timeout: this.options.syncTimeout });
+    } finally {
+      this._fullSyncs.delete(id);
+    }
   }
 
   _ackSoon(stream) {
