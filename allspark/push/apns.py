@@ -100,6 +100,10 @@ CONNECT_TIMEOUT_S = 10.0
 SETTINGS); then it is closed and the waiting pushes answered ``RETRY``
 (``connect_timeout``)."""
 
+CLOSE_GRACE_S = 2.0
+"""How long a closing connection waits for the peer's TLS close before it is
+aborted."""
+
 PING_INTERVAL_S = 60.0
 """A PING on an open connection this often (0: never), so that one that died
 silently (a NAT or firewall forgot it) is noticed and replaced."""
@@ -301,6 +305,7 @@ class _H2ClientProtocol(Protocol):
         self._ready_deadline: IDelayedCall | None = None
         self._ping_due: IDelayedCall | None = None
         self._ping_deadline: IDelayedCall | None = None
+        self._abort_later: IDelayedCall | None = None
 
     @property
     def ready(self) -> bool:
@@ -451,8 +456,7 @@ class _H2ClientProtocol(Protocol):
         self.streams.clear()
         for request in seen:
             request.finish(PushResult(Outcome.RETRY, 0, "goaway"))
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._shut()
 
     def start(self, request: _Request, token: str) -> None:
         """Open a stream for ``request`` and send what the windows allow."""
@@ -494,8 +498,6 @@ class _H2ClientProtocol(Protocol):
         except H2Error:
             pass  # already closed on the peer's side: nothing to reset
         self._flush()
-        if self.going_away and not self.streams and self.transport is not None:
-            self.transport.loseConnection()
 
     def close(self) -> None:
         """Say GOAWAY and close (abort a connection still being set up)."""
@@ -508,8 +510,22 @@ class _H2ClientProtocol(Protocol):
             self._flush()
         except H2Error:
             pass
-        if self.transport is not None:
-            self.transport.loseConnection()
+        self._shut()
+
+    def _shut(self) -> None:
+        """Close the TLS connection.  TLS waits for the peer's own
+        close_notify: a peer that does not send it within
+        :data:`CLOSE_GRACE_S` has the connection aborted, so closing always
+        ends."""
+        if self.transport is None or self.disconnected or self._abort_later is not None:
+            return
+        self.transport.loseConnection()
+        self._abort_later = self.owner.reactor.callLater(CLOSE_GRACE_S, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_later = None
+        if self.transport is not None and not self.disconnected:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
@@ -518,7 +534,7 @@ class _H2ClientProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.disconnected = True
-        for call in (self._ready_deadline, self._ping_due, self._ping_deadline):
+        for call in (self._ready_deadline, self._ping_due, self._ping_deadline, self._abort_later):
             if call is not None and call.active():
                 call.cancel()
         self.owner.lost(self, reason)
@@ -642,15 +658,12 @@ class _EndpointConnection:
 
     def answered(self, request: _Request) -> None:
         """A stream ended with a complete answer: classify it."""
-        protocol = request.protocol
         result = classify(request.status, request.response_headers, bytes(request.response),
                           self.token.clock.seconds())
         if result.reason == "ExpiredProviderToken":
             self.token.expired(request.token)
         log.debug("apns answered", endpoint=self.endpoint.url, status=result.status, reason=result.reason)
         request.finish(result)
-        if protocol is not None and protocol.going_away and not protocol.streams and protocol.transport:
-            protocol.transport.loseConnection()
 
     def lost(self, protocol: _H2ClientProtocol, reason: Failure) -> None:
         """``protocol``'s connection closed: its open streams are answered

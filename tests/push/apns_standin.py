@@ -271,7 +271,9 @@ class APNsStandIn:
     def freeze(self, connection: int) -> None:
         """Make connection number ``connection`` silent from now on (it
         neither reads nor answers, PINGs included), as a dead peer would."""
-        self._protocol(connection).frozen = True
+        protocol = self._protocol(connection)
+        protocol.frozen = True
+        protocol.transport.pauseProducing()  # type: ignore[union-attr]  # not even TLS reads
 
     def stop(self) -> Deferred[Any]:
         """Stop listening and close every connection."""

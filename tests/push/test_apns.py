@@ -323,6 +323,12 @@ class LivenessTests(APNsTestCase):
         self.assertEqual((await outcome_of(provider.send(target(), NOTE))).outcome, Outcome.SENT)
         self.assertEqual(self.standin.connections, 1)
 
+    async def test_close_ends_even_when_the_peer_is_silent(self) -> None:
+        self.patch(apns, "CLOSE_GRACE_S", 0.2)
+        self.assertEqual((await outcome_of(self.provider.send(target(), NOTE))).outcome, Outcome.SENT)
+        self.standin.freeze(1)  # it will not answer the TLS close
+        await outcome_of(self.provider.close())  # fires: the connection was aborted after the grace
+
     async def test_a_handshake_that_never_ends_times_out(self) -> None:
         port = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
