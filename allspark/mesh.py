@@ -67,7 +67,7 @@ import hashlib
 import heapq
 import hmac
 import secrets as _secrets
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, NoReturn, Sequence
 from urllib.parse import urlsplit
@@ -482,7 +482,7 @@ class _LinkMixin:
     def _send_now(self, frame: bytes) -> None:
         if not self._link_open:
             return
-        self.mesh.counts["out"] += 1
+        self.mesh.peer_frames_out += 1
         if not self._paused and not self._queue:
             self.sendMessage(frame, isBinary=True)  # type: ignore[attr-defined]
             return
@@ -491,7 +491,7 @@ class _LinkMixin:
         if self._queued > self.limits.max_queue_bytes:
             log.warn("closing the peer link to {peer_id}: send queue overflow ({queued} bytes)",
                      peer_id=self.peer_id, queued=self._queued)
-            self.mesh.counts["overflow"] += 1
+            self.mesh.peer_overflows += 1
             self._close_link()
             self.sendClose(CLOSE_QUEUE_OVERFLOW, "peer send queue overflow")  # type: ignore[attr-defined]
             self.mesh.clock.callLater(2.0, self.dropConnection, abort=True)  # type: ignore[attr-defined]
@@ -519,7 +519,7 @@ class _LinkMixin:
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not self._link_open:
             return
-        self.mesh.counts["in"] += 1
+        self.mesh.peer_frames_in += 1
         try:
             frame = decode_peer_frame(payload)
         except PeerFrameError as e:
@@ -820,9 +820,10 @@ class Mesh(service.MultiService):
         self.tls = tls or PeerTLS()
         self.poll_interval = poll_interval
         self.links: dict[str, _LinkMixin] = {}
-        #: WebSocket messages on the links (``in``, ``out``) and queue
-        #: overflows (``overflow``), read by /metrics
-        self.counts: Counter[str] = Counter()
+        #: WebSocket messages on the links and queue overflows, read by /metrics
+        self.peer_frames_in = 0
+        self.peer_frames_out = 0
+        self.peer_overflows = 0
         #: where online nodes are (allspark.locations: filled by the LocationTracker)
         self.locations = Locations()
         #: called with (peer_id, node_id, epoch, online) for each ``location`` frame

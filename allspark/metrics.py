@@ -2,11 +2,12 @@
 
 Cost is what shapes this module.  The hot paths (a frame in, a frame out, a
 stored copy, an ack, a store batch) only add to plain numbers their own
-objects own: :class:`collections.Counter` entries and ints
-(:class:`FrameCounts` of the client socket factory, ``Inbox.counts``,
-``Mesh.counts``) and :class:`Distribution` histograms (inbox depth at sync,
-store batch sizes and seconds).  Nothing there takes a lock or calls into
-``prometheus_client``.  Everything else is read when Prometheus scrapes:
+objects own: int attributes and plain dicts (:class:`FrameCounts` of the
+client socket factory, ``Inbox.copies_*``, ``Mesh.peer_*``; a
+:class:`collections.Counter` costs about 200 ns more per addition, so it is
+kept for rare events) and :class:`Distribution` histograms (inbox depth at
+sync, store batch sizes and seconds).  Nothing there takes a lock or calls
+into ``prometheus_client``.  Everything else is read when Prometheus scrapes:
 :class:`ServerCollector` turns those numbers and the state the server keeps
 anyway (the registry's size, the peer links, the push dispatcher's
 ``stats``) into metric families, in a :class:`~prometheus_client.CollectorRegistry`
@@ -101,52 +102,81 @@ def _le(bound: float) -> str:
 
 class FrameCounts:
     """What the client sockets count (one object per socket factory, so
-    per server): frames in by kind, frames out by their first bytes, error
-    frames by code, handshake refusals by code, and policy closes by close
-    code (1008 over the rate limit, 4008 send queue overflow, 4009
-    replaced).  Plain :class:`Counter` entries: the hot path adds one."""
+    per server): frames in and out by kind, error frames by code, handshake
+    refusals by code, and policy closes by close code (1008 over the rate
+    limit, 4008 send queue overflow, 4009 replaced).
 
-    __slots__ = ("frames_in", "frames_out", "errors", "refused_handshakes", "closes")
+    The per-frame numbers are an int (messages in, copies out) and plain
+    dicts the socket adds to with ``d[k] += 1`` (a ``KeyError`` the first
+    time: zero-cost ``try`` otherwise); rare events use :class:`Counter`."""
+
+    __slots__ = ("messages_in", "frames_in", "copies_out", "frames_out", "errors", "refused_handshakes",
+                 "closes")
 
     def __init__(self) -> None:
-        #: ``message``, a control op name, ``bad`` (not a valid frame) or
-        #: ``over_rate`` (refused by the rate limit before being read)
-        self.frames_in: Counter[str] = Counter()
-        #: keyed by :func:`frame_kind`'s raw key (bytes), named at scrape time
-        self.frames_out: Counter[bytes] = Counter()
+        #: message frames received
+        self.messages_in = 0
+        #: other frames received: a control op name, ``bad`` (not a valid
+        #: frame) or ``over_rate`` (refused by the rate limit before being read);
+        #: the last two are there from the start (the socket adds to them as is)
+        self.frames_in: dict[str, int] = {"bad": 0, "over_rate": 0}
+        #: message copies written (live or by sync)
+        self.copies_out = 0
+        #: op frames written, keyed by :func:`out_key` (named at scrape time)
+        self.frames_out: dict[bytes, int] = {}
         self.errors: Counter[str] = Counter()
         self.refused_handshakes: Counter[str] = Counter()
         self.closes: Counter[int] = Counter()
 
+    def in_kinds(self) -> dict[str, int]:
+        """Frames received by kind: ``message``, an op, ``bad``, ``over_rate``."""
+        kinds = dict(self.frames_in)
+        kinds["message"] = self.messages_in
+        return kinds
+
     def out_kinds(self) -> dict[str, int]:
         """Frames written to clients by kind: ``message`` (a delivered copy,
         live or by sync), an op name of :data:`OUT_KINDS`, or ``other``."""
-        kinds: dict[str, int] = {}
+        kinds: dict[str, int] = {"message": self.copies_out}
         for key, count in dict(self.frames_out).items():
             kind = frame_kind(key)
             kinds[kind] = kinds.get(kind, 0) + count
         return kinds
 
 
-def out_key(frame: bytes) -> bytes:
-    """The raw key :meth:`FrameCounts.frames_out` counts ``frame`` under:
-    the op name's bytes of a ``{"op":"...`` frame, else ``b""`` (a message
-    copy: its first field is ``seq``, ``dest_id``, ``session_seq``...).  The
-    socket inlines the same test; this is its reference."""
-    if frame.startswith(b'{"op":"'):
-        return frame[7:frame.find(b'"', 7)]
-    return b""
+def out_key(frame: bytes) -> bytes | None:
+    """What the socket counts ``frame`` under: for an op frame
+    (``{"op":"<name>"...``, the op first, as the server writes them) the 9
+    bytes after ``{"op":"`` (enough to tell every op apart); None for a
+    message copy (its first field is ``seq``, ``dest_id``, ``session_seq``).
+    ``ClientProtocol.send`` inlines the same test; this is its reference."""
+    if frame[2:3] == b"o":
+        return frame[7:16]
+    return None
 
 
-def frame_kind(key: bytes) -> str:
-    """The ``kind`` label of a raw out key (see :func:`out_key`)."""
-    if not key:
+def _kind_of_prefix(prefix: str) -> str:
+    """The op of :data:`OUT_KINDS` a 9-byte key names: the whole op when it
+    is shorter (the key then holds its closing quote), else the one op that
+    starts with it."""
+    name = prefix.partition('"')[0]
+    if name in OUT_KINDS and (len(name) < len(prefix) or len(name) == 9):
+        return name
+    if len(name) == 9:
+        longer = [kind for kind in OUT_KINDS if kind.startswith(name)]
+        if len(longer) == 1:
+            return longer[0]
+    return "other"
+
+
+def frame_kind(key: bytes | None) -> str:
+    """The ``kind`` label of what :func:`out_key` returned."""
+    if key is None:
         return "message"
     try:
-        kind = key.decode()
+        return _kind_of_prefix(key.decode())
     except UnicodeDecodeError:
         return "other"
-    return kind if kind in OUT_KINDS else "other"
 
 
 #: Error codes that are refusals of load: the rate limit and the quotas.
@@ -190,7 +220,7 @@ class ServerCollector(Collector):
         counts = self.frames
         frames_in = CounterMetricFamily("allspark_frames_in", "frames received from clients, by kind "
                                         "(message, a control op, bad, over_rate)", labels=["kind"])
-        for kind, count in sorted(dict(counts.frames_in).items()):
+        for kind, count in sorted(counts.in_kinds().items()):
             frames_in.add_metric([kind], count)
         yield frames_in
         frames_out = CounterMetricFamily("allspark_frames_out", "frames written to clients, by kind "
@@ -232,15 +262,15 @@ class ServerCollector(Collector):
 
     def _messages(self, server: "Server") -> Iterable[Any]:
         inbox = server.inbox
-        counts = dict(inbox.counts)
         out = self.frames.out_kinds()
         messages = CounterMetricFamily(
             "allspark_messages", "messages: accepted (answers to senders), stored (inbox copies), "
             "delivered_live (stored copies written to a live connection when stored), "
             "acked (inbox copies removed by acks)", labels=["stage"])
         messages.add_metric(["accepted"], out.get("accepted", 0))
-        for stage in ("stored", "delivered_live", "acked"):
-            messages.add_metric([stage], counts.get(stage, 0))
+        messages.add_metric(["stored"], inbox.copies_stored)
+        messages.add_metric(["delivered_live"], inbox.copies_live)
+        messages.add_metric(["acked"], inbox.copies_acked)
         yield messages
         yield inbox.depths.family("allspark_inbox_depth", "messages a node's inbox held for it when it "
                                   "synced (one observation per full sync)")
@@ -259,14 +289,13 @@ class ServerCollector(Collector):
             return
         yield GaugeMetricFamily("allspark_peer_links", "peer links to other servers that are up",
                                 value=len(mesh.links))
-        counts = dict(mesh.counts)
         frames = CounterMetricFamily("allspark_peer_frames", "WebSocket messages on peer links, by direction",
                                      labels=["direction"])
-        for direction in ("in", "out"):
-            frames.add_metric([direction], counts.get(direction, 0))
+        frames.add_metric(["in"], mesh.peer_frames_in)
+        frames.add_metric(["out"], mesh.peer_frames_out)
         yield frames
         yield CounterMetricFamily("allspark_peer_queue_overflows", "peer links closed with 4008 (their send "
-                                  "queue overflowed)", value=counts.get("overflow", 0))
+                                  "queue overflowed)", value=mesh.peer_overflows)
 
     def _push(self) -> Iterable[Any]:
         stats = self.push_stats() if self.push_stats is not None else None

@@ -18,7 +18,7 @@ from allspark.delivery import Delivery
 from allspark.envelope import encode, error_frame
 from allspark.inbox import Inbox
 from allspark.metrics import (
-    Distribution, FrameCounts, ServerCollector, frame_kind, metrics_registry, out_key,
+    OUT_KINDS, Distribution, FrameCounts, ServerCollector, frame_kind, metrics_registry, out_key,
 )
 from allspark.registry import Registry
 from allspark.store.memory import MemoryStore
@@ -56,6 +56,9 @@ class DistributionTests(unittest.TestCase):
 class FrameKindTests(unittest.TestCase):
     def test_op_frames_count_by_op_and_copies_as_messages(self) -> None:
         self.assertEqual(frame_kind(out_key(encode({"op": "accepted", "id": "1"}))), "accepted")
+        for op in OUT_KINDS:  # 9 bytes tell every op apart
+            self.assertEqual(frame_kind(out_key(encode({"op": op, "id": "1"}))), op)
+            self.assertEqual(frame_kind(out_key(encode({"op": op}))), op)
         self.assertEqual(frame_kind(out_key(error_frame("bad_frame", "no"))), "error")
         self.assertEqual(frame_kind(out_key(b'{"seq":3,"dest_id":"bob","src_id":"a"}')), "message")
         self.assertEqual(frame_kind(out_key(b'{"dest_id":"bob","src_id":"a","ephemeral":true}')), "message")
@@ -78,13 +81,14 @@ class InboxCountsTests(unittest.TestCase):
         d = self.inbox.store_and_deliver("alice", "m1", ["bob", "carol"], b'{"src_id":"alice"}', b"ok")
         self.assertEqual(self.successResultOf(d), b"ok")
         self.successResultOf(self.inbox.store_and_deliver("alice", "m1", ["bob", "carol"], b'{"a":1}', b"ok"))
-        self.assertEqual(self.inbox.counts, Counter(stored=2, delivered_live=1))  # a retry counts nothing
+        # a retry counts nothing
+        self.assertEqual((self.inbox.copies_stored, self.inbox.copies_live), (2, 1))
         carol = FakeConnection("carol")
         synced = self.successResultOf(defer.ensureDeferred(self.inbox.sync_all(carol, 0, 10, 1 << 20)))
         self.assertEqual(synced["upto"], 1)
         self.assertEqual((self.inbox.depths.count, self.inbox.depths.sum), (1, 1))
         self.successResultOf(defer.ensureDeferred(self.inbox.ack("carol", 1)))
-        self.assertEqual(self.inbox.counts["acked"], 1)
+        self.assertEqual(self.inbox.copies_acked, 1)
 
 
 class StoreBatchTests(unittest.TestCase):
@@ -115,7 +119,7 @@ class CollectorTests(unittest.TestCase):
         registry.add(FakeConnection("a"))
         registry.add(FakeConnection("a"))
         inbox = Inbox(MemoryStore(), Delivery(registry, Clock()), Clock())
-        inbox.counts.update(stored=5, acked=2)
+        inbox.copies_stored, inbox.copies_acked = 5, 2
         fields = dict(registry=registry, inbox=inbox, store=MemoryStore(), mesh=None, draining=False,
                       starting=False)
         fields.update(extra)
@@ -125,8 +129,10 @@ class CollectorTests(unittest.TestCase):
         counts = FrameCounts()
         server = self.server()
         registry = metrics_registry(ServerCollector(server, counts))
-        counts.frames_in.update(message=4, sync=1, over_rate=2)
-        counts.frames_out.update({b"accepted": 4, b"": 7, b"synced": 1, b"made_up": 1})
+        counts.messages_in = 4
+        counts.frames_in.update(sync=1, over_rate=2)
+        counts.copies_out = 7
+        counts.frames_out.update({b'accepted"': 4, b'synced","': 1, b'made_up",': 1})
         counts.errors.update(rate_limited=2, inbox_full=1, bad_frame=3)
         counts.closes.update({4008: 1, 1008: 2})
         counts.refused_handshakes.update(too_many_connections=5)
@@ -148,11 +154,12 @@ class CollectorTests(unittest.TestCase):
         self.assertEqual(got[("allspark_policy_closes_total", (("code", "1008"),))], 2)
         self.assertNotIn(("allspark_peer_links", ()), got)  # no mesh, no peer metrics
         self.assertNotIn(("allspark_push_notifications_total", (("outcome", "sent"), ("provider", "fcm"))), got)
-        counts.frames_in["message"] += 1  # read again at the next scrape
+        counts.messages_in += 1  # read again at the next scrape
         self.assertEqual(samples_of(registry)[("allspark_frames_in_total", (("kind", "message"),))], 5)
 
     def test_peer_links_and_push_outcomes_when_there_are_some(self) -> None:
-        mesh = SimpleNamespace(links={"s2": object(), "s3": object()}, counts=Counter({"in": 3, "out": 4}))
+        mesh = SimpleNamespace(links={"s2": object(), "s3": object()}, peer_frames_in=3, peer_frames_out=4,
+                               peer_overflows=0)
         push = Counter({("fcm", "sent"): 3, ("webhook", "dead_token"): 1})
         registry = metrics_registry(ServerCollector(self.server(mesh=mesh), FrameCounts(), lambda: push))
         got = samples_of(registry)
