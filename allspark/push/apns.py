@@ -252,7 +252,7 @@ def _collapse_id(key: str) -> str:
 
 def build_payload(note: Notification) -> bytes | None:
     """The JSON body: ``aps`` (an alert with ``body`` and ``badge`` when the
-    note has text, else ``content-available: 1``) and ``allspark`` (node_id,
+    note has a non-empty text, else ``content-available: 1``) and ``allspark`` (node_id,
     unread, sender and session when given, ``data`` when given).  A text that
     would make it over :data:`MAX_PAYLOAD_BYTES` is shortened; None when even
     without text it would not fit."""
@@ -263,7 +263,7 @@ def build_payload(note: Notification) -> bytes | None:
         extra["session"] = note.session_id
     if note.data:
         extra["data"] = note.data
-    if note.text is None:
+    if not note.text:
         body = orjson.dumps({"aps": {"content-available": 1}, "allspark": extra})
         return body if len(body) <= MAX_PAYLOAD_BYTES else None
     body = _alert_payload(note.text, note.unread, extra)
@@ -749,7 +749,7 @@ class APNsProvider:
         endpoint = self._endpoints[target.environment or "production"]
         topic = target.topic or self._topic
         assert topic is not None and target.token is not None
-        alert = note.text is not None
+        alert = bool(note.text)
         expiration = 0 if self._expiration_s == 0 else int(self._clock.seconds()) + self._expiration_s
         headers = [("apns-topic", topic), ("apns-push-type", "alert" if alert else "background"),
                    ("apns-priority", "10" if alert else "5"), ("apns-expiration", str(expiration)),

@@ -129,6 +129,24 @@ class RequestShapeTests(APNsTestCase):
         self.assertLessEqual(len(received.body), apns.MAX_PAYLOAD_BYTES)
         self.assertTrue(received.json()["aps"]["alert"]["body"].endswith("\u2026"))
 
+    async def test_what_cannot_fit_4kb_fails_without_a_request(self) -> None:
+        note = Notification("phone-1", 1, "phone-1", text="hi", data={"blob": "x" * 5000})
+        result = await outcome_of(self.provider.send(target(), note))
+        self.assertEqual((result.outcome, result.reason), (Outcome.FAILED, "PayloadTooLarge"))
+        self.assertEqual(self.standin.received, [])
+
+    async def test_an_empty_text_is_a_background_push(self) -> None:
+        await outcome_of(self.provider.send(target(), Notification("phone-1", 1, "phone-1", text="")))
+        self.assertEqual(self.standin.received[0].headers["apns-push-type"], "background")
+
+    async def test_an_oversized_answer_is_not_read(self) -> None:
+        self.patch(apns, "MAX_RESPONSE_BYTES", 100)
+        self.standin.script(Reply(400, body=b"x" * 500))
+        result = await outcome_of(self.provider.send(target(), NOTE))
+        self.assertEqual((result.outcome, result.status, result.reason), (Outcome.FAILED, 400, "response_too_large"))
+        self.assertEqual((await outcome_of(self.provider.send(target(), NOTE))).outcome, Outcome.SENT)
+        self.assertEqual(self.standin.connections, 1)
+
     async def test_development_targets_go_to_the_sandbox(self) -> None:
         sandbox = APNsStandIn(self.directory, name="sandbox").start()
         self.addCleanup(sandbox.stop)
