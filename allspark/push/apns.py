@@ -650,8 +650,8 @@ class _EndpointConnection:
             self.queue.popleft().finish(PushResult(Outcome.RETRY, 0, reason))
 
     def retired(self, protocol: _H2ClientProtocol) -> None:
-        """``protocol`` takes no new streams (GOAWAY): the next request opens
-        a new connection; this one closes when its streams end."""
+        """``protocol`` takes no new streams (GOAWAY, or h2 refused one): the
+        next request opens a new connection while this one closes."""
         if self.protocol is protocol:
             self.protocol = None
         self.retiring.add(protocol)
