@@ -253,14 +253,14 @@ def _collapse_id(key: str) -> str:
 def build_payload(note: Notification) -> bytes | None:
     """The JSON body: ``aps`` (an alert with ``body`` and ``badge`` when the
     note has a non-empty text, else ``content-available: 1``) and ``allspark`` (node_id,
-    unread, sender and session when given, ``data`` when given).  A text that
+    unread, sender_id and session_id when given, ``data`` when given: the names FCM, Web Push and the webhook use too).  A text that
     would make it over :data:`MAX_PAYLOAD_BYTES` is shortened; None when even
     without text it would not fit."""
     extra: dict[str, Any] = {"node_id": note.node_id, "unread": note.unread}
     if note.sender_id is not None:
-        extra["sender"] = note.sender_id
+        extra["sender_id"] = note.sender_id
     if note.session_id is not None:
-        extra["session"] = note.session_id
+        extra["session_id"] = note.session_id
     if note.data:
         extra["data"] = note.data
     if not note.text:

@@ -75,7 +75,7 @@ class APNsEndToEnd(TestCase):
         self.assertEqual((push.headers["apns-topic"], push.headers["apns-push-type"]), (TOPIC, "alert"))
         body = push.json()
         self.assertEqual(body["aps"]["alert"]["body"], "hello 19")
-        self.assertEqual((body["allspark"]["node_id"], body["allspark"]["unread"], body["allspark"]["sender"]),
+        self.assertEqual((body["allspark"]["node_id"], body["allspark"]["unread"], body["allspark"]["sender_id"]),
                          ("phone", 20, "alice"))
         token = push.headers["authorization"].removeprefix("bearer ")
         claims = jwt.decode(token, self.key.public_key(), algorithms=["ES256"])

@@ -102,7 +102,7 @@ class RequestShapeTests(APNsTestCase):
         self.assertEqual(int(headers["content-length"]), len(received.body))
         self.assertEqual(received.json(), {
             "aps": {"alert": {"body": "hello"}, "badge": 3},
-            "allspark": {"node_id": "phone-1", "unread": 3, "sender": "alice", "session": "room-1"}})
+            "allspark": {"node_id": "phone-1", "unread": 3, "sender_id": "alice", "session_id": "room-1"}})
 
     async def test_without_text_a_background_push(self) -> None:
         result = await outcome_of(self.provider.send(target(), SILENT))
