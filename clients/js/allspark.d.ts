@@ -231,7 +231,7 @@ export class AllsparkClient extends EventTarget {
   connect(): Promise<Hello>;
   /** The next "ready" (at once when ready). */
   whenReady(): Promise<Hello>;
-  /** Flush acks, close with 1000, reject what is pending; no reconnect after it. */
+  /** Send the batched acks (autoAck), close with 1000, reject what is pending; no reconnect after it. */
   close(): Promise<void>;
 
   on<K extends keyof ClientEvents>(type: K, listener: (detail: ClientEvents[K], event: CustomEvent<ClientEvents[K]>) => void): () => void;

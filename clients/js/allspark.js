@@ -162,7 +162,7 @@ async function webSocketClass(option) {
   if (option) return option;
   if (typeof globalThis.WebSocket === "function") return globalThis.WebSocket;
   if (wsModule === null) {
-    wsModule = import("ws").then((m) => m.WebSocket ?? m.default, (error) => {
+    wsModule = import(/* webpackIgnore: true */ /* @vite-ignore */ "ws").then((m) => m.WebSocket ?? m.default, (error) => {
       wsModule = null;
       throw new Error(`no global WebSocket and the "ws" package could not be loaded (npm install ws): ${error.message}`);
     });
@@ -1006,7 +1006,8 @@ export class AllsparkClient extends EventTarget {
   /** One `ack` for each stream with something handed over since its last one. */
   _sendAcks() {
     const sent = [];
-    if (this._socket === null || this.state === "connecting") return sent;
+    // autoAck false: the app acks what it processed itself, nothing is acked for it
+    if (!this.options.autoAck || this._socket === null || this.state === "connecting") return sent;
     for (const [sessionId, stream] of this._streams) {
       if (stream.watermark <= stream.acked || stream.ackInFlight) continue;
       sent.push(this.ack(stream.watermark, sessionId).catch(() => null));
@@ -1042,7 +1043,7 @@ export class AllsparkClient extends EventTarget {
     return done;
   }
 
-  /** Send the batched acks now; resolves once the server answered them. */
+  /** Send the batched acks now (with autoAck; without it the app acks by itself); resolves once answered. */
   async flushAcks() {
     clearTimeout(this._ackTimer);
     this._ackTimer = null;

@@ -161,3 +161,33 @@ test("acks are batched, and a reconnect after them syncs nothing", async () => {
   await waitUntil(() => again.got.message.length === 1, 10_000, "the new message");
   assert.equal(again.got.message[0].seq, 26);
 });
+
+test("a new client object of the same node is not taken for a retry of the old one's ids", async () => {
+  const bobId = `${run}-bob8`;
+  const bob = await client(url, bobId);
+  for (const text of ["first", "second"]) {
+    const alice = await client(url, `${run}-alice8`);
+    const accepted = await alice.send({ dest_id: bobId, payload: text });
+    assert.equal(accepted.status, "delivered");
+    await alice.close();
+  }
+  await waitUntil(() => bob.got.message.length === 2, 10_000, "both messages");
+  assert.deepEqual(bob.got.message.map((m) => m.payload), ["first", "second"]);
+});
+
+test("with autoAck false nothing is acked unless the app acks", async () => {
+  const bobId = `${run}-bob9`;
+  let bob = await client(url, bobId, { autoAck: false });
+  const alice = await client(url, `${run}-alice9`);
+  for (let i = 0; i < 3; i += 1) await alice.send({ dest_id: bobId, payload: i });
+  await waitUntil(() => bob.got.message.length === 3, 10_000, "three messages");
+  await bob.close();
+  bob = await client(url, bobId, { autoAck: false });
+  assert.deepEqual(seqs(bob), [1, 2, 3]); // nothing was acked: all three again
+  const acked = await bob.ack(2);
+  assert.equal(acked.removed, 2);
+  await bob.close();
+  bob = await client(url, bobId, { autoAck: false });
+  assert.deepEqual(seqs(bob), [3]);
+  assert.equal(bob.stats.acksSent, 0);
+});

@@ -107,9 +107,9 @@ test("need_proxy: the client connects through the proxy address the server answe
 
 let plain = null;
 
-/** One server with one connection per node, for the two tests below. */
+/** One server for the tests below: one connection per node, unacked messages kept 1.5 s. */
 function plainServer() {
-  plain ??= server({ args: ["--max-connections-per-node=1"] });
+  plain ??= server({ args: ["--max-connections-per-node=1", "--retention-seconds=1.5", "--purge-interval=0.2"] });
   return plain;
 }
 
@@ -130,4 +130,23 @@ test("4009: a connection replaced by a newer one of its node does not reconnect"
   assert.equal(old.state, "closed");
   assert.equal(newer.state, "ready");
   assert.equal((await newer.ping()).op, "pong");
+});
+
+test("messages removed by retention before they were acked: a gap event, then what came after", async () => {
+  const s = await plainServer();
+  const bobId = `${run}-late`;
+  await (await client(s.baseUrl, bobId)).close(); // known from now on
+  const alice = await client(s.baseUrl, `${run}-early`);
+  for (let i = 0; i < 5; i += 1) await alice.send({ dest_id: bobId, payload: `old ${i}` });
+  // a look that acks nothing, until the purge has run
+  await waitUntil(async () => {
+    const probe = await client(s.baseUrl, bobId, { autoAck: false });
+    const purged = probe.got.gap.length > 0;
+    await probe.close();
+    return purged;
+  }, 20_000, "the retention purge", 300);
+  for (let i = 0; i < 2; i += 1) await alice.send({ dest_id: bobId, payload: `new ${i}` });
+  const bob = await client(s.baseUrl, bobId);
+  assert.deepEqual(bob.got.gap, [{ after: 0, upto: 5 }]);
+  assert.deepEqual(bob.got.message.map((m) => [m.seq, m.payload]), [[6, "new 0"], [7, "new 1"]]);
 });
