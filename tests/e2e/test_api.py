@@ -273,7 +273,9 @@ class TwoServers(TestCase):
         await wait_until(lambda: not seen_from_a()["nodes"]["bob"], 10, what="bob offline")
         lifted = api(a, "POST", "/api/v1/nodes/bob/disconnect", {"revoke_until": 0})
         self.assertEqual(lifted.json()["revoked_until"], 0)
-        self.assertEqual(pre_connect(b, {"auth_key": key("bob", "B")}).status, 200)
+        # b hears it over the peer link (a frame in flight), at the latest when its cache expires
+        await wait_until(lambda: pre_connect(b, {"auth_key": key("bob", "B")}).status == 200, 10, 0.1,
+                         "the lifted revocation reaching b")
 
         # a drains b over the peer link; b's clients are told to reconnect to a
         tablet_closed = (await client_on(self, b, "bob-tablet-2", client_id="B")).closed
