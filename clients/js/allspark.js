@@ -539,6 +539,11 @@ export class AllsparkClient extends EventTarget {
     const WebSocketImpl = await webSocketClass(this.options.WebSocket);
     if (this.state === "closed") throw new ConnectionClosedError("the client was closed");
     const { socket, hello, closed } = await this._open(WebSocketImpl, info.node.ws_url);
+    if (this.state === "closed") {
+      // close() was called while this socket opened
+      try { socket.close(1000); } catch { /* closing */ }
+      throw new ConnectionClosedError("the client was closed");
+    }
     this.hello = hello;
     this.state = "syncing";
     try {
@@ -550,7 +555,9 @@ export class AllsparkClient extends EventTarget {
       }
       throw error;
     }
-    if (this._socket !== socket) throw new ConnectionClosedError("the connection closed during sync");
+    if (this._socket !== socket || this.state === "closed") {
+      throw new ConnectionClosedError("the connection closed during sync");
+    }
     this.state = "ready";
     if (this.options.pingInterval > 0) {
       this._pingTimer = setInterval(() => this._checkAlive(socket), this.options.pingInterval);
@@ -902,7 +909,9 @@ export class AllsparkClient extends EventTarget {
    * `payload`, `payload1`, `payload2`, `type`, `ephemeral`, `id` as the
    * protocol has them.  Resolves with `accepted`.  Without an `id` it is
    * given one; it waits for "ready" and survives reconnects (sent again with
-   * the same id, so the server keeps it once) until `sendTimeout`.
+   * the same id, so the server keeps it once) until `sendTimeout`.  An
+   * ephemeral message is now or never: rejected with ConnectionClosedError
+   * when not connected, or when its connection closes before `accepted`.
    */
   send(message, options = {}) {
     if (!message || typeof message !== "object" || Array.isArray(message)) {
@@ -912,6 +921,11 @@ export class AllsparkClient extends EventTarget {
       return Promise.reject(new TypeError("a message needs dest_id, dest_client_id or dest_session_id"));
     }
     if (message.op !== undefined) return Promise.reject(new TypeError("a message has no op"));
+    if (message.ephemeral === true) {
+      // now or never: not queued while disconnected, not sent again after a reconnect
+      if (this.state !== "ready") return Promise.reject(new ConnectionClosedError("not connected"));
+      return this._request(message, { timeout: options.timeout ?? this.options.requestTimeout });
+    }
     const sessionId = message.dest_session_id;
     return this._request(message, { retry: true, timeout: options.timeout ?? this.options.sendTimeout })
       .then((accepted) => {

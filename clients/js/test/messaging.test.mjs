@@ -4,7 +4,9 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { AllsparkClient, AllsparkError, PreConnectionError, preConnection } from "../allspark.js";
+import {
+  AllsparkClient, AllsparkError, ConnectionClosedError, PreConnectionError, backoffDelay, preConnection,
+} from "../allspark.js";
 import { client, closeAll, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
 
 let url;
@@ -60,6 +62,28 @@ describe("connecting", () => {
     assert.equal(asked, 2);
   });
 
+  test("close() while connecting stops it: connect() rejects, no socket stays open", async () => {
+    const c = new AllsparkClient({ url, authKey: key(`${run}-quitter`) });
+    const connecting = c.connect();
+    await c.close();
+    await assert.rejects(connecting, ConnectionClosedError);
+    assert.equal(c.state, "closed");
+    await assert.rejects(c.send({ dest_id: "x" }), ConnectionClosedError);
+    assert.equal(c._socket, null);
+  });
+
+  test("backoff: full jitter under a ceiling that grows by factor up to maxDelay", () => {
+    const policy = { initialDelay: 500, maxDelay: 30_000, factor: 2 };
+    assert.equal(backoffDelay(0, policy, () => 0), 0);
+    assert.equal(backoffDelay(0, policy, () => 0.999999), 499);
+    assert.equal(backoffDelay(3, policy, () => 0.5), 2000);
+    assert.equal(backoffDelay(20, policy, () => 0.999999), 29_999);
+    for (let attempt = 0; attempt < 30; attempt += 1) {
+      const delay = backoffDelay(attempt, policy);
+      assert.ok(delay >= 0 && delay < Math.min(30_000, 500 * 2 ** attempt));
+    }
+  });
+
   test("bad options are refused at once with a clear error", () => {
     assert.throws(() => new AllsparkClient({ url: "ftp://x", authKey: "k" }), TypeError);
     assert.throws(() => new AllsparkClient({ url, authKey: 7 }), TypeError);
@@ -100,6 +124,24 @@ describe("messages", () => {
     assert.equal(phone.isOwnCopy(phone.got.message[0]), true);
     assert.equal(bobPhone.isOwnCopy(bobPhone.got.message[0]), false);
     assert.equal(laptop.got.message.length, 0);
+  });
+
+  test("ephemeral messages: delivered to who is online, never queued or resent", async () => {
+    const alice = await client(url, `${run}-eph-a`);
+    const bob = await client(url, `${run}-eph-b`);
+    const live = await alice.send({ dest_id: bob.nodeId, payload: "typing", ephemeral: true });
+    assert.equal(live.status, "delivered");
+    await waitUntil(() => bob.got.message.length === 1, 10_000, "the ephemeral message");
+    assert.equal(bob.got.message[0].ephemeral, true);
+    assert.equal(bob.got.message[0].seq, undefined);
+    await bob.close();
+    const dropped = await alice.send({ dest_id: bob.nodeId, payload: "typing", ephemeral: true });
+    assert.equal(dropped.status, "dropped");
+    const whileDown = new Promise((resolve) => alice.once("disconnected", () => {
+      resolve(alice.send({ dest_id: bob.nodeId, payload: "typing", ephemeral: true }));
+    }));
+    alice._socket.terminate(); // the network dies; the client reconnects by itself
+    await assert.rejects(whileDown, (e) => e instanceof ConnectionClosedError && e.message === "not connected");
   });
 
   test("an error answer rejects with AllsparkError and its code; the connection stays", async () => {
