@@ -6,8 +6,9 @@ writes what they need to a JSON file (the twistd to run, the repository root,
 the test secrets, the shared server's URL) named by ``ALLSPARK_JS_TEST``, and
 runs each file with Node; the files start the servers a test of their own needs
 (a restart, a two-server cluster).  ``ws`` is installed with ``npm ci`` (from
-clients/js/package-lock.json, preferring npm's cache) when missing.  Without
-Node 20+ or without ``ws`` the tests are skipped with the reason.
+clients/js/package-lock.json, preferring npm's cache) when missing, with
+``typescript`` for the check of allspark.d.ts.  Without Node 20+ or without
+those packages the tests are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -42,10 +43,14 @@ def node_missing() -> str | None:
     return None
 
 
-def ws_missing() -> str | None:
-    """Install ``ws`` into clients/js/node_modules when it is not there; why it
-    cannot be had, or None."""
-    if os.path.exists(os.path.join(JS_DIR, "node_modules", "ws", "package.json")):
+#: What ``npm ci`` installs into clients/js/node_modules (package-lock.json).
+NODE_PACKAGES = ("ws", "typescript")
+
+
+def packages_missing() -> str | None:
+    """Install ``ws`` and ``typescript`` into clients/js/node_modules when they
+    are not there; why they cannot be had, or None."""
+    if all(os.path.exists(os.path.join(JS_DIR, "node_modules", p, "package.json")) for p in NODE_PACKAGES):
         return None
     if shutil.which("npm") is None:
         return "npm is not installed (./dev test installs Debian's npm), so the ws package cannot be installed"
@@ -67,7 +72,7 @@ class JavaScriptClientTests(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls) -> None:
-        why = node_missing() or ws_missing()
+        why = node_missing() or packages_missing()
         if why:
             raise unittest.SkipTest(why)
         cls.server = ServerProcess().start()
@@ -118,6 +123,10 @@ class JavaScriptClientTests(unittest.TestCase):
     def test_reconnect(self) -> None:
         """a crash and restart, a draining server in a cluster, need_proxy, 4009."""
         self.run_node_tests("reconnect.test.mjs")
+
+    def test_types(self) -> None:
+        """allspark.d.ts type-checks an app's use of the client (tsc --strict)."""
+        self.run_node_tests("types.test.mjs")
 
     def test_every_js_test_file_is_run_here(self) -> None:
         files = sorted(f for f in os.listdir(os.path.join(JS_DIR, "test")) if f.endswith(".test.mjs"))
