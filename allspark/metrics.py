@@ -150,7 +150,7 @@ def out_key(frame: bytes) -> bytes | None:
     bytes after ``{"op":"`` (enough to tell every op apart); None for a
     message copy (its first field is ``seq``, ``dest_id``, ``session_seq``).
     ``ClientProtocol.send`` inlines the same test; this is its reference."""
-    if frame[2:3] == b"o":
+    if len(frame) > 2 and frame[2] == 111:  # b"o"
         return frame[7:16]
     return None
 

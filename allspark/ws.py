@@ -456,7 +456,11 @@ class ClientProtocol(WebSocketServerProtocol):
         # counted by kind (plain ints and a plain dict: a Counter costs 200 ns more per frame):
         # an op frame ({"op":"<name>"...) under the first 9 bytes of its name, else a message copy
         counts = self.factory.counts
-        if frame[2:3] == b"o":
+        try:
+            op_frame = frame[2] == 111  # b"o" (an int: no slice to allocate)
+        except IndexError:  # no frame of ours is that short; free when it does not happen
+            op_frame = False
+        if op_frame:
             key = frame[7:16]
             try:
                 counts.frames_out[key] += 1
