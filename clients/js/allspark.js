@@ -155,6 +155,27 @@ export class SeqStream {
   }
 }
 
+/** Refuse numeric options that would make the client misbehave (a TypeError naming the option). */
+function checkOptions(options) {
+  const number = (name, value, { min = 0, integer = false, max = Infinity, infinite = false } = {}) => {
+    const ok = typeof value === "number" && !Number.isNaN(value) && value >= min && value <= max
+      && (infinite || Number.isFinite(value)) && (!integer || Number.isInteger(value) || value === Infinity);
+    if (!ok) {
+      throw new TypeError(`${name} must be ${integer ? "an integer" : "a number"} >= ${min}${max < Infinity ? ` and <= ${max}` : ""}, not ${String(value)}`);
+    }
+  };
+  for (const name of ["requestTimeout", "sendTimeout", "connectTimeout", "syncTimeout"]) number(name, options[name], { min: 1 });
+  for (const name of ["ackDelay", "pingInterval", "holeSyncDelay"]) number(name, options[name]);
+  number("syncLimit", options.syncLimit, { min: 1, max: 1000, integer: true });
+  number("ackEvery", options.ackEvery, { min: 1, integer: true });
+  number("inboxAfter", options.inboxAfter, { integer: true });
+  const policy = options.reconnect;
+  number("reconnect.initialDelay", policy.initialDelay, { min: 1 });
+  number("reconnect.maxDelay", policy.maxDelay, { min: policy.initialDelay });
+  number("reconnect.factor", policy.factor, { min: 1 });
+  number("reconnect.maxAttempts", policy.maxAttempts, { min: 1, integer: true, infinite: true });
+}
+
 let wsModule = null;
 
 /** The WebSocket class: the option, the global one, else `ws` (imported once). */
@@ -287,6 +308,7 @@ export class AllsparkClient extends EventTarget {
       throw new TypeError('preConnectionForm must be "v1" or "seed"');
     }
     this.options = { ...DEFAULTS, ...options, reconnect: { ...DEFAULTS.reconnect, ...(options.reconnect ?? {}) } };
+    checkOptions(this.options);
     this._configuredUrls = urls.map((u) => u.replace(/\/+$/, ""));
     /** The pre-connection URLs tried in turn: the configured ones, then those draining servers named. */
     this.urls = [...this._configuredUrls];
@@ -405,10 +427,11 @@ export class AllsparkClient extends EventTarget {
     this._stopWith(new ConnectionClosedError("the client was closed"));
     const socket = this._socket;
     if (socket) {
+      let timer;
       const closed = new Promise((resolve) => {
         socket.addEventListener("close", () => resolve(), { once: true });
-        setTimeout(resolve, 2000);
-      });
+        timer = setTimeout(resolve, 2000); // a dead network never answers the close
+      }).finally(() => clearTimeout(timer));
       this._detach(1000, "client closed", true);
       try {
         socket.close(1000);
@@ -604,7 +627,11 @@ export class AllsparkClient extends EventTarget {
           resolve({ socket, hello: frame, closed });
           return;
         }
-        this._onFrame(frame);
+        try {
+          this._onFrame(frame);
+        } catch (error) {
+          this._emit("error", error); // a frame this client could not handle: reported, never a crash
+        }
       });
       socket.addEventListener("close", (event) => {
         if (this._socket !== socket) return;
@@ -668,7 +695,10 @@ export class AllsparkClient extends EventTarget {
     this.ping().catch((error) => {
       if (error instanceof TimeoutError && this._socket === socket) {
         this._detach(4000, "no answer to ping", true);
-        try { socket.close(); } catch { /* dead anyway */ }
+        try {
+          if (typeof socket.terminate === "function") socket.terminate(); // ws: no close handshake to wait for
+          else socket.close();
+        } catch { /* dead anyway */ }
       }
     });
   }

@@ -7,7 +7,7 @@ import { after, before, describe, test } from "node:test";
 import {
   AllsparkClient, AllsparkError, ConnectionClosedError, PreConnectionError, backoffDelay, preConnection,
 } from "../allspark.js";
-import { client, closeAll, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
+import { client, closeAll, freePort, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
 
 let url;
 const run = `m${Date.now().toString(36)}`;
@@ -72,6 +72,20 @@ describe("connecting", () => {
     assert.equal(c._socket, null);
   });
 
+  test("nothing listening: bounded attempts with growing pauses, then connect() rejects", async () => {
+    const nowhere = `http://127.0.0.1:${await freePort()}`;
+    const c = new AllsparkClient({ url: nowhere, authKey: key(`${run}-lost`),
+      reconnect: { initialDelay: 20, maxDelay: 40, maxAttempts: 4 } });
+    const pauses = [];
+    c.on("reconnecting", (detail) => pauses.push(detail));
+    const stopped = new Promise((resolve) => c.once("error", resolve));
+    await assert.rejects(c.connect(), (e) => e instanceof ConnectionClosedError && /after 4 attempts/.test(e.message));
+    assert.match((await stopped).message, /could not connect after 4 attempts/);
+    assert.deepEqual(pauses.map((p) => p.attempt), [1, 2, 3]);
+    assert.ok(pauses.every((p) => p.delay < 40 && p.error instanceof Error));
+    assert.equal(c.state, "closed");
+  });
+
   test("backoff: full jitter under a ceiling that grows by factor up to maxDelay", () => {
     const policy = { initialDelay: 500, maxDelay: 30_000, factor: 2 };
     assert.equal(backoffDelay(0, policy, () => 0), 0);
@@ -88,6 +102,13 @@ describe("connecting", () => {
     assert.throws(() => new AllsparkClient({ url: "ftp://x", authKey: "k" }), TypeError);
     assert.throws(() => new AllsparkClient({ url, authKey: 7 }), TypeError);
     assert.throws(() => new AllsparkClient({ url, authKey: "k", preConnectionForm: "v2" }), TypeError);
+    assert.throws(() => new AllsparkClient({ url, authKey: "k", syncLimit: 5000 }), /syncLimit must be an integer >= 1 and <= 1000/);
+    assert.throws(() => new AllsparkClient({ url, authKey: "k", ackEvery: 0 }), /ackEvery/);
+    assert.throws(() => new AllsparkClient({ url, authKey: "k", requestTimeout: "10s" }), /requestTimeout/);
+    assert.throws(() => new AllsparkClient({ url, authKey: "k", reconnect: { initialDelay: 1000, maxDelay: 10 } }),
+      /reconnect.maxDelay must be a number >= 1000/);
+    assert.throws(() => new AllsparkClient({ url, authKey: "k", reconnect: { maxAttempts: 0 } }), /maxAttempts/);
+    assert.ok(new AllsparkClient({ url, authKey: "k", reconnect: { maxAttempts: Infinity } }));
   });
 });
 
