@@ -10,7 +10,7 @@
 
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
-import { mkdtempSync, openSync, readFileSync, closeSync } from "node:fs";
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from "node:fs";
 import { createServer, connect as tcpConnect } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -38,9 +38,26 @@ export const config = loadConfig();
 
 /** Every server this test process started: killed when it exits, however it exits. */
 const started = new Set();
+/** Data directories this test process made (servers' data and logs): removed when it exits, unless ALLSPARK_JS_KEEP is set. */
+const madeDirs = new Set();
 process.on("exit", () => {
   for (const server of started) server.proc?.kill("SIGKILL");
+  if (process.env.ALLSPARK_JS_KEEP) return; // keep the servers' logs to look at
+  for (const dir of madeDirs) {
+    try {
+      rmSync(dir, { recursive: true, force: true });
+    } catch {
+      // a server still writing: the OS's tmp cleaning has it
+    }
+  }
 });
+
+/** A new temporary directory, removed when this process exits. */
+export function tempDir(prefix) {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  madeDirs.add(dir);
+  return dir;
+}
 
 function base64url(data) {
   return Buffer.from(data).toString("base64url");
@@ -98,7 +115,7 @@ export class ServerProcess {
   constructor({ args = [], port = null, dataDir = null } = {}) {
     this.args = args;
     this.port = port;
-    this.dataDir = dataDir ?? mkdtempSync(join(tmpdir(), "allspark-js-"));
+    this.dataDir = dataDir ?? tempDir("allspark-js-");
     this.proc = null;
   }
 

@@ -5,13 +5,11 @@
 // servers.
 
 import assert from "node:assert/strict";
-import { rmSync, mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, test } from "node:test";
 
 import { PreConnectionError, preConnection } from "../allspark.js";
-import { ServerProcess, client, closeAll, freePort, key, tcpProxy, waitUntil } from "./helpers.mjs";
+import { ServerProcess, client, closeAll, freePort, key, tcpProxy, tempDir, waitUntil } from "./helpers.mjs";
 
 const servers = [];
 const run = `r${Date.now().toString(36)}`;
@@ -25,7 +23,6 @@ async function server(options) {
 after(async () => {
   await closeAll();
   await Promise.all(servers.map((s) => s.kill()));
-  for (const s of servers) rmSync(s.dataDir, { recursive: true, force: true });
 });
 
 test("a crashed server comes back: the client retries with backoff, reconnects and syncs", async () => {
@@ -52,7 +49,7 @@ test("a crashed server comes back: the client retries with backoff, reconnects a
 });
 
 test("a draining server's clients move to the server it names and lose nothing", async () => {
-  const shared = mkdtempSync(join(tmpdir(), "allspark-js-cluster-"));
+  const shared = tempDir("allspark-js-cluster-");
   const store = `--store=sqlite://${join(shared, "allspark.db")}`;
   const args = [store, "--server-heartbeat=0.5", "--server-dead-after=3"];
   // the receiver knows only the first server: it can only find the second
@@ -85,7 +82,6 @@ test("a draining server's clients move to the server it names and lose nothing",
   assert.equal(receiver.got.ready.at(-1).reconnected, true);
   assert.deepEqual(receiver.urls, [draining.baseUrl, other.baseUrl]);
   await draining.stop();
-  rmSync(shared, { recursive: true, force: true });
 });
 
 test("need_proxy: the client connects through the proxy address the server answers", async () => {
