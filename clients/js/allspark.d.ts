@@ -197,6 +197,8 @@ export class PreConnectionError extends Error {
 /** No answer in time. */
 export class TimeoutError extends Error {
   readonly code: "timeout";
+  /** The request's id, when it had one: a message sent again with it is kept once. */
+  readonly id: string | null;
 }
 
 /** The connection (or the client) closed before the answer. */

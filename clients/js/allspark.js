@@ -98,10 +98,12 @@ export class PreConnectionError extends Error {
 
 /** A request got no answer in time. */
 export class TimeoutError extends Error {
-  constructor(what, ms) {
+  constructor(what, ms, frameId = null) {
     super(`${what}: no answer within ${ms} ms`);
     this.name = "TimeoutError";
     this.code = "timeout";
+    /** The request's id (send it again with the same id: the server keeps a message once). */
+    this.id = frameId;
   }
 }
 
@@ -872,7 +874,7 @@ export class AllsparkClient extends EventTarget {
   _expire(id, entry) {
     if (this._pending.get(id) !== entry) return;
     this._pending.delete(id);
-    entry.reject(new TimeoutError(`${entry.frame.op ?? "message"} ${id}`, entry.timeout));
+    entry.reject(new TimeoutError(`${entry.frame.op ?? "message"} ${id}`, entry.timeout, id));
   }
 
   /** Restart a waiting request's timer (a sync that keeps making progress). */

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import {
-  AllsparkClient, AllsparkError, ConnectionClosedError, PreConnectionError, backoffDelay, preConnection,
+  AllsparkClient, AllsparkError, ConnectionClosedError, PreConnectionError, TimeoutError, backoffDelay, preConnection,
 } from "../allspark.js";
 import { client, closeAll, freePort, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
 
@@ -84,6 +84,16 @@ describe("connecting", () => {
     assert.deepEqual(pauses.map((p) => p.attempt), [1, 2, 3]);
     assert.ok(pauses.every((p) => p.delay < 40 && p.error instanceof Error));
     assert.equal(c.state, "closed");
+  });
+
+  test("a message that gets no answer in time rejects with TimeoutError and its id", async () => {
+    const c = new AllsparkClient({ url: `http://127.0.0.1:${await freePort()}`, authKey: key(`${run}-slow`) });
+    // never connected: the message waits for "ready" until its timeout
+    await assert.rejects(c.send({ dest_id: "anyone", id: "late-1" }, { timeout: 50 }),
+      (e) => e instanceof TimeoutError && e.id === "late-1" && e.code === "timeout");
+    const pending = c.ping();
+    await c.close();
+    await assert.rejects(pending, ConnectionClosedError); // what still waited is rejected by close()
   });
 
   test("backoff: full jitter under a ceiling that grows by factor up to maxDelay", () => {
