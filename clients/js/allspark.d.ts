@@ -227,6 +227,10 @@ export class AllsparkClient extends EventTarget {
   readonly clientId: string | null;
   readonly serverId: string | null;
   readonly ready: boolean;
+  /** The inbox seq up to which everything was handed over (keep it, give it back as inboxAfter). */
+  readonly inboxSeq: number;
+  /** The pre-connection URLs tried in turn: the configured ones, then those draining servers named. */
+  readonly urls: string[];
   readonly stats: Stats;
 
   /** Connect (and keep reconnecting); resolves with hello once connected and synced. */

@@ -394,6 +394,13 @@ export class AllsparkClient extends EventTarget {
   get ready() { return this.state === "ready"; }
 
   /**
+   * The inbox seq up to which everything was handed to the app: an app that
+   * keeps it (e.g. in localStorage) and gives it back as `inboxAfter` is never
+   * handed those messages again, even if their ack did not reach the server.
+   */
+  get inboxSeq() { return this._stream(null).watermark; }
+
+  /**
    * Start connecting (and reconnecting whenever the connection drops); resolves
    * with the `hello` frame once connected and synced, rejects when the client
    * stops before that (a refused key, `maxAttempts` reached, close()).
@@ -990,6 +997,15 @@ export class AllsparkClient extends EventTarget {
       try {
         await this._request({ op: "sync", after: this._stream(null).watermark, limit: this.options.syncLimit, id },
           { immediate: true, timeout: this.options.syncTimeout });
+      } catch (error) {
+        if (!(error instanceof AllsparkError && error.code === "bad_cursor" && this._stream(null).watermark > 0)) {
+          throw error;
+        }
+        // the inbox is behind what this client had (inboxAfter from another store, a
+        // store restored from a backup): the server's inbox is the truth, start over
+        this._emit("error", error);
+        this._streams.set(null, new SeqStream(0));
+        continue;
       } finally {
         this._fullSyncs.delete(id);
       }
@@ -1116,9 +1132,14 @@ export class AllsparkClient extends EventTarget {
   }
 
   /** `unjoin_session` (the owner may name `node_id` or `alias`); resolves with `left`. */
-  unjoinSession(sessionId, options = {}) {
-    if (options.node_id === undefined && options.alias === undefined) this._presenceSubscriptions.delete(sessionId);
-    return this._request({ ...options, op: "unjoin_session", session_id: sessionId });
+  async unjoinSession(sessionId, options = {}) {
+    const answer = await this._request({ ...options, op: "unjoin_session", session_id: sessionId });
+    if (options.node_id === undefined && options.alias === undefined) {
+      // this node left: nothing more to track or ack there
+      this._presenceSubscriptions.delete(sessionId);
+      this._streams.delete(sessionId);
+    }
+    return answer;
   }
 
   /** `get_session_info`: one page of members (`after`, `limit`); resolves with `session`. */

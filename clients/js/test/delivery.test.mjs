@@ -191,3 +191,19 @@ test("with autoAck false nothing is acked unless the app acks", async () => {
   assert.deepEqual(seqs(bob), [3]);
   assert.equal(bob.stats.acksSent, 0);
 });
+
+test("inboxAfter: what an earlier run handed over is not handed over again; one beyond the inbox starts over", async () => {
+  const bobId = `${run}-bob10`;
+  let bob = await client(url, bobId, { autoAck: false });
+  const alice = await client(url, `${run}-alice10`);
+  for (let i = 0; i < 4; i += 1) await alice.send({ dest_id: bobId, payload: i });
+  await waitUntil(() => bob.inboxSeq === 4, 10_000, "four messages");
+  await bob.close(); // nothing acked (autoAck false), but the app kept inboxSeq
+  bob = await client(url, bobId, { autoAck: false, inboxAfter: 3 });
+  assert.deepEqual(seqs(bob), [4]);
+  await bob.close();
+  // a seq this inbox never reached (the app's state is from another store): a bad_cursor, then everything
+  bob = await client(url, bobId, { autoAck: false, inboxAfter: 99 });
+  assert.deepEqual(seqs(bob), [1, 2, 3, 4]);
+  assert.equal(bob.got.error[0].code, "bad_cursor");
+});
