@@ -50,6 +50,9 @@ const KEY_ERRORS = new Set(["missing_key", "malformed_key", "bad_signature", "ex
 /** Pre-connection URLs learned from draining servers' `reconnect` frames kept at most. */
 const MAX_LEARNED_URLS = 8;
 
+/** A connection that stayed up this long (ms) resets the backoff. */
+const STABLE_CONNECTION_MS = 10_000;
+
 /** Full syncs in a row (each part of one ending with `more`) before giving up. */
 const MAX_SYNC_ROUNDS = 50;
 
@@ -496,9 +499,12 @@ export class AllsparkClient extends EventTarget {
         await sleep(delay, this._stop.signal);
         continue;
       }
-      failures = 0;
+      const readyAt = Date.now();
       const { code, reason } = await closed;
       if (this.state === "closed") return;
+      // a connection that lasted counts as a success; one closed soon after it
+      // opened (a server that accepts and drops) keeps the pauses growing
+      failures = Date.now() - readyAt >= STABLE_CONNECTION_MS ? 0 : failures + 1;
       const replaced = code === 4009;
       const moving = code === 1001 || this._moveTo !== null;
       this._emit("disconnected", { code, reason, willReconnect: !replaced, movingTo: this._moveTo });
@@ -506,9 +512,9 @@ export class AllsparkClient extends EventTarget {
         throw new ConnectionClosedError("replaced: this node opened a newer connection (4009)", code, reason);
       }
       if (!moving) {
-        // a dropped connection: the first pause is a short random one too
-        const delay = backoffDelay(0, policy);
-        this._emit("reconnecting", { attempt: 0, delay, error: null });
+        // a dropped connection: a random pause first too (many clients of one server do not come back at once)
+        const delay = backoffDelay(failures, policy);
+        this._emit("reconnecting", { attempt: failures, delay, error: null });
         await sleep(delay, this._stop.signal);
       }
     }
