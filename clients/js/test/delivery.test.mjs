@@ -207,3 +207,33 @@ test("inboxAfter: what an earlier run handed over is not handed over again; one 
   assert.deepEqual(seqs(bob), [1, 2, 3, 4]);
   assert.equal(bob.got.error[0].code, "bad_cursor");
 });
+
+/** A `ws` WebSocket whose first connection dies when the first `synced` arrives (mid-sync). */
+function dyingInFirstSync() {
+  let died = false;
+  return class extends WebSocket {
+    addEventListener(type, listener, options) {
+      if (type !== "message") return super.addEventListener(type, listener, options);
+      return super.addEventListener(type, (event) => {
+        if (!died && JSON.parse(String(event.data)).op === "synced") {
+          died = true;
+          this.terminate();
+          return;
+        }
+        listener(event);
+      }, options);
+    }
+  };
+}
+
+test("a connection that dies during the connect's sync: another attempt, ready once, nothing twice", async () => {
+  const bobId = `${run}-bob11`;
+  await (await client(url, bobId)).close();
+  const alice = await client(url, `${run}-alice11`);
+  for (let i = 0; i < 3; i += 1) await alice.send({ dest_id: bobId, payload: i });
+  const bob = await client(url, bobId, { WebSocket: dyingInFirstSync() });
+  assert.deepEqual(seqs(bob), [1, 2, 3]);
+  assert.equal(bob.got.ready.length, 1);
+  assert.equal(bob.got.reconnecting.filter((r) => r.error !== null).length, 1);
+  assert.equal(bob.stats.reconnections, 0); // ready once: the failed attempt never was
+});
