@@ -927,7 +927,8 @@ export class AllsparkClient extends EventTarget {
       // the server did not handle it: the same frame again, a little later
       entry.sent = false;
       entry.retries += 1;
-      const pause = Math.min(2000, 100 * 2 ** Math.min(entry.retries, 5));
+      const ceiling = Math.min(2000, 100 * 2 ** Math.min(entry.retries, 5));
+      const pause = ceiling / 2 + Math.random() * (ceiling / 2); // jittered: refused messages do not come back together
       setTimeout(() => {
         if (this._pending.get(id) === entry && !entry.sent && this.state === "ready") this._transmit(entry);
       }, pause);

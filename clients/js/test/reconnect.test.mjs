@@ -147,3 +147,14 @@ test("messages removed by retention before they were acked: a gap event, then wh
   assert.deepEqual(bob.got.gap, [{ after: 0, upto: 5 }]);
   assert.deepEqual(bob.got.message.map((m) => [m.seq, m.payload]), [[6, "new 0"], [7, "new 1"]]);
 });
+
+test("rate_limited messages are sent again with their ids until accepted: none lost, none twice", async () => {
+  const s = await server({ args: ["--max-rate=100", "--max-burst=10"] });
+  const bob = await client(s.baseUrl, `${run}-flooded`);
+  const alice = await client(s.baseUrl, `${run}-flooder`);
+  const total = 40;
+  const answers = await Promise.all([...Array(total).keys()].map((i) => alice.send({ dest_id: bob.nodeId, payload: i })));
+  assert.equal(new Set(answers.map((a) => a.id)).size, total);
+  await waitUntil(() => bob.got.message.length === total, 20_000, "every message");
+  assert.deepEqual(bob.got.message.map((m) => m.payload).sort((x, y) => x - y), [...Array(total).keys()]);
+});
