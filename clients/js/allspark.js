@@ -878,7 +878,7 @@ export class AllsparkClient extends EventTarget {
 
   _tooLarge(text) {
     const limit = this.hello?.max_message_size;
-    if (typeof limit !== "number") return null;
+    if (typeof limit !== "number" || text.length * 3 <= limit) return null; // 3 bytes at most per UTF-16 unit
     const size = utf8Length(text);
     if (size <= limit) return null;
     return new AllsparkError({ code: "too_large", message: `the frame is ${size} bytes, over the server's max_message_size (${limit})`, limit, size });
