@@ -29,7 +29,13 @@
  *   or it rejects after a timeout;
  * - messages get an `id` too, and stay pending across reconnects: one sent
  *   before a connection dropped is sent again with the same `id` on the next
- *   connection, so the server stores and delivers it once.
+ *   connection, so the server stores and delivers it once (so is one refused
+ *   with `rate_limited`, after a pause); ephemeral ones are now or never;
+ * - a hole in the seqs (a copy that went to a server the node just left) is
+ *   filled by a sync after `holeSyncDelay` ms;
+ * - bad input (no destination, a payload that is not JSON, a frame over the
+ *   server's `max_message_size`, a bad option) is refused with a clear error
+ *   before anything is sent.
  *
  * @module allspark
  */
