@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import unittest
 
+from tests.e2e.test_mesh import make_ca, make_server_cert
 from tests.support import CLUSTER_SECRET, ROOT, SECRET, ServerProcess, twistd
 
 JS_DIR = os.path.join(ROOT, "clients", "js")
@@ -78,9 +79,13 @@ class JavaScriptClientTests(unittest.TestCase):
         cls.server = ServerProcess().start()
         cls.workdir = tempfile.mkdtemp(prefix="allspark-js-test-")
         cls.config_path = os.path.join(cls.workdir, "config.json")
+        # a CA, a certificate for 127.0.0.1 it signed, and a CA that signed nothing (tls.test.mjs)
+        ca, other_ca = make_ca(cls.workdir, "ca"), make_ca(cls.workdir, "other-ca")
+        cert, cert_key = make_server_cert(cls.workdir, ca, "server")
         with open(cls.config_path, "w") as f:
             json.dump({"twistd": twistd(), "root": ROOT, "auth_secret": SECRET,
-                       "cluster_secret": CLUSTER_SECRET, "shared_url": cls.server.base_url}, f)
+                       "cluster_secret": CLUSTER_SECRET, "shared_url": cls.server.base_url,
+                       "tls": {"ca": ca[2], "other_ca": other_ca[2], "cert": cert, "key": cert_key}}, f)
 
     @classmethod
     def tearDownClass(cls) -> None:
@@ -123,6 +128,10 @@ class JavaScriptClientTests(unittest.TestCase):
     def test_reconnect(self) -> None:
         """a crash and restart, a draining server in a cluster, need_proxy, 4009."""
         self.run_node_tests("reconnect.test.mjs")
+
+    def test_tls(self) -> None:
+        """wss:// with a private CA: trusted through a ws subclass or NODE_EXTRA_CA_CERTS, refused otherwise."""
+        self.run_node_tests("tls.test.mjs")
 
     def test_types(self) -> None:
         """allspark.d.ts type-checks an app's use of the client (tsc --strict)."""

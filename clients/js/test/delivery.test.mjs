@@ -73,9 +73,11 @@ function losingAnswerTo(id) {
     addEventListener(type, listener, options) {
       if (type !== "message") return super.addEventListener(type, listener, options);
       return super.addEventListener(type, (event) => {
+        if (this.cut) return; // frames ws had read in the same chunk die with the socket
         const frame = JSON.parse(String(event.data));
         if (!lost && frame.op === "accepted" && frame.id === id) {
           lost = true;
+          this.cut = true;
           this.terminate();
           return;
         }
@@ -215,8 +217,10 @@ function dyingInFirstSync() {
     addEventListener(type, listener, options) {
       if (type !== "message") return super.addEventListener(type, listener, options);
       return super.addEventListener(type, (event) => {
+        if (this.cut) return; // frames ws had read in the same chunk die with the socket
         if (!died && JSON.parse(String(event.data)).op === "synced") {
           died = true;
+          this.cut = true;
           this.terminate();
           return;
         }
