@@ -3,7 +3,8 @@ own test runner (``node --test``) against real server processes.
 
 This module starts one server (tests/support.py) that the JS files share,
 writes what they need to a JSON file (the twistd to run, the repository root,
-the test secrets, the shared server's URL) named by ``ALLSPARK_JS_TEST``, and
+the test secrets, the shared server's URL, a test CA and a certificate for
+127.0.0.1 it signed) named by ``ALLSPARK_JS_TEST``, and
 runs each file with Node; the files start the servers a test of their own needs
 (a restart, a two-server cluster).  ``ws`` is installed with ``npm ci`` (from
 clients/js/package-lock.json, preferring npm's cache) when missing, with
