@@ -112,3 +112,40 @@ test("presence: a query, then presence_changed events as a member goes and comes
     "bob shown online again");
   assert.equal(alice.got.presence.every((p) => p.op === "presence_changed" && p.session_id === sessionId), true);
 });
+
+test("presence subscriptions are renewed after a reconnect, and events keep coming", async () => {
+  const sessionId = `${run}-room5`;
+  const alice = await client(url, `${run}-alice5`);
+  const bobId = `${run}-bob5`;
+  const bob = await client(url, bobId);
+  await alice.createSession({ session_id: sessionId, anyone_can_join: true });
+  await bob.joinSession(sessionId);
+  await alice.subscribePresence(sessionId);
+  alice._socket.terminate(); // the network drops; the client comes back by itself
+  await waitUntil(() => alice.got.presence.some((p) => p.op === "presence" && p.subscribed === true), 15_000,
+    "the renewed subscription");
+  const renewed = alice.got.presence.find((p) => p.op === "presence");
+  assert.deepEqual(renewed.online, [alice.nodeId, bobId].sort());
+  await bob.close();
+  await waitUntil(() => alice.got.presence.some((p) => p.op === "presence_changed" && p.name === bobId && !p.online),
+    15_000, "bob shown offline on the new connection");
+});
+
+test("a node the owner adds gets member_joined (you) and the session's broadcasts from where it joined", async () => {
+  const sessionId = `${run}-room6`;
+  const alice = await client(url, `${run}-alice6`);
+  const bob = await client(url, `${run}-bob6`, { holeSyncDelay: 60_000 }); // no sync to hide a wrong start
+  await alice.createSession({ session_id: sessionId });
+  await alice.send({ dest_session_id: sessionId, payload: "before bob" }); // bob never sees it
+  await alice.joinSession(sessionId, { node_id: bob.nodeId });
+  await waitUntil(() => bob.got.session_event.some((e) => e.op === "member_joined" && e.you === true), 10_000,
+    "bob told he was added");
+  await alice.send({ dest_session_id: sessionId, payload: "after bob" });
+  await waitUntil(() => bob.got.session_message.length === 1, 10_000, "the broadcast");
+  assert.equal(bob.got.session_message[0].payload, "after bob");
+  assert.equal(bob.got.session_message[0].session_seq, 2);
+  // its stream started where it joined (1): 2 follows without a hole, so it is acked
+  await bob.flushAcks();
+  const [cursor] = await bob.mySessions();
+  assert.deepEqual([cursor.session_id, cursor.joined_seq, cursor.acked_seq], [sessionId, 1, 2]);
+});
