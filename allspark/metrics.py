@@ -266,11 +266,13 @@ class ServerCollector(Collector):
         messages = CounterMetricFamily(
             "allspark_messages", "messages: accepted (answers to senders), stored (inbox copies), "
             "delivered_live (stored copies written to a live connection when stored), "
-            "acked (inbox copies removed by acks)", labels=["stage"])
+            "acked (inbox copies removed by acks), session_stored (session broadcasts stored as "
+            "one stream row each)", labels=["stage"])
         messages.add_metric(["accepted"], out.get("accepted", 0))
         messages.add_metric(["stored"], inbox.copies_stored)
         messages.add_metric(["delivered_live"], inbox.copies_live)
         messages.add_metric(["acked"], inbox.copies_acked)
+        messages.add_metric(["session_stored"], getattr(server.sessions, "rows_stored", 0))
         yield messages
         yield inbox.depths.family("allspark_inbox_depth", "messages a node's inbox held for it when it "
                                   "synced (one observation per full sync)")

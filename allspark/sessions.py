@@ -285,6 +285,8 @@ class Sessions:
         self.announce: Callable[[str], None] | None = None
         #: told the members of each stored broadcast (push notifications), when configured
         self.push: PushScheduler | None = None
+        #: broadcasts stored as stream rows (read by /metrics)
+        self.rows_stored = 0
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         #: session_id -> the load from the store in flight
         self._loads: dict[str, _Load] = {}
@@ -761,6 +763,7 @@ class Sessions:
         if seq is None:  # the id was first used for a message elsewhere: that one's answer
             return result.answer
         if not result.duplicate:
+            self.rows_stored += 1
             # online members are looked up again (without waiting, so that
             # broadcasts go out in the order they were stored): some may have
             # joined or connected while the row was being stored

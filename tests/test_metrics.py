@@ -121,7 +121,7 @@ class CollectorTests(unittest.TestCase):
         inbox = Inbox(MemoryStore(), Delivery(registry, Clock()), Clock())
         inbox.copies_stored, inbox.copies_acked = 5, 2
         fields = dict(registry=registry, inbox=inbox, store=MemoryStore(), mesh=None, draining=False,
-                      starting=False)
+                      starting=False, sessions=SimpleNamespace(rows_stored=3))
         fields.update(extra)
         return SimpleNamespace(**fields)
 
@@ -145,6 +145,7 @@ class CollectorTests(unittest.TestCase):
         self.assertEqual(got[("allspark_messages_total", (("stage", "accepted"),))], 4)
         self.assertEqual(got[("allspark_messages_total", (("stage", "stored"),))], 5)
         self.assertEqual(got[("allspark_messages_total", (("stage", "acked"),))], 2)
+        self.assertEqual(got[("allspark_messages_total", (("stage", "session_stored"),))], 3)
         self.assertEqual(got[("allspark_sync_pages_total", ())], 1)
         self.assertEqual(got[("allspark_errors_total", (("code", "bad_frame"),))], 3)
         self.assertEqual(got[("allspark_refusals_total", (("reason", "rate_limited"),))], 2)

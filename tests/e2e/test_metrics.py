@@ -68,6 +68,21 @@ class MetricsTests(unittest.TestCase):
         # no node id is ever a label
         self.assertFalse([key for key in samples if any("alice" in v or "bob" in v for _, v in key[1])])
 
+    async def test_a_session_broadcast_is_one_stored_row(self) -> None:
+        server = start_server(self)
+        url = server.base_url + "/metrics"
+        alice = await client_for(self, server, "alice-laptop", "alice")
+        bob = await client_for(self, server, "bob-phone", "bob")
+        await alice.create_session(session_id="club", anyone_can_join=True)
+        await bob.join_session("club")
+        accepted = await alice.send(dest_session_id="club", payload="hello club")
+        self.assertEqual((await bob.next_message())["session_seq"], accepted["session_seq"])
+        samples = scrape(url)
+        self.assertEqual(value(samples, "allspark_messages_total", stage="session_stored"), 1)
+        self.assertEqual(value(samples, "allspark_messages_total", stage="stored"), 0)  # no inbox copy
+        self.assertEqual(value(samples, "allspark_frames_in_total", kind="create_session"), 1)
+        self.assertEqual(value(samples, "allspark_frames_out_total", kind="member_joined"), 1)
+
     def test_no_metrics_turns_it_off(self) -> None:
         server = start_server(self, "--no-metrics")
         self.assertEqual(http_get(server.base_url + "/metrics").status, 404)
