@@ -116,3 +116,20 @@ class PushMetricsTests(PushTestCase):
         await wait_until(lambda: len(self.pushes("phone")) > 0, 15, what="a push to phone")
         await wait_until(lambda: value(scrape(url), "allspark_push_notifications_total", provider="webhook",
                                        outcome="sent") == 1, 10, what="the push counted as sent")
+
+
+class ClusterMetricsTests(unittest.TestCase):
+    timeout = 90
+
+    async def test_peer_links_and_frames(self) -> None:
+        shared = tempfile.mkdtemp(prefix="allspark-metrics-cluster-")
+        servers = [start_server(self, f"--store=sqlite:///{shared}/cluster.db") for _ in range(2)]
+        urls = [s.base_url + "/metrics" for s in servers]
+        await wait_until(lambda: all(value(scrape(url), "allspark_peer_links") == 1 for url in urls), 30,
+                         what="one peer link on each server")
+        before = sum(value(scrape(url), "allspark_peer_frames_total", direction="out") for url in urls)
+        await client_for(self, servers[0], "alice-laptop", "alice")  # its location is announced to the peer
+        await wait_until(lambda: sum(value(scrape(url), "allspark_peer_frames_total", direction="out")
+                                     for url in urls) > before, 10, what="a peer frame counted")
+        received = sum(value(scrape(url), "allspark_peer_frames_total", direction="in") for url in urls)
+        self.assertGreater(received, 0)
