@@ -94,11 +94,15 @@ class JavaScriptClientTests(unittest.TestCase):
         shutil.rmtree(cls.server.data_dir, ignore_errors=True)
         shutil.rmtree(cls.workdir, ignore_errors=True)
 
-    def run_node_tests(self, name: str) -> None:
-        """``node --test clients/js/test/<name>``; fails with Node's output unless it exits 0."""
+    def run_node_tests(self, *names: str, node_options: str = "") -> None:
+        """``node --test clients/js/test/<name>...``; fails with Node's output unless it exits 0."""
         env = dict(os.environ, ALLSPARK_JS_TEST=self.config_path)
+        if node_options:
+            env["NODE_OPTIONS"] = node_options
+        name = " ".join(names)
         proc = subprocess.Popen(
-            ["node", "--test", "--test-concurrency=1", "--test-reporter=spec", os.path.join("test", name)],
+            ["node", "--test", "--test-concurrency=1", "--test-reporter=spec",
+             *(os.path.join("test", n) for n in names)],
             cwd=JS_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)  # its servers are in its process group, killed below
         try:
@@ -138,8 +142,21 @@ class JavaScriptClientTests(unittest.TestCase):
         """allspark.d.ts type-checks an app's use of the client (tsc --strict)."""
         self.run_node_tests("types.test.mjs")
 
+    def test_global_websocket(self) -> None:
+        """The same client on a WHATWG WebSocket, the one browsers have (Node's own, behind
+        --experimental-websocket in Node 20, the default from Node 22), instead of ws."""
+        for flags in ([], ["--experimental-websocket"]):
+            probe = subprocess.run(["node", *flags, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"],
+                                   capture_output=True, timeout=30)
+            if probe.returncode == 0:
+                break
+        else:
+            self.skipTest("this Node has no global WebSocket (Node 20.10+ with --experimental-websocket, or 22+)")
+        self.run_node_tests("messaging.test.mjs", "delivery.test.mjs", "sessions.test.mjs",
+                            node_options=" ".join(flags))
+
     def test_every_js_test_file_is_run_here(self) -> None:
         files = sorted(f for f in os.listdir(os.path.join(JS_DIR, "test")) if f.endswith(".test.mjs"))
-        run_here = sorted(f"{name[len('test_'):]}.test.mjs" for name in dir(self)
-                          if name.startswith("test_") and name != "test_every_js_test_file_is_run_here")
+        run_here = sorted(f"{name[len('test_'):]}.test.mjs" for name in dir(self) if name.startswith("test_")
+                          and name not in ("test_every_js_test_file_is_run_here", "test_global_websocket"))
         self.assertEqual(files, run_here)

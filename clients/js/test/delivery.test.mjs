@@ -7,7 +7,7 @@ import { after, before, test } from "node:test";
 
 import { WebSocket } from "ws";
 
-import { client, closeAll, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
+import { client, closeAll, cut, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
 
 let url;
 const run = `d${Date.now().toString(36)}`;
@@ -138,7 +138,7 @@ test("a message sent while disconnected waits and goes out once reconnected", as
     stateAtSend = alice.state;
     resolve(alice.send({ dest_id: bobId, payload: "queued" }));
   }));
-  alice._socket.terminate(); // the network dies
+  cut(alice); // the network dies
   const accepted = await sending;
   assert.equal(stateAtSend, "connecting");
   assert.ok(["delivered", "stored"].includes(accepted.status));

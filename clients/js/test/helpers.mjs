@@ -232,6 +232,13 @@ export async function closeAll() {
   await Promise.all(all.map((c) => c.close().catch(() => {})));
 }
 
+/** Cut a client's connection as a dead network would (ws: no close handshake; a WHATWG WebSocket: close()). */
+export function cut(c) {
+  const socket = c._socket;
+  if (typeof socket.terminate === "function") socket.terminate();
+  else socket.close();
+}
+
 /** A TCP forwarder on a free port to `targetPort` (a stand-in proxy such as nginx). */
 export async function tcpProxy(targetPort) {
   const sockets = new Set();

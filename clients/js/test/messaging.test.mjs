@@ -7,7 +7,7 @@ import { after, before, describe, test } from "node:test";
 import {
   AllsparkClient, AllsparkError, ConnectionClosedError, PreConnectionError, TimeoutError, backoffDelay, preConnection,
 } from "../allspark.js";
-import { client, closeAll, freePort, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
+import { client, closeAll, cut, freePort, key, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
 
 let url;
 const run = `m${Date.now().toString(36)}`;
@@ -36,6 +36,9 @@ describe("connecting", () => {
     assert.equal(detail.serverId, hello.server_id);
     assert.equal(alice.state, "ready");
     assert.equal((await alice.ping()).op, "pong");
+    // the global WebSocket when there is one (browsers, Node 22, --experimental-websocket), else ws
+    const expected = globalThis.WebSocket ?? (await import("ws")).WebSocket;
+    assert.equal(alice._socket.constructor, expected);
   });
 
   test("both pre-connection forms answer a ws_url the client connects to", async () => {
@@ -171,7 +174,7 @@ describe("messages", () => {
     const whileDown = new Promise((resolve) => alice.once("disconnected", () => {
       resolve(alice.send({ dest_id: bob.nodeId, payload: "typing", ephemeral: true }));
     }));
-    alice._socket.terminate(); // the network dies; the client reconnects by itself
+    cut(alice); // the network dies; the client reconnects by itself
     await assert.rejects(whileDown, (e) => e instanceof ConnectionClosedError && e.message === "not connected");
   });
 

@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 
 import { AllsparkError } from "../allspark.js";
-import { client, closeAll, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
+import { client, closeAll, cut, sharedServerUrl, stopSharedServer, waitUntil } from "./helpers.mjs";
 
 let url;
 const run = `s${Date.now().toString(36)}`;
@@ -121,7 +121,7 @@ test("presence subscriptions are renewed after a reconnect, and events keep comi
   await alice.createSession({ session_id: sessionId, anyone_can_join: true });
   await bob.joinSession(sessionId);
   await alice.subscribePresence(sessionId);
-  alice._socket.terminate(); // the network drops; the client comes back by itself
+  cut(alice); // the network drops; the client comes back by itself
   await waitUntil(() => alice.got.presence.some((p) => p.op === "presence" && p.subscribed === true), 15_000,
     "the renewed subscription");
   const renewed = alice.got.presence.find((p) => p.op === "presence");
