@@ -1,5 +1,6 @@
 """Scenarios shared by the cluster tests on one host (test_locations.py) and
-on several hosts in network namespaces (test_hosts.py).
+on several hosts in network namespaces (test_hosts.py), and the helpers of
+every one-host cluster test (test_cluster, test_locations, test_push).
 
 A test case mixes in :class:`CrossServerScenarios` and provides
 ``client_on(server, node_id, client_id=None)`` (a synced client whose socket
@@ -8,12 +9,94 @@ is on ``server``) and ``server_id(server)``.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Sequence
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.trial.unittest import TestCase
 
-from allspark.client import Client
-from tests.support import ServerProcess
+from allspark.client import Client, open_socket
+from tests.e2e.helpers import http_get, pre_connect, wait_until
+from tests.support import ServerProcess, key
+
+#: Heartbeat and dead-after of the one-host clusters: a dead server is seen within seconds.
+HEARTBEAT = "0.5"
+DEAD_AFTER = 3.0
+
+
+def start_sqlite_cluster(testcase: TestCase, count: int = 3, args: Sequence[str] = (),
+                         env: dict[int, dict[str, str]] | None = None) -> list[ServerProcess]:
+    """``count`` servers on one host sharing one SQLite file (fast heartbeat,
+    ``args`` added, ``env``: extra environment by index), stopped and their
+    directories removed when ``testcase`` ends."""
+    shared = tempfile.mkdtemp(prefix="allspark-cluster-")
+    testcase.addCleanup(shutil.rmtree, shared, True)
+    store = "sqlite://" + os.path.join(shared, "allspark.db")
+    servers = []
+    for i in range(count):
+        server = ServerProcess(args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
+                                     f"--server-dead-after={DEAD_AFTER}", *args), env=(env or {}).get(i))
+        testcase.addCleanup(shutil.rmtree, server.data_dir, True)
+        testcase.addCleanup(server.stop)
+        servers.append(server.start())
+    return servers
+
+
+async def wait_meshed(servers: Sequence[ServerProcess]) -> None:
+    """Wait until every server links to all the others and all are old
+    enough (5 s) to be handed out by the balancer (allspark.auth, "Restarts")."""
+    others = len(servers) - 1
+
+    def linked() -> bool:
+        return all(len(http_get(s.base_url + "/health").json().get("peers", {})) == others for s in servers)
+
+    await wait_until(linked, 30, interval=0.1, what=f"{len(servers)} servers linked pairwise")
+
+    def old_enough() -> bool:
+        body = http_get(servers[0].base_url + "/health").json()
+        return len(body["cluster"]) == len(servers) and all(
+            time.time() * 1000 - e["started_ms"] > 5_500 for e in body["cluster"])
+
+    await wait_until(old_enough, 20, interval=0.2, what="servers running for 5 s")
+
+
+def close_at_cleanup(testcase: TestCase, client: Client) -> None:
+    """Cut ``client``'s socket when ``testcase`` ends."""
+
+    async def close() -> None:
+        if client.protocol is not None:
+            client.protocol.dropConnection(abort=True)
+            await client.closed
+
+    testcase.addCleanup(lambda: Deferred.fromCoroutine(close()))
+
+
+async def client_on_server(testcase: TestCase, server: ServerProcess, node_id: str,
+                           client_id: str | None = None, sync: bool = True) -> Client:
+    """A client of ``node_id`` whose socket is on ``server`` itself (its
+    pre-connection asked, at most 60 times, until the balancer names it),
+    set up to follow a ``reconnect`` like one made by
+    :func:`allspark.client.connect`, synced unless ``sync`` is false, cut
+    when ``testcase`` ends."""
+    auth_key = key(node_id, client_id)
+    for _ in range(60):
+        info = pre_connect(server, {"auth_key": auth_key}).json()
+        if info["node"]["port"] == server.port:
+            break
+    else:
+        raise AssertionError(f"the balancer never named {server.port}")
+    client = await open_socket(reactor, info["node"]["ws_url"])
+    client.base_url, client.auth_key = server.base_url, auth_key
+    assert client.hello is not None
+    testcase.assertEqual(client.hello["server_id"], f"127.0.0.1:{server.port}")
+    if sync:
+        await client.sync()
+    close_at_cleanup(testcase, client)
+    return client
 
 
 class CrossServerScenarios:
@@ -21,13 +104,7 @@ class CrossServerScenarios:
 
     def close_at_cleanup(self, client: Client) -> None:
         """Cut ``client``'s socket when the test ends."""
-
-        async def close() -> None:
-            if client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-                await client.closed
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(close()))  # type: ignore[attr-defined]
+        close_at_cleanup(self, client)  # type: ignore[arg-type]
 
     async def received(self, client: Client, count: int, timeout: float = 20) -> list[Any]:
         """The payloads of the next ``count`` messages handed to ``client``'s app."""

@@ -8,29 +8,20 @@ moved client gets what was accepted for it by syncing on its new server.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from allspark import cli
-from allspark.client import Client, open_socket
+from allspark.client import Client
+from tests.e2e.cluster_scenarios import DEAD_AFTER, client_on_server, start_sqlite_cluster
 from tests.e2e.helpers import http_get, pre_connect, raw_handshake, wait_until, ws_path_and_query
 from tests.support import CLUSTER_SECRET, ServerProcess, key
-
-#: Shorter than the defaults (2 s, 10 s) so the dead-server test is quick;
-#: the rule is the same.
-HEARTBEAT = "0.5"
-DEAD_AFTER = 3.0
 
 
 def drain(url: str, cluster_secret: str) -> int:
@@ -43,16 +34,7 @@ class ThreeServers(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.shared = tempfile.mkdtemp(prefix="allspark-cluster-")
-        self.addCleanup(shutil.rmtree, self.shared, True)
-        store = "sqlite://" + os.path.join(self.shared, "allspark.db")
-        self.servers: list[ServerProcess] = []
-        for _ in range(3):
-            server = ServerProcess(args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
-                                         f"--server-dead-after={DEAD_AFTER}"))
-            self.addCleanup(shutil.rmtree, server.data_dir, True)
-            self.addCleanup(server.stop)
-            self.servers.append(server.start())
+        self.servers = start_sqlite_cluster(self)
         self.by_id = {f"127.0.0.1:{s.port}": s for s in self.servers}
 
     # -- helpers ------------------------------------------------------------
@@ -82,27 +64,8 @@ class ThreeServers(TestCase):
         return answers
 
     async def client_on(self, server: ServerProcess, node_id: str) -> Client:
-        """A client of ``node_id`` connected to ``server`` itself (asking its
-        pre-connection until the balancer names it), set up to follow a
-        ``reconnect`` like one made by :func:`allspark.client.connect`."""
-        auth_key = key(node_id)
-        for _ in range(30):
-            info = pre_connect(server, {"auth_key": auth_key}).json()
-            if info["node"]["port"] == server.port:
-                break
-        else:
-            raise AssertionError(f"the balancer never named {server.port}")
-        client = await open_socket(reactor, info["node"]["ws_url"])
-        client.base_url, client.auth_key = server.base_url, auth_key
-        await client.sync()
-
-        async def close() -> None:
-            if client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-                await client.closed
-
-        self.addCleanup(lambda: Deferred.fromCoroutine(close()))
-        return client
+        """A synced client of ``node_id`` whose socket is on ``server``."""
+        return await client_on_server(self, server, node_id)
 
     # -- tests --------------------------------------------------------------
     async def test_pre_connections_on_one_server_are_spread_over_all_three(self) -> None:

@@ -6,23 +6,13 @@ moving-client race (a message accepted between a reconnect and its sync).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import time
-
-from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
-from allspark.client import Client, open_socket
+from allspark.client import Client
 from allspark.locations import ANNOUNCE_DELAY_ENV
-from tests.e2e.cluster_scenarios import CrossServerScenarios
-from tests.e2e.helpers import http_get, pre_connect, wait_until
-from tests.support import ServerProcess, key
-
-HEARTBEAT = "0.5"
-DEAD_AFTER = 3.0
+from tests.e2e.cluster_scenarios import CrossServerScenarios, client_on_server, start_sqlite_cluster, wait_meshed
+from tests.support import ServerProcess
 
 
 def server_id(server: ServerProcess) -> str:
@@ -34,53 +24,18 @@ class Locations(CrossServerScenarios, TestCase):
 
     def start_cluster(self, env: dict[int, dict[str, str]] | None = None) -> list[ServerProcess]:
         """Three servers on one SQLite file (``env``: extra environment by index)."""
-        shared = tempfile.mkdtemp(prefix="allspark-locations-")
-        self.addCleanup(shutil.rmtree, shared, True)
-        store = "sqlite://" + os.path.join(shared, "allspark.db")
-        self.servers = []
-        for i in range(3):
-            server = ServerProcess(args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
-                                         f"--server-dead-after={DEAD_AFTER}"), env=(env or {}).get(i))
-            self.addCleanup(shutil.rmtree, server.data_dir, True)
-            self.addCleanup(server.stop)
-            self.servers.append(server.start())
+        self.servers = start_sqlite_cluster(self, env=env)
         return self.servers
 
     async def meshed(self) -> None:
         """Wait until every server links to the two others and is old enough
         to be handed out by the balancer (5 s)."""
-        def linked() -> bool:
-            return all(len(http_get(s.base_url + "/health").json().get("peers", {})) == 2 for s in self.servers)
-
-        await wait_until(linked, 30, interval=0.1, what="three servers linked pairwise")
-
-        def old_enough() -> bool:
-            body = http_get(self.servers[0].base_url + "/health").json()
-            return len(body["cluster"]) == 3 and all(
-                time.time() * 1000 - e["started_ms"] > 5_500 for e in body["cluster"])
-
-        await wait_until(old_enough, 20, interval=0.2, what="servers running for 5 s")
+        await wait_meshed(self.servers)
 
     async def client_on(self, server: ServerProcess, node_id: str, client_id: str | None = None,
                         sync: bool = True) -> Client:
-        """A client of ``node_id`` on ``server`` itself (pre-connection asked
-        until the balancer names it)."""
-        auth_key = key(node_id, client_id)
-        for _ in range(60):
-            info = pre_connect(server, {"auth_key": auth_key}).json()
-            if info["node"]["port"] == server.port:
-                break
-        else:
-            raise AssertionError(f"the balancer never named {server.port}")
-        client = await open_socket(reactor, info["node"]["ws_url"])
-        client.base_url, client.auth_key = server.base_url, auth_key
-        assert client.hello is not None
-        self.assertEqual(client.hello["server_id"], server_id(server))
-        if sync:
-            await client.sync()
-
-        self.close_at_cleanup(client)
-        return client
+        """A client of ``node_id`` on ``server`` itself."""
+        return await client_on_server(self, server, node_id, client_id, sync)
 
     def server_id(self, server: ServerProcess) -> str:
         return server_id(server)

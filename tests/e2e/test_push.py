@@ -16,15 +16,14 @@ import tempfile
 import time
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 from twisted.trial.unittest import TestCase
 
-from allspark.client import Client, open_socket
 from allspark.push.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
-from tests.e2e.helpers import http_get, pre_connect, run_to_exit, wait_until
+from tests.e2e.cluster_scenarios import client_on_server, start_sqlite_cluster, wait_meshed
+from tests.e2e.helpers import run_to_exit, wait_until
 from tests.push.standins import Answer, Recorded, RecordingServer
-from tests.support import ServerProcess, client_for, free_port, key, sleep
+from tests.support import ServerProcess, client_for, free_port, sleep
 
 GRACE_S = 1.0
 WINDOW_S = 4.0
@@ -162,60 +161,13 @@ class Restart(PushTestCase):
 class ThreeServers(PushTestCase):
     timeout = 120
 
-    def start_cluster(self) -> list[ServerProcess]:
-        shared = tempfile.mkdtemp(prefix="allspark-push-cluster-")
-        self.addCleanup(shutil.rmtree, shared, True)
-        store = "sqlite://" + os.path.join(shared, "allspark.db")
-        servers = []
-        for _ in range(3):
-            server = ServerProcess(args=(f"--push-config={self.config}", f"--store={store}",
-                                         "--server-heartbeat=0.5", "--server-dead-after=3"))
-            self.addCleanup(shutil.rmtree, server.data_dir, True)
-            self.addCleanup(server.stop)
-            servers.append(server.start())
-        return servers
-
-    async def meshed(self, servers: list[ServerProcess]) -> None:
-        """Every server linked to the two others, and old enough (5 s) for
-        the balancer to hand it out."""
-        await wait_until(lambda: all(len(http_get(s.base_url + "/health").json().get("peers", {})) == 2
-                                     for s in servers), 30, interval=0.1, what="three servers linked")
-
-        def old_enough() -> bool:
-            body = http_get(servers[0].base_url + "/health").json()
-            return len(body["cluster"]) == 3 and all(time.time() * 1000 - e["started_ms"] > 5_500
-                                                     for e in body["cluster"])
-
-        await wait_until(old_enough, 20, interval=0.2, what="servers running for 5 s")
-
-    async def client_on(self, server: ServerProcess, node_id: str) -> Client:
-        """A client of ``node_id`` connected to ``server`` itself."""
-        auth_key = key(node_id)
-        for _ in range(60):
-            info = pre_connect(server, {"auth_key": auth_key}).json()
-            if info["node"]["port"] == server.port:
-                break
-        else:
-            raise AssertionError(f"the balancer never named {server.port}")
-        client = await open_socket(reactor, info["node"]["ws_url"])
-        client.base_url, client.auth_key = server.base_url, auth_key
-        await client.sync()
-
-        async def close() -> None:
-            if client.protocol is not None:
-                client.protocol.dropConnection(abort=True)
-                await client.closed
-
-        self.addCleanup(lambda: close())
-        return client
-
     async def test_one_push_from_three_servers_and_none_while_connected_elsewhere(self) -> None:
-        servers = self.start_cluster()
-        await self.meshed(servers)
+        servers = start_sqlite_cluster(self, args=(f"--push-config={self.config}",))
+        await wait_meshed(servers)
         for node in ("phone", "tablet"):
             await self.register(servers[0], node)
-        senders = [await self.client_on(s, f"sender-{i}") for i, s in enumerate(servers)]
-        tablet = await self.client_on(servers[2], "tablet")
+        senders = [await client_on_server(self, s, f"sender-{i}") for i, s in enumerate(servers)]
+        tablet = await client_on_server(self, servers[2], "tablet")
         # every server stores copies for the offline phone (and so schedules it)
         await gatherResults([sender.send(dest_id="phone", id=f"m{i}-{j}", payload={})
                              for i, sender in enumerate(senders) for j in range(10)])
