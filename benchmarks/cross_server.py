@@ -144,18 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--window", type=int, default=50)
     args = p.parse_args(argv)
-    out: list[Any] = []
-
-    def done(results: Any) -> None:
-        out.extend(results)
-        reactor.stop()
-
-    def failed(failure: Any) -> None:
-        print(failure.getTraceback(), file=sys.stderr)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(run(args)).addCallbacks(done, failed))
-    reactor.run()
+    out = procs.run_in_reactor(run, args)
     for row in out:
         print(json.dumps(row))
     if len(out) == 2 and out[0]["server_cpu_us_per_msg"]:

@@ -365,3 +365,26 @@ def start_nats(workdir: str, jetstream: bool) -> Target:
 
 def new_workdir() -> str:
     return tempfile.mkdtemp(prefix="allspark-bench-")
+
+
+def run_in_reactor(run: Any, args: Any) -> list[Any]:
+    """Run the coroutine function ``run(args)`` under the global reactor until
+    it ends; the list it returns (empty when it failed: its traceback goes to
+    stderr).  For the standalone two-phase benchmarks (cross_server,
+    push_isolation)."""
+    from twisted.internet import defer, reactor
+
+    out: list[Any] = []
+
+    def done(results: Any) -> None:
+        out.extend(results)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    def failed(failure: Any) -> None:
+        print(failure.getTraceback(), file=sys.stderr)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(  # type: ignore[attr-defined]
+        lambda: defer.ensureDeferred(run(args)).addCallbacks(done, failed))
+    reactor.run()  # type: ignore[attr-defined]
+    return out

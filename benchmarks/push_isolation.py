@@ -200,18 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.messages, args.pairs, args.offline, args.warmup, args.timeout = 200, 2, 10, 1.0, 1.0
-    out: list[Any] = []
-
-    def done(results: Any) -> None:
-        out.extend(results)
-        reactor.stop()
-
-    def failed(failure: Any) -> None:
-        print(failure.getTraceback(), file=sys.stderr)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(run(args)).addCallbacks(done, failed))
-    reactor.run()
+    out = procs.run_in_reactor(run, args)
     for row in out:
         print(json.dumps(row))
     if len(out) == 2 and out[0]["latency_ms"]["p99"]:
