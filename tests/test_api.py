@@ -12,8 +12,8 @@ from twisted.python import usage
 from twisted.trial import unittest
 
 from allspark.api import API_KEYS_ENV, ApiKeys, load_api_keys
-from allspark.tap import Options
 from tests.support import SECRET
+from tests.test_tap import OptionsTestCase
 
 KEY = "a-server-api-key-0123456789"
 OLD = "an-older-api-key-9876543210"
@@ -58,15 +58,7 @@ class ApiKeysTests(unittest.SynchronousTestCase):
         self.assertFalse(ApiKeys([]))
 
 
-class ApiOptionsTests(unittest.SynchronousTestCase):
-    def setUp(self) -> None:
-        os.environ["ALLSPARK_AUTH_SECRET"] = SECRET
-        self.addCleanup(os.environ.pop, "ALLSPARK_AUTH_SECRET", None)
-
-    def parse(self, *argv: str) -> Options:
-        options = Options()
-        options.parseOptions(list(argv))
-        return options
+class ApiOptionsTests(OptionsTestCase):
 
     def test_api_options(self) -> None:
         self.assertEqual((self.parse()["api-keys"], self.parse()["api-sender-id"]), ([], []))

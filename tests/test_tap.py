@@ -11,7 +11,9 @@ from allspark.tap import Options, _listen_port
 from tests.support import SECRET
 
 
-class OptionsTests(unittest.SynchronousTestCase):
+class OptionsTestCase(unittest.SynchronousTestCase):
+    """A test of the twistd options, with an auth secret in the environment."""
+
     def setUp(self) -> None:
         os.environ["ALLSPARK_AUTH_SECRET"] = SECRET
         self.addCleanup(os.environ.pop, "ALLSPARK_AUTH_SECRET", None)
@@ -20,6 +22,9 @@ class OptionsTests(unittest.SynchronousTestCase):
         options = Options()
         options.parseOptions(list(argv))
         return options
+
+
+class OptionsTests(OptionsTestCase):
 
     def test_defaults(self) -> None:
         options = self.parse("--data-dir=/tmp/x")
