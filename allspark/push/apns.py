@@ -71,7 +71,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from allspark.logs import logger
-from allspark.push.config import read_secret
+from allspark.push.config import check_keys, read_secret
 from allspark.push.httpclient import retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
@@ -848,9 +848,7 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> APNsProvider:
     ``ping_timeout_s`` optional.  Raises PushConfigError naming the key."""
     if not isinstance(table, Mapping):
         raise PushConfigError("[apns]: expected a table")
-    unknown = sorted(set(table) - KNOWN_KEYS)
-    if unknown:
-        raise PushConfigError(f"[apns] {unknown[0]}: unknown key (known: {', '.join(sorted(KNOWN_KEYS))})")
+    check_keys(table, "apns", KNOWN_KEYS)
     team_id = _required_str(table, "team_id")
     key_id = _required_str(table, "key_id")
     key = load_key(read_secret(table, "apns", "key"), "key_file" if "key_file" in table else "key_env")

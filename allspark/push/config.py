@@ -21,7 +21,7 @@ import importlib
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from allspark.push.provider import Provider, PushConfigError
 
@@ -158,6 +158,15 @@ def _settings(table: Mapping[str, Any], where: str) -> PushSettings:
     if settings.backoff_cap_s < settings.backoff_base_s:
         raise PushConfigError(f"{where}: [push] backoff_cap_s must be at least backoff_base_s")
     return settings
+
+
+def check_keys(table: Mapping[str, Any], table_name: str, known: Iterable[str]) -> None:
+    """:class:`PushConfigError` naming the first key of ``table`` that is not
+    in ``known`` (a misspelt key is refused, never ignored)."""
+    known = sorted(known)
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise PushConfigError(f"[{table_name}] has no key {unknown[0]!r}: unknown (keys: {', '.join(known)})")
 
 
 def read_secret(table: Mapping[str, Any], table_name: str, key: str,

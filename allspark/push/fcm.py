@@ -40,7 +40,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from allspark.logs import logger
-from allspark.push.config import read_secret
+from allspark.push.config import check_keys, read_secret
 from allspark.push.httpclient import HttpAnswer, PushHttpClient, TransportError, retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
@@ -369,10 +369,7 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> FcmProvider:
     or the environment variable ``service_account_env`` (one is required),
     ``endpoint`` (default https://fcm.googleapis.com) and ``token_uri``
     (default: the key's)."""
-    unknown = sorted(set(table) - CONFIG_KEYS)
-    if unknown:
-        raise PushConfigError(f"[fcm] unknown key(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    check_keys(table, "fcm", CONFIG_KEYS)
     raw = read_secret(table, "fcm", "service_account")
     where = ("[fcm] service_account_file " + repr(table["service_account_file"])
              if "service_account_file" in table else

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import orjson
 from twisted.internet.defer import Deferred
 
-from allspark.push.config import read_secret
+from allspark.push.config import check_keys, read_secret
 from allspark.push.httpclient import HttpAnswer, PushHttpClient, TransportError, retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
@@ -139,9 +139,7 @@ class WebhookProvider:
 def from_config(table: Mapping[str, Any], reactor: Any) -> WebhookProvider:
     """The provider of a ``[webhook]`` table: ``url`` and ``secret_file`` or
     ``secret_env``."""
-    unknown = sorted(set(table) - {"url", "secret_file", "secret_env"})
-    if unknown:
-        raise PushConfigError(f"[webhook] has no key {unknown[0]!r} (keys: url, secret_file, secret_env)")
+    check_keys(table, "webhook", ("url", "secret_file", "secret_env"))
     url = table.get("url")
     if not isinstance(url, str) or not url:
         raise PushConfigError("[webhook] url is required: the http(s) URL the pushes are POSTed to")

@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from allspark.logs import logger
-from allspark.push.config import read_secret
+from allspark.push.config import check_keys, read_secret
 from allspark.push.httpclient import HttpAnswer, PushHttpClient, TransportError, retry_after_s
 from allspark.push.provider import Notification, Outcome, PushConfigError, PushResult
 from allspark.store import PushTarget
@@ -331,10 +331,7 @@ def from_config(table: Mapping[str, Any], reactor: Any) -> WebPushProvider:
     ``https:``, required), ``ttl_s`` (default 86400), ``urgency`` (default
     normal) and ``allow_http_endpoints`` (default false: only https
     subscription endpoints)."""
-    unknown = sorted(set(table) - CONFIG_KEYS)
-    if unknown:
-        raise PushConfigError(f"[webpush] unknown key(s) {', '.join(unknown)} "
-                              f"(known: {', '.join(sorted(CONFIG_KEYS))})")
+    check_keys(table, "webpush", CONFIG_KEYS)
     raw = read_secret(table, "webpush", "vapid_private_key")
     where = ("[webpush] vapid_private_key_file " + repr(table["vapid_private_key_file"])
              if "vapid_private_key_file" in table else
