@@ -118,7 +118,7 @@ export interface ReadyDetail {
 }
 
 export interface DisconnectedDetail {
-  /** The WebSocket close code (1001: the server drains; 4009: replaced, no reconnect). */
+  /** The WebSocket close code (1001: the server drains; 4009: replaced, 4011: revoked, neither reconnects). */
   code: number;
   reason: string;
   willReconnect: boolean;

@@ -18,7 +18,8 @@
  * - reconnects by itself, with exponential backoff and full jitter (a random
  *   pause between 0 and min(maxDelay, initialDelay * factor^attempt)); follows
  *   a draining server's `reconnect` frame and 1001 close at once, to the server
- *   it names; never after 4009 (this connection was replaced by a newer one);
+ *   it names; never after 4009 (this connection was replaced by a newer one)
+ *   nor after 4011 (the app's backend revoked the node);
  * - on every connect: `my_sessions` (each session's cursor), then one `sync`
  *   (the inbox and every session), again while a part says `more`, and only
  *   then the "ready" event;
@@ -512,10 +513,14 @@ export class AllsparkClient extends EventTarget {
       // opened (a server that accepts and drops) keeps the pauses growing
       failures = Date.now() - readyAt >= STABLE_CONNECTION_MS ? 0 : failures + 1;
       const replaced = code === 4009;
+      const revoked = code === 4011;
       const moving = code === 1001 || this._moveTo !== null;
-      this._emit("disconnected", { code, reason, willReconnect: !replaced, movingTo: this._moveTo });
+      this._emit("disconnected", { code, reason, willReconnect: !replaced && !revoked, movingTo: this._moveTo });
       if (replaced) {
         throw new ConnectionClosedError("replaced: this node opened a newer connection (4009)", code, reason);
+      }
+      if (revoked) {
+        throw new ConnectionClosedError(`revoked by the app's backend (4011): ${reason}`, code, reason);
       }
       if (!moving) {
         // a dropped connection: a random pause first too (many clients of one server do not come back at once)

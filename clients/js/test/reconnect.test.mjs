@@ -1,10 +1,11 @@
 // Servers that go away: a restart after a crash (the client retries with
 // backoff, then syncs), a draining server in a two-server cluster (reconnect
 // frame and 1001: the client moves to the server named), a proxy address
-// (need_proxy), and 4009 (replaced: no reconnect).  Each test starts its own
+// (need_proxy), 4009 (replaced: no reconnect) and 4011 (revoked: no reconnect).  Each test starts its own
 // servers.
 
 import assert from "node:assert/strict";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { after, test } from "node:test";
 
@@ -127,6 +128,26 @@ test("4009: a connection replaced by a newer one of its node does not reconnect"
   assert.equal(old.state, "closed");
   assert.equal(newer.state, "ready");
   assert.equal((await newer.ping()).op, "pong");
+});
+
+test("4011: a node the app's backend revoked does not reconnect", async () => {
+  const dir = tempDir("allspark-js-api-");
+  const apiKey = `js-test-api-key-${run}-0123456789`;
+  writeFileSync(join(dir, "api-key"), `${apiKey}\n`, { mode: 0o600 });
+  const s = await server({ args: [`--api-key-file=${join(dir, "api-key")}`] });
+  const nodeId = `${run}-revoked`;
+  const revoked = await client(s.baseUrl, nodeId);
+  const stopped = new Promise((resolve) => revoked.once("error", resolve));
+  const answer = await fetch(`${s.baseUrl}/api/v1/nodes/${nodeId}/disconnect`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${apiKey}`, "content-type": "application/json" },
+    body: JSON.stringify({ revoke_until: Math.floor(Date.now() / 1000) + 60, reason: "test" }),
+  });
+  assert.equal(answer.status, 200, await answer.text());
+  await stopped;
+  assert.equal(revoked.got.disconnected[0].code, 4011);
+  assert.equal(revoked.got.disconnected[0].willReconnect, false);
+  assert.equal(revoked.state, "closed");
 });
 
 test("messages removed by retention before they were acked: a gap event, then what came after", async () => {
