@@ -32,6 +32,8 @@ Twisted TLS client connection: Twisted's own HTTP/2 is server-only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import os
 import re
@@ -251,6 +253,15 @@ def _collapse_id(key: str) -> str:
 
 
 def build_payload(note: Notification) -> bytes | None:
+    """:func:`payload_with_data`, or without ``data`` when it does not fit
+    with it (the count and the text matter more)."""
+    body = payload_with_data(note)
+    if body is None and note.data:
+        body = payload_with_data(dataclasses.replace(note, data=None))
+    return body
+
+
+def payload_with_data(note: Notification) -> bytes | None:
     """The JSON body: ``aps`` (an alert with ``body`` and ``badge`` when the
     note has a non-empty text, else ``content-available: 1``) and ``allspark`` (node_id,
     unread, sender_id and session_id when given, ``data`` when given: the names FCM, Web Push and the webhook use too).  A text that

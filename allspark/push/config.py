@@ -35,7 +35,11 @@ PROVIDER_MODULES: dict[str, str] = {
 }
 
 #: What a push may say besides the unread count (``[push] content``).
-CONTENT_LEVELS = ("count", "sender", "text")
+CONTENT_LEVELS = ("count", "sender", "text", "payload")
+
+#: The largest ``[push] max_payload_bytes``: with the rest of a push it stays
+#: under every provider's 4 KB.
+MAX_PAYLOAD_LIMIT = 2048
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,11 @@ class PushSettings:
     ``concurrency``: provider requests in flight at once.  ``poll_s``: how
     often the store is asked for due pushes (besides a local timer at each
     due time).  ``content``: ``count`` (the count only), ``sender`` (and
-    the sender or session of the latest message) or ``text`` (and its
-    ``push_text`` when the message gave one; the default).
+    the sender or session of the latest message), ``text`` (and its
+    ``push_text`` when the message gave one; the default) or ``payload``
+    (and the message's ``payload`` itself, JSON-encoded as the string
+    ``data.payload``, when it encodes in at most ``max_payload_bytes``,
+    default 1024, at most :data:`MAX_PAYLOAD_LIMIT`).
     """
 
     grace_s: float = 2.0
@@ -72,6 +79,7 @@ class PushSettings:
     concurrency: int = 50
     poll_s: float = 1.0
     content: str = "text"
+    max_payload_bytes: int = 1024
 
     @property
     def lease_s(self) -> float:
@@ -149,6 +157,9 @@ def _settings(table: Mapping[str, Any], where: str) -> PushSettings:
         elif spec.type == "int":
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PushConfigError(f"{where}: [push] {key} must be a positive integer")
+            if key == "max_payload_bytes" and value > MAX_PAYLOAD_LIMIT:
+                raise PushConfigError(f"{where}: [push] max_payload_bytes must be at most {MAX_PAYLOAD_LIMIT} "
+                                      "(a push stays under the providers' 4 KB)")
         else:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 10**7:
                 raise PushConfigError(f"{where}: [push] {key} must be a positive number of seconds")

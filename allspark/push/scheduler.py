@@ -357,16 +357,22 @@ class PushScheduler(service.Service):
 
     def _note(self, node_id: str, unread: int, fields: dict[str, Any]) -> Notification:
         """What the push says, as ``[push] content`` allows: the count; the
-        sender or session of the latest message; its ``push_text``."""
+        sender or session of the latest message; its ``push_text``; its
+        ``payload`` (as ``data["payload"]``, a JSON string, when small enough)."""
         content = self.settings.content
         sender_id = session_id = text = None
+        data: dict[str, str] | None = None
         if content != "count":
             session_id = _string(fields.get("dest_session_id"))
             sender_id = _string(fields.get("src_id"))
-            if content == "text":
+            if content in ("text", "payload"):
                 text = _string(fields.get("push_text"))
+            if content == "payload" and "payload" in fields:
+                encoded = orjson.dumps(fields["payload"]).decode()
+                if len(encoded.encode()) <= self.settings.max_payload_bytes:
+                    data = {"payload": encoded}
         return Notification(node_id=node_id, unread=unread, collapse_key=COLLAPSE_KEY,
-                            sender_id=sender_id, session_id=session_id, text=text)
+                            sender_id=sender_id, session_id=session_id, text=text, data=data)
 
 
 def _string(value: Any) -> str | None:

@@ -129,11 +129,13 @@ class RequestShapeTests(APNsTestCase):
         self.assertLessEqual(len(received.body), apns.MAX_PAYLOAD_BYTES)
         self.assertTrue(received.json()["aps"]["alert"]["body"].endswith("\u2026"))
 
-    async def test_what_cannot_fit_4kb_fails_without_a_request(self) -> None:
+    async def test_data_that_cannot_fit_4kb_is_left_out(self) -> None:
         note = Notification("phone-1", 1, "phone-1", text="hi", data={"blob": "x" * 5000})
         result = await outcome_of(self.provider.send(target(), note))
-        self.assertEqual((result.outcome, result.reason), (Outcome.FAILED, "PayloadTooLarge"))
-        self.assertEqual(self.standin.received, [])
+        self.assertEqual(result.outcome, Outcome.SENT)
+        [received] = self.standin.received
+        self.assertEqual(received.json()["aps"]["alert"]["body"], "hi")
+        self.assertNotIn("data", received.json()["allspark"])
 
     async def test_an_empty_text_is_a_background_push(self) -> None:
         await outcome_of(self.provider.send(target(), Notification("phone-1", 1, "phone-1", text="")))

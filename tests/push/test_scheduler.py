@@ -176,17 +176,27 @@ class WhenToPushTests(SchedulerTestCase):
         self.assertEqual([n.unread for n in self.pushes()], [1, 2])
 
     def test_content_levels(self) -> None:
-        cases = {"count": (None, None, None), "sender": ("alice", "room", None),
-                 "text": ("alice", "room", "wake up")}
+        cases = {"count": (None, None, None, None), "sender": ("alice", "room", None, None),
+                 "text": ("alice", "room", "wake up", None),
+                 "payload": ("alice", "room", "wake up", {"payload": '{"n":1,"s":"\u00e9"}'})}
         for content, expected in cases.items():
             self.provider.sent.clear()
             settings = PushSettings(grace_s=1.0, content=content)
             scheduler = PushScheduler(self.store, self.delivery, Dispatcher({}, settings, self.clock), settings,
                                       self.clock, "x")
-            self.send(["phone"], {"dest_session_id": "room", "push_text": "wake up"})
+            self.send(["phone"], {"dest_session_id": "room", "push_text": "wake up", "payload": {"n": 1, "s": "\u00e9"}})
             note: list[Any] = []
             ensureDeferred(scheduler.notification("phone")).addCallback(note.append)
-            self.assertEqual((note[0].sender_id, note[0].session_id, note[0].text), expected)
+            self.assertEqual((note[0].sender_id, note[0].session_id, note[0].text, note[0].data), expected)
+
+    def test_a_payload_larger_than_max_payload_bytes_is_left_out(self) -> None:
+        settings = PushSettings(grace_s=1.0, content="payload", max_payload_bytes=20)
+        scheduler = PushScheduler(self.store, self.delivery, Dispatcher({}, settings, self.clock), settings,
+                                  self.clock, "x")
+        self.send(["phone"], {"payload": "x" * 19, "push_text": "big"})
+        note: list[Any] = []
+        ensureDeferred(scheduler.notification("phone")).addCallback(note.append)
+        self.assertEqual((note[0].text, note[0].data), ("big", None))
 
 
 class OutcomeTests(SchedulerTestCase):
