@@ -208,6 +208,10 @@ function onSessionEvent(frame) {
   if (frame.session_id === LOBBY && frame.op === "member_joined" && frame.member?.name) {
     addPerson(userOf(frame.member.name));
   }
+  // a member came or went: the open session's member count is read again
+  if (frame.session_id !== LOBBY && state.active === `session:${frame.session_id}`) {
+    openConversation(state.active);
+  }
 }
 
 function setOnline(names) {

@@ -111,6 +111,8 @@ class DemoBrowserTests(unittest.SynchronousTestCase):
                 bob.check("#session-anonymous")
                 bob.click("#join-session")
                 expect(bob.locator("#conversation-note")).to_contain_text("You are anonymous here", timeout=WAIT_MS)
+                # alice's open session counts the member who just joined
+                expect(alice.locator("#conversation-note")).to_contain_text("Members: 2", timeout=WAIT_MS)
                 say(bob, "an anonymous hello")
                 from_bob = alice.locator("#messages li", has_text="an anonymous hello")
                 expect(from_bob).to_have_count(1, timeout=WAIT_MS)
