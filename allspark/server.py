@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn, Protocol, runtime_che
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IListeningPort, IReactorTime
@@ -181,11 +181,24 @@ class Server:
         is sent to every peer as ``invalidate`` (``what: "session"``, ``key``:
         the session id), one received drops the cached session, and a link
         coming up drops every cached session (what changed while it was down
-        was not reported).  The router's caches need nothing: known node ids
+        was not reported).  A server that starts draining sends ``invalidate``
+        (``what: "server"``, ``key``: its id) once its record says so, and a
+        peer that gets it reads the cluster view from the store at once, so
+        its balancer stops naming the draining server now rather than at its
+        next heartbeat; a link coming up reads it too (the peer may be new).  The router's caches need nothing: known node ids
         only grow (nodes are never forgotten) and a client's nodes are read
         from the store for each message."""
         from functools import partial
 
+        cluster = self.cluster
+
+        def reread_cluster_view(server_id: str) -> None:
+            ensureDeferred(cluster.refresh()).addErrback(
+                lambda f: log.failure("could not read the cluster view after {server_id} changed", f,
+                                      server_id=server_id))
+
+        mesh.invalidation_handlers["server"] = reread_cluster_view
+        mesh.on_link_up.append(reread_cluster_view)
         sessions = self.sessions
         if sessions is None:
             return
@@ -708,6 +721,9 @@ class ServerService(service.MultiService):
         cluster = server.cluster
         if cluster.held:
             await beat_now(cluster)  # the record says draining: no server hands this one out
+            if server.mesh is not None:
+                # and the peers read it now, not at their next heartbeat
+                server.mesh.invalidate("server", server.config.server_id)
         for port in self.ports:
             stopped = port.stopListening()  # a Deferred, or None when it stopped at once
             if stopped is not None:

@@ -29,16 +29,19 @@ DEAD_AFTER = 3.0
 
 
 def start_sqlite_cluster(testcase: TestCase, count: int = 3, args: Sequence[str] = (),
-                         env: dict[int, dict[str, str]] | None = None) -> list[ServerProcess]:
+                         env: dict[int, dict[str, str]] | None = None,
+                         ports: Sequence[int] | None = None) -> list[ServerProcess]:
     """``count`` servers on one host sharing one SQLite file (fast heartbeat,
-    ``args`` added, ``env``: extra environment by index), stopped and their
+    ``args`` added, ``env``: extra environment by index, ``ports``: each
+    server's port, free ones otherwise), started in order, stopped and their
     directories removed when ``testcase`` ends."""
     shared = tempfile.mkdtemp(prefix="allspark-cluster-")
     testcase.addCleanup(shutil.rmtree, shared, True)
     store = "sqlite://" + os.path.join(shared, "allspark.db")
     servers = []
     for i in range(count):
-        server = ServerProcess(args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
+        server = ServerProcess(port=ports[i] if ports else None,
+                               args=(f"--store={store}", f"--server-heartbeat={HEARTBEAT}",
                                      f"--server-dead-after={DEAD_AFTER}", *args), env=(env or {}).get(i))
         testcase.addCleanup(shutil.rmtree, server.data_dir, True)
         testcase.addCleanup(server.stop)

@@ -19,15 +19,31 @@ from twisted.trial.unittest import TestCase
 
 from allspark import cli
 from allspark.client import Client
-from tests.e2e.cluster_scenarios import DEAD_AFTER, client_on_server, start_sqlite_cluster
+from tests.e2e.cluster_scenarios import DEAD_AFTER, client_on_server, start_sqlite_cluster, wait_meshed
 from tests.e2e.helpers import http_get, pre_connect, raw_handshake, wait_until, ws_path_and_query
-from tests.support import CLUSTER_SECRET, ServerProcess, key
+from tests.support import CLUSTER_SECRET, ServerProcess, free_port, key
 
 
 def drain(url: str, cluster_secret: str) -> int:
     """``allspark drain URL`` with ``cluster_secret`` in its environment; its exit status."""
     args = cli.build_parser().parse_args(["drain", url])
     return cli.SUBCOMMANDS["drain"].run(args, {"ALLSPARK_CLUSTER_SECRET": cluster_secret})
+
+
+def cluster_view(server: ServerProcess) -> dict[str, str]:
+    """server_id -> state, as ``server``'s /health shows the cluster."""
+    body = http_get(server.base_url + "/health").json()
+    return {entry["server_id"]: entry["state"] for entry in body.get("cluster", [])}
+
+
+def pre_connections(server: ServerProcess, count: int) -> list[dict[str, Any]]:
+    """``count`` pre-connection answers of ``server`` for as many nodes."""
+    answers = []
+    for i in range(count):
+        answer = pre_connect(server, {"auth_key": key(f"spread-{i}")})
+        assert answer.status == 200, answer.body
+        answers.append(answer.json())
+    return answers
 
 
 class ThreeServers(TestCase):
@@ -38,15 +54,10 @@ class ThreeServers(TestCase):
         self.by_id = {f"127.0.0.1:{s.port}": s for s in self.servers}
 
     # -- helpers ------------------------------------------------------------
-    def cluster_view(self, server: ServerProcess) -> dict[str, str]:
-        """server_id -> state, as ``server``'s /health shows the cluster."""
-        body = http_get(server.base_url + "/health").json()
-        return {entry["server_id"]: entry["state"] for entry in body.get("cluster", [])}
-
     async def all_live_on(self, server: ServerProcess) -> None:
         """Wait until ``server`` sees three live servers, each running long
         enough to be handed out (5 s: allspark.auth, "Restarts")."""
-        await wait_until(lambda: sorted(self.cluster_view(server).values()) == ["live"] * 3, 15,
+        await wait_until(lambda: sorted(cluster_view(server).values()) == ["live"] * 3, 15,
                          interval=0.1, what=f"three live servers in {server.port}'s view")
 
         def old_enough() -> bool:
@@ -54,14 +65,6 @@ class ThreeServers(TestCase):
             return all(time.time() * 1000 - e["started_ms"] > 5_500 for e in body["cluster"])
 
         await wait_until(old_enough, 20, interval=0.2, what="servers running for 5 s")
-
-    def pre_connections(self, server: ServerProcess, count: int) -> list[dict[str, Any]]:
-        answers = []
-        for i in range(count):
-            answer = pre_connect(server, {"auth_key": key(f"spread-{i}")})
-            self.assertEqual(answer.status, 200, answer.body)
-            answers.append(answer.json())
-        return answers
 
     async def client_on(self, server: ServerProcess, node_id: str) -> Client:
         """A synced client of ``node_id`` whose socket is on ``server``."""
@@ -71,7 +74,7 @@ class ThreeServers(TestCase):
     async def test_pre_connections_on_one_server_are_spread_over_all_three(self) -> None:
         first = self.servers[0]
         await self.all_live_on(first)
-        answers = self.pre_connections(first, 30)
+        answers = pre_connections(first, 30)
         counts = Counter(a["node"]["node_id"] for a in answers)
         self.assertEqual(set(counts), set(self.by_id), counts)
         self.assertLessEqual(max(counts.values()), 15, counts)
@@ -90,17 +93,17 @@ class ThreeServers(TestCase):
         await self.all_live_on(first)
         self.assertEqual(stopped.terminate(), -15)  # a clean stop (SIGTERM) removes its record
         crashed.kill()  # its record stays, its heartbeats stop
-        await wait_until(lambda: self.cluster_view(first).get(f"127.0.0.1:{crashed.port}") == "dead",
+        await wait_until(lambda: cluster_view(first).get(f"127.0.0.1:{crashed.port}") == "dead",
                          DEAD_AFTER + 10, interval=0.2, what="the killed server shown dead")
-        view = self.cluster_view(first)
+        view = cluster_view(first)
         self.assertNotIn(f"127.0.0.1:{stopped.port}", view)
-        answers = self.pre_connections(first, 30)
+        answers = pre_connections(first, 30)
         self.assertEqual({a["node"]["port"] for a in answers}, {first.port})
         # the crashed server's identity: --force takes it back, and it is handed out again
         restarted = ServerProcess(data_dir=crashed.data_dir, port=crashed.port, args=crashed.args)
         self.addCleanup(restarted.stop)
         restarted.start(force=True)
-        await wait_until(lambda: self.cluster_view(first).get(f"127.0.0.1:{crashed.port}") == "live",
+        await wait_until(lambda: cluster_view(first).get(f"127.0.0.1:{crashed.port}") == "live",
                          15, interval=0.1, what="the restarted server shown live")
 
     async def test_sigterm_moves_clients_and_loses_nothing_accepted(self) -> None:
@@ -150,16 +153,40 @@ class ThreeServers(TestCase):
             urllib.request.urlopen(request, timeout=5)
         with refused.exception as answer:
             self.assertEqual((answer.code, json.loads(answer.read())["error"]), (401, "missing_token"))
-        self.assertEqual(self.cluster_view(first)[f"127.0.0.1:{drained.port}"], "live")
+        self.assertEqual(cluster_view(first)[f"127.0.0.1:{drained.port}"], "live")
         self.assertEqual(await deferToThread(drain, drained.base_url, CLUSTER_SECRET), 0)
         self.assertEqual(await deferToThread(drained.proc.wait, 15), 0)  # type: ignore[union-attr]
         await wait_until(lambda: receiver.reconnections == 1, 30, interval=0.1, what="the client moved")
-        await wait_until(lambda: f"127.0.0.1:{drained.port}" not in self.cluster_view(first), 10,
+        await wait_until(lambda: f"127.0.0.1:{drained.port}" not in cluster_view(first), 10,
                          interval=0.1, what="the drained server's record gone from the view")
-        answers = self.pre_connections(first, 30)
+        answers = pre_connections(first, 30)
         self.assertEqual({a["node"]["port"] for a in answers} & {drained.port}, set())
         await receiver.sync()
         got = []
         while len(got) < 20:
             got.append((await receiver.next_message(timeout=20))["payload"])
         self.assertEqual(sorted(got), list(range(20)))
+
+
+class DrainAnnounced(TestCase):
+    """A server that starts draining tells its peers over the mesh, so their
+    balancers stop naming it at once, not at their next heartbeat (30 s
+    here, so that only the announcement can explain what is seen)."""
+
+    timeout = 90
+
+    async def test_peers_stop_naming_a_draining_server_before_their_next_heartbeat(self) -> None:
+        # the second server sorts lower, so it dials the first: the first learns of
+        # it from the link coming up (its own view was read before the second existed)
+        ports = sorted(free_port() for _ in range(2))
+        first, drained = start_sqlite_cluster(
+            self, 2, ("--server-heartbeat=30", "--server-dead-after=90"), ports=ports[::-1])
+        drained_id = f"127.0.0.1:{drained.port}"
+        await wait_meshed([first, drained])
+        self.assertIn(drained_id, {a["node"]["node_id"] for a in pre_connections(first, 6)})
+        self.assertEqual(await deferToThread(drain, drained.base_url, CLUSTER_SECRET), 0)
+        self.assertEqual(await deferToThread(drained.proc.wait, 15), 0)  # type: ignore[union-attr]
+        await wait_until(lambda: cluster_view(first).get(drained_id, "gone") != "live", 10, interval=0.1,
+                         what="the first server's view no longer shows the drained server live")
+        self.assertNotIn(drained_id, {a["node"]["node_id"] for a in pre_connections(first, 10)})
+
