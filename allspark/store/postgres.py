@@ -124,7 +124,7 @@ from allspark.store import (
     StreamQuota,
     quota_window_end,
 )
-from allspark.store.queued import QueuedStore, operations
+from allspark.store.queued import QueuedStore, claimed_jobs, operations
 
 log = logger(__name__)
 
@@ -904,11 +904,6 @@ _FINISH_PUSH = (
 )
 
 
-def _push_job(row: Sequence[Any]) -> PushJob:
-    """A claimed row (node_id, target, gen, due_ms, last_sent_ms, attempts) as a job."""
-    return PushJob(row[0], PushTarget.from_json(row[1]), row[2], row[3], row[4], row[5])
-
-
 def _op_set_push_target(cur: Any, target: PushTarget) -> None:
     cur.execute(
         "INSERT INTO push_devices (node_id, target, address) VALUES (%s, %s, %s) "
@@ -966,7 +961,7 @@ def _op_claim_due_pushes(cur: Any, now_ms: int, owner: str, lease_ms: int, limit
     if limit < 1:
         return []
     cur.execute(_CLAIM_PUSHES, {"owner": owner, "until": now_ms + lease_ms, "now": now_ms, "limit": limit})
-    return sorted((_push_job(r) for r in cur.fetchall()), key=lambda j: (j.due_ms, j.node_id))
+    return claimed_jobs(cur.fetchall())
 
 
 def _op_finish_push(

@@ -32,6 +32,14 @@ from allspark.store import (
 )
 
 
+def claimed_jobs(rows: Sequence[Sequence[Any]]) -> list[PushJob]:
+    """The rows a claim returned (node_id, target JSON, gen, due_ms,
+    last_sent_ms, attempts) as jobs, in due order (then node_id): an
+    ``UPDATE ... RETURNING`` does not keep its subquery's order."""
+    jobs = (PushJob(r[0], PushTarget.from_json(r[1]), r[2], r[3], r[4], r[5]) for r in rows)
+    return sorted(jobs, key=lambda j: (j.due_ms, j.node_id))
+
+
 def operations(namespace: Mapping[str, Any]) -> dict[str, Callable[..., Any]]:
     """The ``_op_<method>`` functions of a backend module's ``namespace``
     (its ``globals()``), by Store method name."""
