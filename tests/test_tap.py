@@ -99,17 +99,8 @@ class OptionsTests(OptionsTestCase):
                 self.parse(*argv)
 
 
-class PeerOptionsTests(unittest.SynchronousTestCase):
+class PeerOptionsTests(OptionsTestCase):
     """The --peer* options and what they compose."""
-
-    def setUp(self) -> None:
-        os.environ["ALLSPARK_AUTH_SECRET"] = SECRET
-        self.addCleanup(os.environ.pop, "ALLSPARK_AUTH_SECRET", None)
-
-    def parse(self, *argv: str) -> Options:
-        options = Options()
-        options.parseOptions(list(argv))
-        return options
 
     def test_refusals_name_the_option(self) -> None:
         for argv, says in ((["--peer=no-url"], "--peer"), (["--peer=a=http://x/peer"], "--peer"),

@@ -26,7 +26,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from allspark.client import connect
-from tests.e2e.helpers import IO_TIMEOUT, HTTPAnswer, health, pre_connect, raw_handshake, wait_until, \
+from tests.e2e.helpers import IO_TIMEOUT, HTTPAnswer, health, http_request, pre_connect, raw_handshake, wait_until, \
     ws_path_and_query
 from tests.e2e.test_invalidation import client_on, server_id
 from tests.support import ServerProcess, client_for, key, start_server
@@ -39,17 +39,12 @@ def api(server: ServerProcess, method: str, path: str, body: Any = None, api_key
         raw: bytes | None = None, content_type: str = "application/json") -> HTTPAnswer:
     """One request to the server API; any status is returned, not raised."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(server.base_url + path, data=data, method=method)
+    headers: dict[str, str] = {}
     if api_key is not None:
-        request.add_header("Authorization", f"Bearer {api_key}")
+        headers["Authorization"] = f"Bearer {api_key}"
     if data is not None:
-        request.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(request, timeout=IO_TIMEOUT) as r:
-            return HTTPAnswer(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
-    except urllib.error.HTTPError as e:
-        with e:
-            return HTTPAnswer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+        headers["Content-Type"] = content_type
+    return http_request(server.base_url + path, method, data, headers)
 
 
 def api_server(testcase: TestCase, *args: str, **kw: Any) -> ServerProcess:
